@@ -1,0 +1,116 @@
+"""HTA-KL divergence: public function, op registration shared by the kernels, autograd glue.
+
+Every kernel backend implements one fused op with this contract (schema `_ops.HTA_KL_SCHEMA`;
+the C++ kernels implement `htakl::hta_kl_fused`, Triton `htakl::hta_kl_fused_triton`):
+
+    hta_kl_fused(student [T, R, C], teacher [R, C], temperature, delta, logit_mean,
+                 detach_weights, grad_student, grad_teacher)
+        -> (loss_rows [R] in the accumulation dtype (float32, or float64 for float64 inputs),
+            d loss_row / d student  [T, R, C] in student's dtype, or an empty tensor,
+            d loss_row / d teacher  [R, C] in teacher's dtype, or an empty tensor)
+
+Inputs are contiguous, validated, and 2-D students come in as T = 1 (SPEC 1.2's softmax equals
+prob_mean with one step). The gradients are those of each row's own loss (upstream gradient 1,
+SPEC 2), computed in the forward pass so the backward only scales them by the incoming
+per-row gradient: one read of each input and one write of each gradient in all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._backends import resolve_backend
+from ._validation import check_hta_kl_args
+
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_hta_kl_fused(student, teacher, temperature, delta, logit_mean, detach_weights,
+                       grad_student, grad_teacher):
+    loss_rows = teacher.new_empty(teacher.shape[0], dtype=accumulation_dtype(teacher.dtype))
+    d_student = torch.empty_like(student) if grad_student else student.new_empty(0)
+    d_teacher = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
+    return loss_rows, d_student, d_teacher
+
+
+def _setup_context(ctx, inputs, output):
+    _, d_student, d_teacher = output
+    ctx.save_for_backward(d_student, d_teacher)
+    ctx.wants = (inputs[6], inputs[7])
+
+
+def _backward(ctx, grad_loss_rows, _grad_d_student, _grad_d_teacher):
+    d_student, d_teacher = ctx.saved_tensors
+    want_student, want_teacher = ctx.wants
+    # Out of place: the saved gradients must survive a second backward (retain_graph=True).
+    grad_student = (
+        d_student * grad_loss_rows.to(d_student.dtype).view(1, -1, 1) if want_student else None
+    )
+    grad_teacher = d_teacher * grad_loss_rows.to(d_teacher.dtype).view(-1, 1) if want_teacher else None
+    return grad_student, grad_teacher, None, None, None, None, None, None
+
+
+def register_hta_kl_op(op) -> None:
+    """Give a kernel backend's fused op its fake implementation and autograd formula."""
+    torch.library.register_fake(op, _fake_hta_kl_fused)
+    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+
+
+def _fused_op(backend: str):
+    if backend == "triton":
+        from .triton_kernels.hta_kl import hta_kl_fused_triton
+
+        return hta_kl_fused_triton
+    return torch.ops.htakl.hta_kl_fused.default
+
+
+register_hta_kl_op(torch.ops.htakl.hta_kl_fused.default)
+
+
+def hta_kl_div(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    delta: float = 0.5,
+    time_reduction: str = "prob_mean",
+    detach_weights: bool = False,
+    reduction: str = "batchmean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Head-tail-aware KL divergence between a student and a teacher (shared/SPEC.md section 1).
+
+    Args:
+        student: logits `[..., C]`, or `[T, ..., C]` (one extra leading time dimension, e.g. an
+            SNN's per-timestep outputs).
+        teacher: logits `[..., C]`.
+        temperature: softmax temperature, > 0.
+        delta: head mass in (0, 1]: classes whose cumulative teacher mass (largest first) stays
+            below delta form the head.
+        time_reduction: "prob_mean" (average per-step probabilities) or "logit_mean".
+        detach_weights: treat the head/tail weights as constants in the backward.
+        reduction: "batchmean" (mean over rows), "sum", or "none" (shape `teacher.shape[:-1]`).
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (env HTAKL_BACKEND overrides auto).
+
+    Empty batches: "sum" gives 0, "none" an empty tensor, "batchmean" raises ValueError.
+    """
+    shape = check_hta_kl_args(student, teacher, temperature, delta, time_reduction, reduction)
+    chosen = resolve_backend(backend, teacher.device)
+    if chosen == "reference":
+        return reference.hta_kl_div(
+            student, teacher, temperature=temperature, delta=delta, time_reduction=time_reduction,
+            detach_weights=detach_weights, reduction=reduction,
+        )
+    student_rows = student.reshape(shape.steps, shape.rows, shape.classes).contiguous()
+    teacher_rows = teacher.reshape(shape.rows, shape.classes).contiguous()
+    loss_rows, _, _ = _fused_op(chosen)(
+        student_rows, teacher_rows, float(temperature), float(delta),
+        shape.time_input and time_reduction == "logit_mean", bool(detach_weights),
+        student.requires_grad and torch.is_grad_enabled(),
+        teacher.requires_grad and torch.is_grad_enabled(),
+    )
+    return reference.reduce_rows(loss_rows, reduction, shape.rows_shape).to(student.dtype)
