@@ -278,17 +278,21 @@ struct RowKernel {
         for (int64_t t = 0; t < steps; ++t) ws.ratio[t * C + i] *= inv_q;
         continue;
       }
+      if (std::isnan(ws.q[i])) {  // NaN logits: NaN everywhere, as in the reference
+        ws.log_q[i] = ws.q[i];
+        for (int64_t t = 0; t < steps; ++t) ws.ratio[t * C + i] = ws.q[i];
+        continue;
+      }
       // log q_tk = (z_tk - max_t) / tau - log_sum_t; shift by their max M over t.
       acc_t top = -std::numeric_limits<acc_t>::infinity();
       for (int64_t t = 0; t < steps; ++t) {
         const acc_t log_q_t = log_q_step(ws, row, t, i, inv_tau);
         top = log_q_t > top ? log_q_t : top;
       }
-      if (!(top > -std::numeric_limits<acc_t>::infinity())) {  // masked at every step (or NaN)
-        const bool nan = top != top;
-        ws.q[i] = nan ? top : acc_t(0);
-        ws.log_q[i] = nan ? top : -std::numeric_limits<acc_t>::infinity();
-        for (int64_t t = 0; t < steps; ++t) ws.ratio[t * C + i] = nan ? top : acc_t(0);
+      if (top == -std::numeric_limits<acc_t>::infinity()) {  // masked at every step
+        ws.q[i] = acc_t(0);
+        ws.log_q[i] = top;
+        for (int64_t t = 0; t < steps; ++t) ws.ratio[t * C + i] = acc_t(0);
         continue;
       }
       acc_t sum = 0;
