@@ -64,16 +64,21 @@ def assert_matches_oracle(student, teacher, **kwargs):
     assert_close_to_oracle(grad_teacher, expected_teacher, dtype, "d loss / d teacher")
 
 
-def sweep_cases():
-    """Every mode and dtype; all rows counts for small C, fewer rows as C grows (keeps it fast)."""
+def sweep_sizes(mode: str) -> list[tuple[int, int]]:
+    """Every rows count for small C, fewer rows as C grows (keeps the file fast)."""
     sizes = [(rows, classes) for classes in (1, 2, 3, 7) for rows in (1, 5, 64)]
-    sizes += [(rows, classes) for classes in (1000, 1025) for rows in (1, 64)]
-    sizes += [(1, 32000), (5, 32000)]
+    sizes += [(64, 1000), (5, 1025), (1, 32000)]
+    if mode in ("2d", "prob_mean_T4"):
+        sizes.append((5, 32000))
+    return sizes
+
+
+def sweep_cases():
     return [
         pytest.param(dtype, mode, rows, classes, id=f"{str(dtype)[6:]}-{mode}-{rows}x{classes}")
         for dtype in DTYPES
         for mode in MODES
-        for rows, classes in sizes
+        for rows, classes in sweep_sizes(mode)
     ]
 
 
@@ -84,9 +89,10 @@ def test_matches_oracle(dtype, mode, rows, classes):
     teacher = draw_teacher(rows, classes, temperature=2.0, delta=0.5, dtype=dtype, generator=generator)
     student = draw_student(teacher, steps, generator)
     # Reductions only scale the per-row gradients: rotate them over the cases (all three are
-    # covered per mode below).
+    # covered per mode in test_every_reduction); likewise detach_weights for the large rows.
     reduction = REDUCTIONS[(rows + classes) % 3]
-    for detach_weights in (False, True):
+    detach_options = (False, True) if classes < 1000 else (bool((classes + len(mode)) % 2),)
+    for detach_weights in detach_options:
         assert_matches_oracle(student, teacher, temperature=2.0, delta=0.5,
                               time_reduction=time_reduction, detach_weights=detach_weights,
                               reduction=reduction)
