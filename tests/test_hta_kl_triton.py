@@ -283,15 +283,17 @@ def test_gradcheck(device, time_reduction):
                           reduction="sum", backend="triton")
 
     inputs = (student.to(device).requires_grad_(True), teacher.to(device).requires_grad_(True))
-    assert torch.autograd.gradcheck(loss, inputs)
+    # fast_mode: compares v^T J u for random u, v (two finite differences instead of one per
+    # input element), which keeps the interpreter run to seconds.
+    assert torch.autograd.gradcheck(loss, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_inputs_untouched_and_results_deterministic(device):
     generator = _generator(900)
-    teacher = draw_teacher(3, 50, temperature=TEMPERATURE, delta=DELTA, dtype=torch.float32,
+    teacher = draw_teacher(2, 40, temperature=TEMPERATURE, delta=DELTA, dtype=torch.float32,
                            scale=3.0, generator=generator).to(device)
-    student = _student("prob_mean", 3, 3, 50, torch.float32, generator).to(device)
+    student = _student("prob_mean", 2, 2, 40, torch.float32, generator).to(device)
     student_before, teacher_before = student.clone(), teacher.clone()
     for layout in (ON_CHIP, CHUNKED):
         first = _run(student, teacher, **layout)
