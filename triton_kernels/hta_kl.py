@@ -35,7 +35,7 @@ CHUNK = 4096
 RADIX_BLOCK = 512
 RADIX_BITS = 4
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 # ---------------------------------------------------------------------------------------------
