@@ -351,3 +351,11 @@ def test_compile_fullgraph(device):
                                              delta=DELTA)
     assert_close_to_oracle(compiled_loss.detach().cpu(), expected_loss, torch.float64, "loss")
     assert_close_to_oracle(compiled_grad.cpu(), expected_grad, torch.float64, "d student")
+
+
+def test_schema_is_the_shared_one():
+    """triton_op infers the schema from the Python signature; it must be _ops.HTA_KL_SCHEMA."""
+    from htakl_kernels._ops import HTA_KL_SCHEMA
+
+    schema = str(torch.ops.htakl.hta_kl_fused_triton.default._schema)
+    assert schema == "htakl::hta_kl_fused_triton" + HTA_KL_SCHEMA

@@ -7,14 +7,18 @@ one decomposition: softmax normalisers, a sort-free head boundary, one statistic
 every per-row sum, then one gradient pass.
 
 Two layouts of the same passes, chosen per call by the row length:
-  * on chip (C <= `on_chip_limit`): the scaled teacher logits and the student's logits (or its
-    log q for prob_mean) stay in registers; the teacher is read once, a 2-D or logit_mean student
-    once, a prob_mean student twice (normalisers + log q, then the gradient pass; plus once more
-    for the per-step sums of the statistics pass), and the head boundary is a 1-bit-per-step
-    bisection over the probability bits held on chip.
+  * on chip (C <= `on_chip_limit`, default ON_CHIP_LIMIT): the scaled teacher logits and the
+    student's (mean) logits, or its log q for prob_mean, stay in registers: the teacher and a 2-D or
+    logit_mean student are read once; a prob_mean student is read in pass 1 (normalisers and log q),
+    in the statistics pass (per-step sums) and in the gradient pass. The head boundary is a
+    1-bit-per-step bisection over the probability bits held on chip.
   * chunked (longer rows): every pass streams the row in chunks of `chunk` classes and keeps only
-    per-row scalars (and per-time-step vectors) between passes, so the extra memory is O(rows);
-    the head boundary is a radix select, RADIX_BITS bits of the probability per pass.
+    per-row scalars and per-time-step vectors between passes, so the extra memory is O(rows); the
+    head boundary is a radix select, RADIX_BITS bits of the probability per pass over the teacher
+    (8 passes for float32 math, 16 for float64).
+
+The gradients are computed in the forward launch (the op's contract): the backward only scales
+them by the incoming per-row gradient, so there is no second read of the inputs in the backward.
 """
 
 from __future__ import annotations
@@ -27,10 +31,15 @@ from .._ops import HTA_KL_SCHEMA
 from ..hta_kl import accumulation_dtype, register_hta_kl_op
 
 # Rows up to this many classes are held on chip (a power of two). A parameter of `launch_hta_kl`
-# so tests can force the chunked path with small rows.
-ON_CHIP_LIMIT = 16384
-# Classes per chunk of the chunked path, and per sub-block of its radix-select passes (the radix
-# pass broadcasts each sub-block against 2**RADIX_BITS candidate digits).
+# so tests can force the chunked path with small rows. Sized by ptxas' register report for sm_90
+# (compiled without a GPU): the on-chip layout keeps about eight per-class vectors live (the
+# compiler reuses p, q, log p, log q, the head mask across passes), so 8 classes per thread fit in
+# 128 registers without spilling (4096 classes, 16 warps), while 8192 classes spill even at 32
+# warps (64 registers, 528 bytes of spill per thread).
+ON_CHIP_LIMIT = 4096
+# Classes per chunk of the chunked path (16 warps: 112 registers, no spill), and per sub-block of
+# its radix-select passes (the radix pass broadcasts each sub-block against 2**RADIX_BITS
+# candidate digits).
 CHUNK = 4096
 RADIX_BLOCK = 512
 RADIX_BITS = 4
@@ -466,8 +475,8 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor) -> None:
 
 
 def _num_warps(block: int) -> int:
-    # About 32 elements of each on-chip row vector per thread, between 4 and 16 warps.
-    return max(4, min(16, block // 1024))
+    # 8 classes of each row vector per thread (see ON_CHIP_LIMIT), between 4 and 16 warps.
+    return max(4, min(16, block // 256))
 
 
 def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, delta: float,
