@@ -107,7 +107,9 @@ def _lif_step_grad(g_spike, g_v, h, tau, v_threshold, v_reset, alpha, half_pi,
 # Kernels.
 
 
-@triton.jit
+# steps and neurons are not specialized on (== 1, divisibility by 16): one compiled kernel per
+# option set serves every shape.
+@triton.jit(do_not_specialize=["steps", "neurons"])
 def _lif_forward_kernel(
     x_ptr, v_init_ptr, spikes_ptr, v_last_ptr, v_seq_ptr,
     tau_in: tl.float64, v_threshold_in: tl.float64, v_reset_in: tl.float64,
@@ -133,7 +135,7 @@ def _lif_forward_kernel(
     tl.store(v_last_ptr + offs, v.to(v_last_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["steps", "neurons"])
 def _lif_backward_kernel(
     grad_spikes_ptr, grad_v_last_ptr, grad_v_seq_ptr, x_ptr, v_init_ptr,
     grad_x_ptr, grad_v_init_ptr, h_ptr,
