@@ -34,11 +34,13 @@ int64_t grain_size(int64_t steps) {
   return std::max<int64_t>(kMaxBlock, (int64_t(1) << 15) / std::max<int64_t>(steps, 1));
 }
 
+// The options are taken by value: a local copy cannot alias the output stores, which lets the
+// compiler keep them in registers, hoist their branches out of the loops and vectorize.
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const scalar_t* x, const scalar_t* v_init, scalar_t* spikes, scalar_t* v_last,
-                    scalar_t* v_seq, LifLayout layout, const LifParams<acc_t>& p) {
+                    scalar_t* v_seq, LifLayout layout, const LifParams<acc_t> p) {
   const auto [steps, neurons] = layout;
-  at::parallel_for(0, neurons, grain_size(steps), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, neurons, grain_size(steps), [=](int64_t begin, int64_t end) {
     acc_t v[kMaxBlock];
     for (int64_t first = begin; first < end; first += kMaxBlock) {
       const int64_t count = std::min(kMaxBlock, end - first);
@@ -63,10 +65,10 @@ template <typename scalar_t, typename acc_t>
 void backward_kernel(const scalar_t* grad_spikes, const scalar_t* grad_v_last,
                      const scalar_t* grad_v_seq, const scalar_t* x, const scalar_t* v_init,
                      scalar_t* grad_x, scalar_t* grad_v_init, LifLayout layout,
-                     const LifParams<acc_t>& p) {
+                     const LifParams<acc_t> p) {
   const auto [steps, neurons] = layout;
   const int64_t block = block_size(steps);
-  at::parallel_for(0, neurons, grain_size(steps), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, neurons, grain_size(steps), [=](int64_t begin, int64_t end) {
     std::vector<acc_t> h(static_cast<size_t>(steps * block));  // h[t * block + i] = H[t]
     acc_t v[kMaxBlock];  // V[t] in the first sweep, the gradient reaching it in the second
     for (int64_t first = begin; first < end; first += block) {
