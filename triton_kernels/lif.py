@@ -100,7 +100,8 @@ def _lif_step_grad(g_spike, g_v, h, tau, v_threshold, v_reset, alpha, half_pi,
     g_x = g_h
     if DECAY_INPUT:
         g_x = tl.fdiv(g_h, tau, ieee_rounding=True)
-    return g_x, g_h * (1 - tl.fdiv(1.0, tau, ieee_rounding=True))
+    one = tl.full((), 1, tau.dtype)
+    return g_x, g_h * (one - tl.fdiv(one, tau, ieee_rounding=True))
 
 
 # ---------------------------------------------------------------------------------------------
