@@ -11,6 +11,10 @@ with the CPU and CUDA kernels and the reference:
 The backward recomputes H[t] into a scratch buffer (grad_x itself when x's dtype is ACC: each
 lane reads H[t] back before it writes grad_x[t] at the same address), then sweeps t from T-1 down
 to 0 through SPEC 3's table.
+
+A tensor is never passed to two pointer parameters of one launch, and unused pointers are None:
+under torch.compile the kernel call is functionalized, which copies each mutated argument
+separately, so two parameters aliasing one tensor would each write back their own copy.
 """
 
 from __future__ import annotations
@@ -145,7 +149,8 @@ def _lif_backward_kernel(
     steps, neurons,
     ACC: tl.constexpr, SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
     DETACH_RESET: tl.constexpr, ATAN: tl.constexpr, HAS_GRAD_SPIKES: tl.constexpr,
-    HAS_GRAD_V_LAST: tl.constexpr, HAS_GRAD_V_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GRAD_V_LAST: tl.constexpr, HAS_GRAD_V_SEQ: tl.constexpr, H_IN_GRAD_X: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < neurons
@@ -160,7 +165,10 @@ def _lif_backward_kernel(
         index = tl.cast(t, tl.int64) * neurons + offs
         x = tl.load(x_ptr + index, mask=mask, other=0).to(ACC)
         h = _lif_charge(v, x, tau, v_reset, DECAY_INPUT)
-        tl.store(h_ptr + index, h, mask=mask)
+        if H_IN_GRAD_X:
+            tl.store(grad_x_ptr + index, h, mask=mask)
+        else:
+            tl.store(h_ptr + index, h, mask=mask)
         v = _lif_reset(h, _lif_fire(h, v_threshold), v_threshold, v_reset, SOFT_RESET)
     # Sweep 2: SPEC 3's table from t = T-1 down to 0; g_v is the gradient reaching V[t].
     g_v_next = tl.zeros((BLOCK,), dtype=ACC)
@@ -168,7 +176,10 @@ def _lif_backward_kernel(
         g_v_next = tl.load(grad_v_last_ptr + offs, mask=mask, other=0).to(ACC)
     for step in range(steps):
         index = tl.cast(steps - 1 - step, tl.int64) * neurons + offs
-        h = tl.load(h_ptr + index, mask=mask, other=0)
+        if H_IN_GRAD_X:
+            h = tl.load(grad_x_ptr + index, mask=mask, other=0)
+        else:
+            h = tl.load(h_ptr + index, mask=mask, other=0)
         g_v = g_v_next
         if HAS_GRAD_V_SEQ:
             g_v += tl.load(grad_v_seq_ptr + index, mask=mask, other=0).to(ACC)
@@ -216,7 +227,7 @@ def lif_forward_triton(x: torch.Tensor, v_init: torch.Tensor, tau: float, v_thre
     neurons = v_init.numel()
     if neurons > 0:
         torch.library.wrap_triton(_lif_forward_kernel)[(triton.cdiv(neurons, BLOCK),)](
-            x, v_init, spikes, v_last, v_seq if return_v_seq else spikes,
+            x, v_init, spikes, v_last, v_seq if return_v_seq else None,
             tau, v_threshold, 0.0 if soft_reset else v_reset, x.shape[0], neurons,
             ACC=_tl_state_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
             STORE_V_SEQ=return_v_seq, BLOCK=BLOCK, num_warps=NUM_WARPS,
@@ -240,13 +251,11 @@ def lif_backward_triton(grad_spikes: torch.Tensor, grad_v_last: torch.Tensor,
     x, v_init = x.contiguous(), v_init.contiguous()
     grad_x = torch.empty_like(x)
     grad_v_init = torch.empty_like(v_init)
-    state = _state_dtype(x.dtype)
-    scratch = grad_x if x.dtype == state else torch.empty(x.shape, dtype=state, device=x.device)
+    h_in_grad_x = x.dtype == _state_dtype(x.dtype)
+    scratch = None if h_in_grad_x else torch.empty(x.shape, dtype=torch.float32, device=x.device)
     neurons = v_init.numel()
-    has = [g.numel() != 0 for g in (grad_spikes, grad_v_last, grad_v_seq)]
-    # A missing gradient is never read: any tensor stands in for its pointer.
     grad_spikes, grad_v_last, grad_v_seq = (
-        g.contiguous() if present else x for g, present in zip((grad_spikes, grad_v_last, grad_v_seq), has)
+        g.contiguous() if g.numel() != 0 else None for g in (grad_spikes, grad_v_last, grad_v_seq)
     )
     if neurons > 0:
         torch.library.wrap_triton(_lif_backward_kernel)[(triton.cdiv(neurons, BLOCK),)](
@@ -254,8 +263,10 @@ def lif_backward_triton(grad_spikes: torch.Tensor, grad_v_last: torch.Tensor,
             tau, v_threshold, 0.0 if soft_reset else v_reset, alpha, math.pi / 2,
             x.shape[0], neurons,
             ACC=_tl_state_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
-            DETACH_RESET=detach_reset, ATAN=surrogate == "atan", HAS_GRAD_SPIKES=has[0],
-            HAS_GRAD_V_LAST=has[1], HAS_GRAD_V_SEQ=has[2], BLOCK=BLOCK, num_warps=NUM_WARPS,
+            DETACH_RESET=detach_reset, ATAN=surrogate == "atan",
+            HAS_GRAD_SPIKES=grad_spikes is not None, HAS_GRAD_V_LAST=grad_v_last is not None,
+            HAS_GRAD_V_SEQ=grad_v_seq is not None, H_IN_GRAD_X=h_in_grad_x, BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
         )
     return grad_x, grad_v_init
 

@@ -44,6 +44,11 @@ struct StateOf<double> {
   using type = double;
 };
 
+// Each thread walks time in chunks of kChunk steps and issues all loads of a chunk before it
+// computes: one neuron per thread leaves too few bytes in flight to cover memory latency
+// otherwise (the recurrence serializes the steps, not the loads).
+constexpr int kChunk = 8;
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     lif_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v_init,
@@ -53,19 +58,29 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (n >= neurons) return;
   acc_t v = to_state(v_init[n]);
-  for (int64_t t = 0; t < steps; ++t) {
-    const int64_t index = t * neurons + n;
-    const acc_t h = lif_charge(v, to_state(x[index]), p);  // SPEC 3
-    const acc_t spike = lif_fire(h, p);
-    v = lif_reset(h, spike, p);
-    spikes[index] = to_storage<scalar_t>(spike);
-    if (v_seq != nullptr) v_seq[index] = to_storage<scalar_t>(v);
+  for (int64_t first = 0; first < steps; first += kChunk) {
+    acc_t x_chunk[kChunk];
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      if (first + k < steps) x_chunk[k] = to_state(x[(first + k) * neurons + n]);
+    }
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      if (first + k >= steps) break;
+      const int64_t index = (first + k) * neurons + n;
+      const acc_t h = lif_charge(v, x_chunk[k], p);  // SPEC 3
+      const acc_t spike = lif_fire(h, p);
+      v = lif_reset(h, spike, p);
+      spikes[index] = to_storage<scalar_t>(spike);
+      if (v_seq != nullptr) v_seq[index] = to_storage<scalar_t>(v);
+    }
   }
   v_last[n] = to_storage<scalar_t>(v);
 }
 
 // `h_scratch` may alias `grad_x` (same type): each thread reads H[t] back before it writes
-// grad_x[t] at that address, hence no __restrict__ on either.
+// grad_x[t] at that address (a chunk's loads all precede its stores), hence no __restrict__ on
+// either.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     lif_backward_kernel(const scalar_t* __restrict__ grad_spikes,
@@ -78,21 +93,40 @@ __global__ void __launch_bounds__(kThreads)
   if (n >= neurons) return;
   // Sweep 1: recompute H[t] (SPEC 3 forward).
   acc_t v = to_state(v_init[n]);
-  for (int64_t t = 0; t < steps; ++t) {
-    const int64_t index = t * neurons + n;
-    const acc_t h = lif_charge(v, to_state(x[index]), p);
-    h_scratch[index] = h;
-    v = lif_reset(h, lif_fire(h, p), p);
+  for (int64_t first = 0; first < steps; first += kChunk) {
+    acc_t x_chunk[kChunk];
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      if (first + k < steps) x_chunk[k] = to_state(x[(first + k) * neurons + n]);
+    }
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      if (first + k >= steps) break;
+      const acc_t h = lif_charge(v, x_chunk[k], p);
+      h_scratch[(first + k) * neurons + n] = h;
+      v = lif_reset(h, lif_fire(h, p), p);
+    }
   }
   // Sweep 2: SPEC 3's table from t = T-1 down to 0; g_v_next is the gradient reaching V[t].
   acc_t g_v_next = grad_v_last != nullptr ? to_state(grad_v_last[n]) : acc_t(0);
-  for (int64_t t = steps - 1; t >= 0; --t) {
-    const int64_t index = t * neurons + n;
-    const acc_t g_v = g_v_next + (grad_v_seq != nullptr ? to_state(grad_v_seq[index]) : acc_t(0));
-    const acc_t g_spike = grad_spikes != nullptr ? to_state(grad_spikes[index]) : acc_t(0);
-    const LifStepGrad<acc_t> g = lif_step_grad(g_spike, g_v, h_scratch[index], p);
-    grad_x[index] = to_storage<scalar_t>(g.x);
-    g_v_next = g.v_prev;
+  for (int64_t last = steps - 1; last >= 0; last -= kChunk) {
+    acc_t h_chunk[kChunk], g_spike_chunk[kChunk], g_v_chunk[kChunk];
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      if (last - k < 0) break;
+      const int64_t index = (last - k) * neurons + n;
+      h_chunk[k] = h_scratch[index];
+      g_spike_chunk[k] = grad_spikes != nullptr ? to_state(grad_spikes[index]) : acc_t(0);
+      g_v_chunk[k] = grad_v_seq != nullptr ? to_state(grad_v_seq[index]) : acc_t(0);
+    }
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      if (last - k < 0) break;
+      const LifStepGrad<acc_t> g =
+          lif_step_grad(g_spike_chunk[k], g_v_next + g_v_chunk[k], h_chunk[k], p);
+      grad_x[(last - k) * neurons + n] = to_storage<scalar_t>(g.x);
+      g_v_next = g.v_prev;
+    }
   }
   grad_v_init[n] = to_storage<scalar_t>(g_v_next);
 }
