@@ -1,0 +1,119 @@
+"""Multi-step LIF suite: every built backend against the reference loop (eager and compiled) and
+SpikingJelly's multi-step LIFNode backends."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+import htakl_kernels
+
+from .runner import Case, Implementation, Inputs, backend_implementations
+
+NEURONS = 1 << 20
+STEPS = (4, 8, 16, 32)
+QUICK_NEURONS = 1 << 14
+QUICK_STEPS = (4, 8)
+
+EAGER_REFERENCE = "reference loop (eager)"
+COMPILED_REFERENCE = "reference loop (torch.compile)"
+SPIKINGJELLY_BACKENDS = {"cpu": ("torch",), "cuda": ("torch", "cupy", "triton")}
+
+
+def _spikes(output) -> torch.Tensor:
+    """The spike train: the whole output, or its first item when membranes come along."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def make_case(steps: int, neurons: int, dtype: torch.dtype, device: torch.device) -> Case:
+    elements = steps * neurons
+    size = torch.empty((), dtype=dtype).element_size()
+
+    def make_inputs(generator):
+        # Mean drive 1 and unit spread: about a sixth of the neurons fire at the first step,
+        # more later, so both reset branches and the surrogate are exercised.
+        x = (1.0 + torch.randn((steps, neurons), generator=generator, device=device)).to(dtype)
+        grad_spikes = torch.randn((steps, neurons), generator=generator, device=device).to(dtype)
+        x.requires_grad_(True)
+        return Inputs(args=(x,), wrt=(x,), grad_output=grad_spikes)
+
+    return Case(
+        label=f"T{steps}xN{neurons}",
+        dims={"steps": steps, "neurons": neurons},
+        dtype=dtype,
+        elements=elements,
+        # SPEC 4: read x, write s, read gS, write gX; the saved residual is added per kernel.
+        model_bytes=4 * elements * size,
+        make_inputs=make_inputs,
+        count_saved_bytes=True,
+    )
+
+
+def _backend_call(name):
+    def call(x):
+        return _spikes(htakl_kernels.lif_multistep(x, backend=name))
+
+    return call
+
+
+def _reference_calls(device: torch.device, quick: bool) -> list[Implementation]:
+    loop = getattr(htakl_kernels.reference, "lif_multistep", None)
+    if loop is None:
+        reason = "htakl_kernels.reference.lif_multistep is not there yet"
+        return [
+            Implementation(EAGER_REFERENCE, "baseline", unavailable=reason),
+            Implementation(COMPILED_REFERENCE, "baseline", unavailable=reason),
+        ]
+    eager = Implementation(EAGER_REFERENCE, "baseline", lambda x: _spikes(loop(x)))
+    if quick and device.type == "cpu":
+        return [eager, Implementation(
+            COMPILED_REFERENCE, "baseline",
+            unavailable="skipped by --quick on CPU (compiling the unrolled loop takes minutes)",
+        )]
+    compiled = torch.compile(loop, dynamic=False)
+    return [eager, Implementation(COMPILED_REFERENCE, "baseline", lambda x: _spikes(compiled(x)))]
+
+
+def _spikingjelly_calls(device: torch.device) -> list[Implementation]:
+    names = [f"SpikingJelly LIFNode ({backend})" for backend in SPIKINGJELLY_BACKENDS[device.type]]
+    try:
+        neuron = importlib.import_module("spikingjelly.activation_based.neuron")
+        surrogate = importlib.import_module("spikingjelly.activation_based.surrogate")
+    except ImportError as error:
+        reason = f"spikingjelly is not importable ({error})"
+        return [Implementation(name, "baseline", unavailable=reason) for name in names]
+    found = []
+    for name, backend in zip(names, SPIKINGJELLY_BACKENDS[device.type]):
+        try:
+            # SPEC 3's defaults: tau 2, threshold 1, hard reset to 0, sigmoid surrogate alpha 4.
+            node = neuron.LIFNode(
+                tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0,
+                surrogate_function=surrogate.Sigmoid(alpha=4.0), detach_reset=False,
+                step_mode="m", backend=backend,
+            ).to(device)
+        except Exception as error:  # noqa: BLE001 - an old SpikingJelly lacks some backends
+            found.append(Implementation(name, "baseline", unavailable=f"{type(error).__name__}: {error}"))
+            continue
+
+        def call(x, node=node):
+            node.reset()  # each call starts from the resting membrane, like the other kernels
+            return node(x)
+
+        found.append(Implementation(name, "baseline", call))
+    return found
+
+
+def implementations(device: torch.device, quick: bool) -> list[Implementation]:
+    missing = None
+    if getattr(htakl_kernels, "lif_multistep", None) is None:
+        missing = "htakl_kernels.lif_multistep is not there yet"
+    found = backend_implementations(device, _backend_call, missing)
+    found.extend(_reference_calls(device, quick))
+    found.extend(_spikingjelly_calls(device))
+    return found
+
+
+def cases(device: torch.device, dtypes, quick: bool) -> list[Case]:
+    steps, neurons = (QUICK_STEPS, QUICK_NEURONS) if quick else (STEPS, NEURONS)
+    return [make_case(t, neurons, dtype, device) for dtype in dtypes for t in steps]
