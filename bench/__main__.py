@@ -3,7 +3,8 @@
 Run from the repository root. Writes `<suite>.json`, `<suite>.md` and `<suite>-time.png`,
 `<suite>-bandwidth.png` (stem `<suite>-quick` with --quick) into --out, default
 `bench/results/<device-name>/`, and prints the tables. Exits 1 when an implementation failed
-(one that is missing or not implemented yet is only noted).
+(one that is missing or not implemented yet is only noted), 130 when interrupted (Ctrl-C or
+SIGTERM, e.g. from `timeout`) after writing the cases measured so far.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib.metadata
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -100,6 +102,16 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _interrupt_on_sigterm() -> None:
+    """`timeout` sends SIGTERM: stop measuring, but still write what was measured."""
+
+    def interrupt(_signal, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the writing
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv=None) -> int:
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     device = torch.device(arguments.device)
@@ -113,17 +125,23 @@ def main(argv=None) -> int:
     cache = measure.cache_bytes(device)
     _log(f"measuring the copy bandwidth of {measure.device_description(device)}")
     copy = measure.copy_bandwidth(device, timer, cache)
-    failed = False
+    _interrupt_on_sigterm()
+    failed = interrupted = False
     for suite in ("loss", "lif") if arguments.suite == "all" else (arguments.suite,):
         module, x_key, x_label, byte_model = SUITES[suite]
         implementations = module.implementations(device, arguments.quick)
         rows = []
-        for case in module.cases(device, arguments.dtypes, arguments.quick):
-            rows += run_case(case, implementations, suite=suite, device=device, timer=timer,
-                             copy_bps=copy["bytes_per_s"], cache=cache, log=_log)
+        try:
+            for case in module.cases(device, arguments.dtypes, arguments.quick):
+                rows += run_case(case, implementations, suite=suite, device=device, timer=timer,
+                                 copy_bps=copy["bytes_per_s"], cache=cache, log=_log)
+        except KeyboardInterrupt:
+            interrupted = True
+            _log(f"interrupted: writing the {suite} cases measured so far")
         result = {
             "suite": suite,
             "quick": arguments.quick,
+            "interrupted": interrupted,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": shlex.join([os.path.basename(sys.executable), "-m", "bench"]
                                   + (sys.argv[1:] if argv is None else list(argv))),
@@ -138,14 +156,15 @@ def main(argv=None) -> int:
         paths = report.write(result, folder, stem, x_key, x_label)
         header, cells = report.table(rows)
         print(f"\n{suite} on {result['device']['description']}, copy bandwidth "
-              f"{copy['bytes_per_s'] / 1e9:.4g} GB/s")
+              f"{copy['bytes_per_s'] / 1e9:.4g} GB/s" + (" (interrupted: partial)" if interrupted else ""))
         print(report.text_table(header, cells))
         for line in report.notes(rows):
             print("not measured:", line)
         print("wrote", ", ".join(paths))
         failed |= any(row["status"] == "failed" for row in rows)
+        if interrupted:
+            return 130
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,11 +9,11 @@ import torch
 
 import htakl_kernels
 
-from .runner import Case, Implementation, Inputs, backend_implementations
+from .runner import QUICK_SKIPS_COMPILE, Case, Implementation, Inputs, backend_implementations
 
 NEURONS = 1 << 20
 STEPS = (4, 8, 16, 32)
-QUICK_NEURONS = 1 << 14
+QUICK_NEURONS = {"cpu": 1 << 14, "cuda": 1 << 20}
 QUICK_STEPS = (4, 8)
 
 EAGER_REFERENCE = "reference loop (eager)"
@@ -66,11 +66,8 @@ def _reference_calls(device: torch.device, quick: bool) -> list[Implementation]:
             Implementation(COMPILED_REFERENCE, "baseline", unavailable=reason),
         ]
     eager = Implementation(EAGER_REFERENCE, "baseline", lambda x: _spikes(loop(x)))
-    if quick and device.type == "cpu":
-        return [eager, Implementation(
-            COMPILED_REFERENCE, "baseline",
-            unavailable="skipped by --quick on CPU (compiling the unrolled loop takes minutes)",
-        )]
+    if quick:
+        return [eager, Implementation(COMPILED_REFERENCE, "baseline", unavailable=QUICK_SKIPS_COMPILE)]
     compiled = torch.compile(loop, dynamic=False)
     return [eager, Implementation(COMPILED_REFERENCE, "baseline", lambda x: _spikes(compiled(x)))]
 
@@ -115,5 +112,5 @@ def implementations(device: torch.device, quick: bool) -> list[Implementation]:
 
 
 def cases(device: torch.device, dtypes, quick: bool) -> list[Case]:
-    steps, neurons = (QUICK_STEPS, QUICK_NEURONS) if quick else (STEPS, NEURONS)
+    steps, neurons = (QUICK_STEPS, QUICK_NEURONS[device.type]) if quick else (STEPS, NEURONS)
     return [make_case(t, neurons, dtype, device) for dtype in dtypes for t in steps]

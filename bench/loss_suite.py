@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import htakl_kernels
 from htakl_kernels import reference
 
-from .runner import Case, Implementation, Inputs, backend_implementations
+from .runner import QUICK_SKIPS_COMPILE, Case, Implementation, Inputs, backend_implementations
 
 TEMPERATURE = 2.0
 DELTA = 0.5
@@ -23,7 +23,10 @@ GPU_SHAPES = [
     (None, 4096, 1000), (None, 4096, 32000), (None, 1024, 131072), (None, 256, 262144),
     (4, 1024, 32000),
 ]
-QUICK_SHAPES = [(None, 32, 1000), (None, 8, 4096), (4, 16, 1000)]
+QUICK_SHAPES = {
+    "cpu": [(None, 32, 1000), (None, 8, 4096), (4, 16, 1000)],
+    "cuda": [(None, 4096, 1000), (None, 1024, 32000), (4, 256, 32000)],
+}
 
 EAGER_REFERENCE = "reference (eager)"
 COMPILED_REFERENCE = "reference (torch.compile)"
@@ -32,7 +35,7 @@ KL_DIV_FLOOR = "F.kl_div (floor)"
 
 def shapes(device: torch.device, quick: bool):
     if quick:
-        return QUICK_SHAPES
+        return QUICK_SHAPES[device.type]
     return GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
 
 
@@ -125,11 +128,8 @@ def _liger_implementations(device: torch.device) -> list[Implementation]:
 def implementations(device: torch.device, quick: bool) -> list[Implementation]:
     found = backend_implementations(device, _backend_call)
     found.append(Implementation(EAGER_REFERENCE, "baseline", _backend_call("reference")))
-    if quick and device.type == "cpu":
-        found.append(Implementation(
-            COMPILED_REFERENCE, "baseline",
-            unavailable="skipped by --quick on CPU (compiling takes ~30 s per shape on 2 cores)",
-        ))
+    if quick:
+        found.append(Implementation(COMPILED_REFERENCE, "baseline", unavailable=QUICK_SKIPS_COMPILE))
     else:
         compiled = torch.compile(reference.hta_kl_div, dynamic=False)
         found.append(Implementation(COMPILED_REFERENCE, "baseline", _reference_call(compiled)))

@@ -122,7 +122,7 @@ def rotation_count(bytes_per_call: int, cache: int, limit: int = 32) -> int:
 
 def copy_bandwidth(device: torch.device, timer, cache: int) -> dict:
     """Device-to-device copy bandwidth (bytes read + bytes written per second)."""
-    size = max(1 << 30 if device.type == "cuda" else 128 << 20, 8 * cache)
+    size = max(1 << 30 if device.type == "cuda" else 64 << 20, 4 * cache)
     source = torch.rand(size // 4, device=device)
     target = torch.empty_like(source)
     timing = timer.time(lambda: target.copy_(source))

@@ -87,6 +87,10 @@ def markdown(result: dict) -> str:
     lines = [
         f"# {result['suite']} benchmark on {result['device']['description']}",
         "",
+    ]
+    if result["interrupted"]:
+        lines += ["**Interrupted: only the cases below were measured.**", ""]
+    lines += [
         f"- date: {result['date']}; command: `{result['command']}`",
         f"- versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items() if v)}",
         f"- device-to-device copy bandwidth (read + write): {copy['bytes_per_s'] / 1e9:.4g} GB/s",

@@ -14,6 +14,9 @@ import htakl_kernels
 from . import measure
 
 
+QUICK_SKIPS_COMPILE = "skipped by --quick (torch.compile takes tens of seconds per shape)"
+
+
 @dataclass
 class Implementation:
     """One way to compute a suite's function.
