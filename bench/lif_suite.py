@@ -4,6 +4,8 @@ SpikingJelly's multi-step LIFNode backends."""
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
 
 import torch
 
@@ -72,32 +74,52 @@ def _reference_calls(device: torch.device, quick: bool) -> list[Implementation]:
     return [eager, Implementation(COMPILED_REFERENCE, "baseline", lambda x: _spikes(compiled(x)))]
 
 
+def _spikingjelly_node(neuron, surrogate, **choice):
+    # SPEC 3's defaults: tau 2, threshold 1, hard reset to 0, sigmoid surrogate alpha 4.
+    return neuron.LIFNode(
+        tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0,
+        surrogate_function=surrogate.Sigmoid(alpha=4.0), detach_reset=False, step_mode="m",
+        **choice,
+    )
+
+
+def _spikingjelly_call(node, device):
+    node = node.to(device)
+
+    def call(x):
+        node.reset()  # each call starts from the resting membrane, like the other kernels
+        return node(x)
+
+    return call
+
+
 def _spikingjelly_calls(device: torch.device) -> list[Implementation]:
-    names = [f"SpikingJelly LIFNode ({backend})" for backend in SPIKINGJELLY_BACKENDS[device.type]]
+    """SpikingJelly's multi-step LIFNode.
+
+    Up to 0.0.0.0.14 LIFNode takes `backend` ("torch", "cupy"; "triton" in some builds): one
+    implementation each. 2.x picks its kernel itself (on CUDA: native, then Triton, then torch,
+    overridable by the environment variable SJ_LIF_CUDA_IMPLEMENTATION read at import): one
+    implementation, named after that choice.
+    """
     try:
         neuron = importlib.import_module("spikingjelly.activation_based.neuron")
         surrogate = importlib.import_module("spikingjelly.activation_based.surrogate")
     except ImportError as error:
         reason = f"spikingjelly is not importable ({error})"
-        return [Implementation(name, "baseline", unavailable=reason) for name in names]
+        return [Implementation("SpikingJelly LIFNode", "baseline", unavailable=reason)]
+    if "backend" not in inspect.signature(neuron.LIFNode.__init__).parameters:
+        choice = os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION", "auto") if device.type == "cuda" else "cpu"
+        node = _spikingjelly_node(neuron, surrogate)
+        return [Implementation(f"SpikingJelly LIFNode ({choice})", "baseline", _spikingjelly_call(node, device))]
     found = []
-    for name, backend in zip(names, SPIKINGJELLY_BACKENDS[device.type]):
+    for backend in SPIKINGJELLY_BACKENDS[device.type]:
+        name = f"SpikingJelly LIFNode ({backend})"
         try:
-            # SPEC 3's defaults: tau 2, threshold 1, hard reset to 0, sigmoid surrogate alpha 4.
-            node = neuron.LIFNode(
-                tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0,
-                surrogate_function=surrogate.Sigmoid(alpha=4.0), detach_reset=False,
-                step_mode="m", backend=backend,
-            ).to(device)
-        except Exception as error:  # noqa: BLE001 - an old SpikingJelly lacks some backends
+            node = _spikingjelly_node(neuron, surrogate, backend=backend)
+        except Exception as error:  # noqa: BLE001 - a build may lack a backend
             found.append(Implementation(name, "baseline", unavailable=f"{type(error).__name__}: {error}"))
             continue
-
-        def call(x, node=node):
-            node.reset()  # each call starts from the resting membrane, like the other kernels
-            return node(x)
-
-        found.append(Implementation(name, "baseline", call))
+        found.append(Implementation(name, "baseline", _spikingjelly_call(node, device)))
     return found
 
 

@@ -36,11 +36,13 @@ class CpuTimer:
     """torch.utils.benchmark's blocked_autorange, with every thread torch would use.
 
     Samples are per-block means (a block repeats the call enough times to dwarf the timer's
-    resolution), so the IQR is the spread between blocks.
+    resolution), so the IQR is the spread between blocks. Calls so slow that the run time
+    holds few blocks get more blocks, up to `min_samples`, so that the IQR means something.
     """
 
-    def __init__(self, min_run_time_s: float, warmup_calls: int = 2):
+    def __init__(self, min_run_time_s: float, min_samples: int, warmup_calls: int = 2):
         self.min_run_time_s = min_run_time_s
+        self.min_samples = min_samples
         self.warmup_calls = warmup_calls
 
     def time(self, call: Callable[[], object]) -> Timing:
@@ -50,8 +52,11 @@ class CpuTimer:
             "call()", globals={"call": call}, num_threads=torch.get_num_threads()
         )
         measurement = timer.blocked_autorange(min_run_time=self.min_run_time_s)
-        low, median, high = _quartiles(list(measurement.times))
-        return Timing(median_s=median, iqr_s=high - low, samples=len(measurement.times))
+        samples = list(measurement.times)
+        while len(samples) < self.min_samples:
+            samples += timer.timeit(number=measurement.number_per_run).times
+        low, median, high = _quartiles(samples)
+        return Timing(median_s=median, iqr_s=high - low, samples=len(samples))
 
 
 class CudaTimer:
@@ -93,7 +98,7 @@ class CudaTimer:
 def make_timer(device: torch.device, quick: bool):
     if device.type == "cuda":
         return CudaTimer(target_s=0.05 if quick else 0.2)
-    return CpuTimer(min_run_time_s=0.05 if quick else 0.4)
+    return CpuTimer(min_run_time_s=0.02 if quick else 0.4, min_samples=3 if quick else 5)
 
 
 def cache_bytes(device: torch.device) -> int:
