@@ -113,7 +113,8 @@ def _interrupt_on_sigterm() -> None:
 
 
 def main(argv=None) -> int:
-    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    arguments = parse_arguments(argv)
     device = torch.device(arguments.device)
     if arguments.threads is not None:
         torch.set_num_threads(arguments.threads)
@@ -143,8 +144,7 @@ def main(argv=None) -> int:
             "quick": arguments.quick,
             "interrupted": interrupted,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join([os.path.basename(sys.executable), "-m", "bench"]
-                                  + (sys.argv[1:] if argv is None else list(argv))),
+            "command": shlex.join([os.path.basename(sys.executable), "-m", "bench", *argv]),
             "device": {"type": device.type, "description": measure.device_description(device),
                        "cache_bytes": cache, "threads": torch.get_num_threads()},
             "copy_bandwidth": copy,

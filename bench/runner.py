@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -46,13 +47,12 @@ class Case:
     label: str
     dims: dict
     dtype: torch.dtype
-    elements: int  # E of SPEC section 4
+    elements: int  # elements of the student (loss) or of x (LIF): per-element figures use it
     model_bytes: int  # SPEC section 4's byte model, before any residual
     make_inputs: Callable[[torch.Generator], Inputs]
     # SPEC 4 (LIF): count the residual a kernel saves (written once, read once) and its
     # re-reads of inputs and outputs.
     count_saved_bytes: bool = False
-    skip: dict = field(default_factory=dict)  # implementation name -> why it is skipped here
 
 
 def backend_implementations(
@@ -171,9 +171,8 @@ def run_case(
             "role": implementation.role,
             "input_sets": len(input_sets),
         }
-        reason = implementation.unavailable or case.skip.get(implementation.name)
-        if reason is not None:
-            row.update(status="skipped", note=reason)
+        if implementation.unavailable is not None:
+            row.update(status="skipped", note=implementation.unavailable)
         else:
             log(f"  {suite} {case.label} {row['dtype']}: {implementation.name}")
             try:
@@ -185,6 +184,7 @@ def run_case(
                 torch.cuda.empty_cache()
             except Exception as error:  # noqa: BLE001 - one broken implementation must not stop the suite
                 row.update(status="failed", note=_first_line(error))
+                log(traceback.format_exc())
         rows.append(row)
     _add_speedups(rows)
     return rows
