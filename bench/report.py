@@ -6,8 +6,6 @@ import json
 import os
 from collections import defaultdict
 
-MODES = (("forward_backward", "fwd+bwd"), ("forward", "fwd"))
-
 
 def _ms(timing: dict) -> str:
     return f"{timing['median_s'] * 1e3:.4g} ({timing['iqr_s'] * 1e3:.2g})"
