@@ -32,8 +32,9 @@ SUITES = {
     )),
     "lif": (lif_suite, "steps", "time steps T", (
         "byte model (SPEC 4): 4 E b (read x, write spikes, read their gradient, write x's "
-        "gradient) plus each implementation's saved-for-backward residual counted twice (written, "
-        "read back) and its re-reads of x and the spikes; E = T * N"
+        "gradient), E = T * N; for this project's kernels plus their saved-for-backward residual "
+        "counted twice (written, read back) and their re-reads of x and the spikes (baselines: "
+        "4 E b, so their bandwidth is the rate of useful bytes)"
     )),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,

@@ -50,8 +50,9 @@ class Case:
     elements: int  # elements of the student (loss) or of x (LIF): per-element figures use it
     model_bytes: int  # SPEC section 4's byte model, before any residual
     make_inputs: Callable[[torch.Generator], Inputs]
-    # SPEC 4 (LIF): count the residual a kernel saves (written once, read once) and its
-    # re-reads of inputs and outputs.
+    # SPEC 4 (LIF): add the residual our kernels save (written once, read once) and their
+    # re-reads of inputs and outputs. Baselines keep the plain model: their bandwidth is then
+    # the rate of useful bytes, comparable with ours, not inflated by what they store.
     count_saved_bytes: bool = False
 
 
@@ -121,7 +122,7 @@ def _measure_one(implementation, case, input_sets, timer, device, copy_bps) -> d
         lambda: _call_forward(implementation, input_sets[0]), input_sets[0].args
     )
     model_bytes = case.model_bytes
-    if case.count_saved_bytes:
+    if case.count_saved_bytes and implementation.role == "ours":
         if saved is None:
             model_bytes = None
         else:
