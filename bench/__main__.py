@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+import htakl_kernels
+
 from . import lif_suite, loss_suite, measure, report
 from .runner import run_case
 
@@ -76,7 +78,7 @@ def _distribution_version(name: str) -> str | None:
 
 
 def _source_revision() -> str | None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(htakl_kernels.__file__)))
     try:
         revision = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
                                   capture_output=True, text=True, check=True).stdout.strip()
