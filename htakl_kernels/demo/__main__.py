@@ -30,7 +30,7 @@ from .plotting import plot_results
 from .training import METHOD_TITLES, METHODS, TrainSettings, make_objective, predict, train_run
 
 DEFAULTS = dict(
-    dataset="digits", data_dir=None, arch="small", epochs=8, timesteps=4, alpha=0.5,
+    dataset="digits", data_dir=None, arch="small", epochs=6, timesteps=4, alpha=0.5,
     temperature=2.0, delta=0.5, seed=0, batch_size=64, lr=1e-3, subset=None, quick=False,
     device="auto", backend="auto", threads=1, out=None, progress=True,
 )
