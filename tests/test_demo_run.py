@@ -147,3 +147,9 @@ def test_resume_refuses_changed_options(finished_run, capsys):
         main(["--resume", str(finished_run), "--epochs", "3"])
     assert exit_info.value.code == 2
     assert "--epochs 3 (the run used 2)" in capsys.readouterr().err
+
+
+def test_unavailable_backend_fails_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="--backend cuda: backend 'cuda' is not available"):
+        main([*TINY, "--backend", "cuda", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "teacher.pt").exists()

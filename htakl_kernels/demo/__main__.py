@@ -27,7 +27,9 @@ from .._backends import BACKENDS, resolve_backend
 from .data import DATASETS, DatasetError, load_dataset
 from .models import ARCHITECTURES, build_model, lif_neuron
 from .plotting import plot_results
-from .training import METHOD_TITLES, METHODS, TrainSettings, make_objective, predict, train_run
+from .training import (
+    METHOD_TITLES, METHODS, TEACHER_TITLE, TrainSettings, make_objective, predict, titled_runs, train_run,
+)
 
 DEFAULTS = dict(
     dataset="digits", data_dir=None, arch="small", epochs=6, timesteps=4, alpha=0.5,
@@ -35,7 +37,7 @@ DEFAULTS = dict(
     device="auto", backend="auto", threads=1, out=None, progress=True,
 )
 # --quick: what it changes, unless given explicitly.
-QUICK = dict(epochs=2, subset=600)
+QUICK = dict(epochs=2, subset=400, batch_size=32)
 # Options that only say where or how to run: they may differ when a run is resumed.
 RUNTIME_OPTIONS = ("device", "backend", "threads", "progress")
 
@@ -125,10 +127,7 @@ def _summary_table(results: dict) -> str:
     header = ("run", "test acc", "firing rate", "energy/image", "SOPs/image", "MACs/image",
               "loss time", "loss/step")
     rows = []
-    runs = {"ANN teacher": results["teacher"]} | {
-        METHOD_TITLES[method]: run for method, run in results["students"].items()
-    }
-    for title, run in runs.items():
+    for title, run in titled_runs(results).items():
         spiking = bool(run["firing_rates"])
         rows.append((
             title,
@@ -150,6 +149,10 @@ def _summary_table(results: dict) -> str:
 
 def run(config: dict) -> dict:
     device = resolve_device(config["device"])
+    try:  # fail now rather than after training the teacher
+        kernel_backend = resolve_backend(config["backend"], device)
+    except (RuntimeError, ValueError) as error:
+        raise SystemExit(f"error: --backend {config['backend']}: {error}") from error
     torch.set_num_threads(config["threads"])
     out = config["out"]
     os.makedirs(out, exist_ok=True)
@@ -161,8 +164,7 @@ def run(config: dict) -> dict:
     data = load_dataset(config["dataset"], config["data_dir"], seed)
     if config["subset"] is not None:
         data = data.subset(config["subset"], seed)
-    data.train_images, data.train_labels = data.train_images.to(device), data.train_labels.to(device)
-    data.test_images, data.test_labels = data.test_images.to(device), data.test_labels.to(device)
+    data = data.to(device)
     settings = TrainSettings(config["epochs"], config["batch_size"], config["lr"], seed, config["progress"])
     options = dict(alpha=config["alpha"], temperature=config["temperature"], delta=config["delta"],
                    backend=config["backend"])
@@ -172,7 +174,7 @@ def run(config: dict) -> dict:
 
     torch.manual_seed(seed)
     teacher = build_model(config["arch"], data.image_shape, data.num_classes).to(device)
-    teacher_result = train_run("ANN teacher", teacher, data, make_objective("ce", **options), None,
+    teacher_result = train_run(TEACHER_TITLE, teacher, data, make_objective("ce", **options), None,
                                settings, checkpoint("teacher"))
     teacher_logits = predict(teacher, data.train_images, settings.batch_size)
 
@@ -190,7 +192,7 @@ def run(config: dict) -> dict:
         "config": config,
         "environment": {
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "threads": torch.get_num_threads(), "kernel_backend": resolve_backend(config["backend"], device),
+            "threads": torch.get_num_threads(), "kernel_backend": kernel_backend,
         },
         "dataset": {
             "name": data.name, "train_images": len(data.train_labels), "test_images": len(data.test_labels),

@@ -51,6 +51,10 @@ class Dataset:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
 
+    def to(self, device: torch.device) -> "Dataset":
+        return Dataset(self.name, self.train_images.to(device), self.train_labels.to(device),
+                       self.test_images.to(device), self.test_labels.to(device), self.num_classes)
+
     def subset(self, count: int, seed: int) -> "Dataset":
         """At most `count` training and `count` test images, drawn at random with `seed`."""
         generator = torch.Generator().manual_seed(seed)

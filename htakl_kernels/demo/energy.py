@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import MultiStepNeuron, Network
+from .models import Network
 
 ENERGY_PER_AC_PJ = 0.9
 ENERGY_PER_MAC_PJ = 4.6

@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 import htakl_kernels
@@ -26,6 +25,7 @@ from .models import Network
 
 METHODS = ("ce", "kl", "htakl")
 METHOD_TITLES = {"ce": "CE only", "kl": "CE + KL", "htakl": "CE + HTA-KL"}
+TEACHER_TITLE = "ANN teacher"
 
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -73,6 +73,13 @@ def make_objective(method: str, *, alpha: float, temperature: float, delta: floa
             alpha=alpha, temperature=temperature, delta=delta, backend=backend
         )
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+def titled_runs(results: dict) -> dict[str, dict]:
+    """The teacher's and the students' results from a results.json, by display title."""
+    return {TEACHER_TITLE: results["teacher"]} | {
+        METHOD_TITLES[method]: run for method, run in results["students"].items()
+    }
 
 
 def _synchronize(device: torch.device) -> None:
