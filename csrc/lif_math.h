@@ -43,6 +43,14 @@ struct LifParams {
   acc_t alpha;             // backward only: surrogate sharpness
 };
 
+// The same options in another precision: each value rounded once (to nearest), as a kernel whose
+// state is float rounds the double options it is given.
+template <typename to_t, typename from_t>
+HTAKL_HD LifParams<to_t> cast_lif_params(const LifParams<from_t>& p) {
+  return {to_t(p.tau), to_t(p.v_threshold), to_t(p.v_reset), p.soft_reset, p.decay_input,
+          p.detach_reset, p.surrogate, to_t(p.alpha)};
+}
+
 // SPEC 3: the membrane after charging, H[t], from V[t-1] and X[t].
 template <typename acc_t>
 HTAKL_HD acc_t lif_charge(acc_t v_prev, acc_t x, const LifParams<acc_t>& p) {

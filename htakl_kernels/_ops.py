@@ -20,7 +20,8 @@ HTA_KL_SCHEMA = (
 # lif_forward / lif_backward: see htakl_kernels/lif.py for the contract.
 LIF_FORWARD_SCHEMA = (
     "(Tensor x, Tensor v_init, float tau, float v_threshold, float v_reset, bool soft_reset, "
-    "bool decay_input, bool return_v_seq) -> (Tensor, Tensor, Tensor)"
+    "bool decay_input, bool detach_reset, str surrogate, float alpha, bool return_v_seq) "
+    "-> (Tensor, Tensor, Tensor)"
 )
 LIF_BACKWARD_SCHEMA = (
     "(Tensor grad_spikes, Tensor grad_v_last, Tensor grad_v_seq, Tensor x, Tensor v_init, "
