@@ -47,7 +47,7 @@ struct StateOf<double> {
 // Each thread walks time in chunks of kChunk steps and issues all loads of a chunk before it
 // computes: one neuron per thread leaves too few bytes in flight to cover memory latency
 // otherwise (the recurrence serializes the steps, not the loads).
-constexpr int kChunk = kLifCudaChunk;
+constexpr int kChunk = 8;
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
@@ -78,28 +78,22 @@ __global__ void __launch_bounds__(kThreads)
   v_last[n] = to_storage<scalar_t>(v);
 }
 
-// The backward keeps no H sequence: sweep 1 runs SPEC 3's forward and stores V at the start of
-// every chunk of kChunk steps (checkpoints [ceil(T / kChunk), N], state type); sweep 2 walks the
-// chunks from the last, recomputes the chunk's H[t] into registers from its checkpoint and x,
-// then applies SPEC 3's table from the chunk's last step down to its first. Per element: x read
-// twice, gS read, gX written, plus 2 * sizeof(state) / kChunk bytes of checkpoints, instead of
-// x, gS, gX plus a full H written and read back.
+// `h_scratch` may alias `grad_x` (same type): each thread reads H[t] back before it writes
+// grad_x[t] at that address (a chunk's loads all precede its stores), hence no __restrict__ on
+// either.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     lif_backward_kernel(const scalar_t* __restrict__ grad_spikes,
                         const scalar_t* __restrict__ grad_v_last,
                         const scalar_t* __restrict__ grad_v_seq, const scalar_t* __restrict__ x,
-                        const scalar_t* __restrict__ v_init, scalar_t* __restrict__ grad_x,
-                        scalar_t* __restrict__ grad_v_init, acc_t* __restrict__ checkpoints,
-                        int64_t steps, int64_t neurons, LifParams<acc_t> p) {
+                        const scalar_t* __restrict__ v_init, scalar_t* grad_x,
+                        scalar_t* __restrict__ grad_v_init, acc_t* h_scratch, int64_t steps,
+                        int64_t neurons, LifParams<acc_t> p) {
   const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (n >= neurons) return;
-  const int64_t chunks = (steps + kChunk - 1) / kChunk;
-  // Sweep 1: checkpoints of V (SPEC 3 forward).
+  // Sweep 1: recompute H[t] (SPEC 3 forward).
   acc_t v = to_state(v_init[n]);
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    checkpoints[chunk * neurons + n] = v;
-    const int64_t first = chunk * kChunk;
+  for (int64_t first = 0; first < steps; first += kChunk) {
     acc_t x_chunk[kChunk];
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
@@ -109,35 +103,28 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < kChunk; ++k) {
       if (first + k >= steps) break;
       const acc_t h = lif_charge(v, x_chunk[k], p);
+      h_scratch[(first + k) * neurons + n] = h;
       v = lif_reset(h, lif_fire(h, p), p);
     }
   }
-  // Sweep 2: chunk by chunk from the last; g_v_next is the gradient reaching V[t].
+  // Sweep 2: SPEC 3's table from t = T-1 down to 0; g_v_next is the gradient reaching V[t].
   acc_t g_v_next = grad_v_last != nullptr ? to_state(grad_v_last[n]) : acc_t(0);
-  for (int64_t chunk = chunks - 1; chunk >= 0; --chunk) {
-    const int64_t first = chunk * kChunk;
+  for (int64_t last = steps - 1; last >= 0; last -= kChunk) {
     acc_t h_chunk[kChunk], g_spike_chunk[kChunk], g_v_chunk[kChunk];
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
-      if (first + k >= steps) break;
-      const int64_t index = (first + k) * neurons + n;
-      h_chunk[k] = to_state(x[index]);
+      if (last - k < 0) break;
+      const int64_t index = (last - k) * neurons + n;
+      h_chunk[k] = h_scratch[index];
       g_spike_chunk[k] = grad_spikes != nullptr ? to_state(grad_spikes[index]) : acc_t(0);
       g_v_chunk[k] = grad_v_seq != nullptr ? to_state(grad_v_seq[index]) : acc_t(0);
     }
-    v = checkpoints[chunk * neurons + n];
 #pragma unroll
-    for (int k = 0; k < kChunk; ++k) {  // x[t] -> H[t], in place
-      if (first + k >= steps) break;
-      h_chunk[k] = lif_charge(v, h_chunk[k], p);
-      v = lif_reset(h_chunk[k], lif_fire(h_chunk[k], p), p);
-    }
-#pragma unroll
-    for (int k = kChunk - 1; k >= 0; --k) {
-      if (first + k >= steps) continue;
+    for (int k = 0; k < kChunk; ++k) {
+      if (last - k < 0) break;
       const LifStepGrad<acc_t> g =
           lif_step_grad(g_spike_chunk[k], g_v_next + g_v_chunk[k], h_chunk[k], p);
-      grad_x[(first + k) * neurons + n] = to_storage<scalar_t>(g.x);
+      grad_x[(last - k) * neurons + n] = to_storage<scalar_t>(g.x);
       g_v_next = g.v_prev;
     }
   }
@@ -167,7 +154,7 @@ cudaError_t launch_backward(const LifBackwardArgs& a, const LifParams<double>& p
       static_cast<const scalar_t*>(a.grad_spikes), static_cast<const scalar_t*>(a.grad_v_last),
       static_cast<const scalar_t*>(a.grad_v_seq), static_cast<const scalar_t*>(a.x),
       static_cast<const scalar_t*>(a.v_init), static_cast<scalar_t*>(a.grad_x),
-      static_cast<scalar_t*>(a.grad_v_init), static_cast<acc_t*>(a.checkpoints), a.steps, a.neurons,
+      static_cast<scalar_t*>(a.grad_v_init), static_cast<acc_t*>(a.scratch), a.steps, a.neurons,
       cast_lif_params<acc_t>(params));
   return cudaGetLastError();
 }

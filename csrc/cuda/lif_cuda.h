@@ -14,9 +14,6 @@ namespace htakl {
 // float64), as in every backend.
 enum class LifStorage : int32_t { float16, bfloat16, float32, float64 };
 
-// Steps per chunk of the kernels' time loop; the backward checkpoints V once per chunk.
-constexpr int kLifCudaChunk = 8;
-
 // All tensors are contiguous: x, spikes, v_seq [steps, neurons]; v_init, v_last [neurons].
 struct LifForwardArgs {
   const void* x;
@@ -36,9 +33,9 @@ struct LifBackwardArgs {
   const void* v_init;
   void* grad_x;
   void* grad_v_init;
-  // [ceil(steps / kLifCudaChunk), neurons] in the state type (float, or double for float64):
-  // the membrane at the start of every chunk, written and read back by the backward kernel.
-  void* checkpoints;
+  // [steps, neurons] in the state type (float, or double for float64): H[t] recomputed by the
+  // first sweep. May be grad_x itself when the storage type is the state type.
+  void* scratch;
   int64_t steps;
   int64_t neurons;
 };

@@ -72,13 +72,13 @@ std::tuple<at::Tensor, at::Tensor> lif_backward_cuda_op(
   const at::Tensor grad_v_seq = grad_v_seq_in.contiguous();
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_v_init = at::empty_like(v_init);
+  // H[t] of the first sweep: in grad_x itself when x's dtype is the state's (float32, float64).
   const at::ScalarType state = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t chunks = (layout.steps + kLifCudaChunk - 1) / kLifCudaChunk;
-  at::Tensor checkpoints = at::empty({chunks, layout.neurons}, x.options().dtype(state));
+  at::Tensor scratch = x.scalar_type() == state ? grad_x : at::empty(x.sizes(), x.options().dtype(state));
   const LifBackwardArgs args{data_or_null(grad_spikes), data_or_null(grad_v_last),
                              data_or_null(grad_v_seq), x.const_data_ptr(), v_init.const_data_ptr(),
                              grad_x.mutable_data_ptr(), grad_v_init.mutable_data_ptr(),
-                             checkpoints.mutable_data_ptr(), layout.steps, layout.neurons};
+                             scratch.mutable_data_ptr(), layout.steps, layout.neurons};
   C10_CUDA_CHECK(lif_backward_cuda(storage, args, params, c10::cuda::getCurrentCUDAStream()));
   return {grad_x, grad_v_init};
 }
