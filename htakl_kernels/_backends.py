@@ -23,9 +23,13 @@ def extension_built_with_cuda() -> bool:
     return _BUILT_WITH_CUDA
 
 
+# Looked up once: torch.compile cannot trace importlib, and resolve_backend runs in traced code.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_usable_on(device_type: str) -> str | None:
     """None if Triton kernels can run on tensors of this device type, else the reason."""
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return "Triton is not installed (pip install triton)"
     if device_type == "cuda":
         return None
