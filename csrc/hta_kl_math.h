@@ -45,7 +45,7 @@ HTAKL_HD acc_t rkl_term(acc_t q, acc_t log_q, acc_t log_p) {
 // SPEC 2: s_i = sign(q_i - p_i), sign(0) = 0.
 template <typename acc_t>
 HTAKL_HD acc_t sign_of_difference(acc_t q, acc_t p) {
-  return acc_t((q > p) - (q < p));
+  return q > p ? acc_t(1) : (q < p ? acc_t(-1) : acc_t(0));  // selects: vectorizes
 }
 
 // SPEC 1.5: the head and tail weights; 1/2 each when both distances are zero.

@@ -67,6 +67,38 @@ inline float exp_nonpositive(float x) {
 
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
+// Interleaved partial sums: element i goes to lane i % kLanes, lanes are combined pairwise.
+template <typename T, int kStats>
+struct LaneSums {
+  T lane[kStats][kLanes] = {};
+  T total(int stat) const {
+    T partial[kLanes];
+    std::copy_n(lane[stat], kLanes, partial);
+    for (int width = kLanes / 2; width > 0; width /= 2)
+      for (int l = 0; l < width; ++l) partial[l] += partial[l + width];
+    return partial[0];
+  }
+};
+
+// Calls body(i, lane) for i in [0, n) in blocks of kLanes; the lanes of a block are independent
+// (each writes only its own lane), so the block is one SIMD loop.
+template <typename Body>
+inline void for_each_lane(int64_t n, Body&& body) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) body(i + l, l);
+  }
+  for (int l = 0; i + l < n; ++l) body(i + l, l);
+}
+
+// Calls body(i) for i in [0, n), iterations independent (elementwise passes).
+template <typename Body>
+inline void for_each_element(int64_t n, Body&& body) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) body(i);
+}
+
 // Radix-select key and mass types: probabilities are >= 0, so their bit patterns order like the
 // values. Masses for the selection are summed in a wider type than the probabilities (SPEC 1,
 // "Rounding at the head boundary").
@@ -89,7 +121,14 @@ template <typename acc_t>
 struct HeadBoundary {
   acc_t value;
   int64_t cut;
-  bool contains(acc_t p, int64_t i) const { return p > value || (p == value && i < cut); }
+  // mask[i] = 1 for head classes, else 0: two compare loops (before and after cut) that vectorize.
+  void write_mask(const acc_t* p, int64_t classes, acc_t* mask) const {
+    const int64_t split = std::min(cut, classes);
+    for_each_element(split, [&](int64_t i) { mask[i] = p[i] >= value ? acc_t(1) : acc_t(0); });
+    for_each_element(classes - split, [&, p = p + split, mask = mask + split](int64_t i) {
+      mask[i] = p[i] > value ? acc_t(1) : acc_t(0);
+    });
+  }
 };
 
 // SPEC 1.3 without a sort: radix select (8-bit digits, most significant first) for the boundary w,
@@ -164,29 +203,6 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
   return {boundary, tied_in_head == 0 ? 0 : candidates[tied_in_head - 1] + 1};
 }
 
-// Interleaved partial sums: element i goes to lane i % kLanes, lanes are combined pairwise.
-template <typename T, int kStats>
-struct LaneSums {
-  T lane[kStats][kLanes] = {};
-  T total(int stat) const {
-    T partial[kLanes];
-    std::copy_n(lane[stat], kLanes, partial);
-    for (int width = kLanes / 2; width > 0; width /= 2)
-      for (int l = 0; l < width; ++l) partial[l] += partial[l + width];
-    return partial[0];
-  }
-};
-
-// Calls body(i, lane) for i in [0, n) in blocks of kLanes (the fixed-trip inner loop is what the
-// compiler vectorizes).
-template <typename Body>
-inline void for_each_lane(int64_t n, Body&& body) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) body(i + l, l);
-  for (int l = 0; i + l < n; ++l) body(i + l, l);
-}
-
 template <typename scalar_t, typename acc_t>
 acc_t row_max(const scalar_t* x, int64_t n) {
   acc_t lane[kLanes];
@@ -222,7 +238,7 @@ acc_t shifted_exp(const scalar_t* x, int64_t n, acc_t max, acc_t inv_tau, acc_t*
 // Per-thread scratch for one row; sized for the largest mode.
 template <typename acc_t>
 struct Workspace {
-  std::unique_ptr<acc_t[]> log_p, p, log_q, q;
+  std::unique_ptr<acc_t[]> log_p, p, log_q, q, head;  // head: SPEC 1.3 membership as 1 / 0
   std::unique_ptr<acc_t[]> ratio, step_max, step_log_sum;  // [T, C], [T], [T]: prob_mean only
   std::unique_ptr<int64_t[]> candidates;
   Workspace(int64_t steps, int64_t classes, bool prob_mean)
@@ -230,6 +246,7 @@ struct Workspace {
         p(new acc_t[classes]),
         log_q(new acc_t[classes]),
         q(new acc_t[classes]),
+        head(new acc_t[classes]),
         ratio(prob_mean ? new acc_t[steps * classes] : nullptr),
         step_max(prob_mean ? new acc_t[steps] : nullptr),
         step_log_sum(prob_mean ? new acc_t[steps] : nullptr),
@@ -263,10 +280,11 @@ struct RowKernel {
       ws.step_max[t] = row_max<scalar_t, acc_t>(z, C);
       ws.step_log_sum[t] = shifted_exp<scalar_t, acc_t>(z, C, ws.step_max[t], inv_tau, shifted, q_t);
       const acc_t inv_sum = std::exp(-ws.step_log_sum[t]);
-      for (int64_t i = 0; i < C; ++i) {
+      acc_t* q = ws.q.get();
+      for_each_element(C, [&](int64_t i) {
         q_t[i] *= inv_sum;
-        ws.q[i] += q_t[i];
-      }
+        q[i] += q_t[i];
+      });
     }
     constexpr acc_t kSmallest = std::is_same_v<acc_t, float> ? acc_t(1e-30) : acc_t(1e-290);
     const acc_t log_steps = std::log(acc_t(steps));
@@ -325,10 +343,10 @@ struct RowKernel {
     const acc_t log_sum_p = shifted_exp<scalar_t, acc_t>(a, C, row_max<scalar_t, acc_t>(a, C),
                                                          inv_tau, ws.log_p.get(), ws.p.get());
     const acc_t inv_sum_p = std::exp(-log_sum_p);
-    for (int64_t i = 0; i < C; ++i) {
-      ws.p[i] *= inv_sum_p;
-      ws.log_p[i] -= log_sum_p;
-    }
+    for_each_element(C, [&, p = ws.p.get(), log_p = ws.log_p.get()](int64_t i) {
+      p[i] *= inv_sum_p;
+      log_p[i] -= log_sum_p;
+    });
 
     // SPEC 1.2: q and log q.
     if (prob_mean()) {
@@ -351,10 +369,10 @@ struct RowKernel {
                                               ws.log_q.get(), ws.q.get());
       }
       const acc_t inv_sum_q = std::exp(-log_sum_q);
-      for (int64_t i = 0; i < C; ++i) {
-        ws.q[i] *= inv_sum_q;
-        ws.log_q[i] -= log_sum_q;
-      }
+      for_each_element(C, [&, q = ws.q.get(), log_q = ws.log_q.get()](int64_t i) {
+        q[i] *= inv_sum_q;
+        log_q[i] -= log_sum_q;
+      });
     }
 
     // SPEC 1.3. A NaN teacher row (NaN everywhere) skips the selection: its loss is NaN anyway.
@@ -362,41 +380,47 @@ struct RowKernel {
     const acc_t* log_p = ws.log_p.get();
     const acc_t* q = ws.q.get();
     const acc_t* log_q = ws.log_q.get();
-    const HeadBoundary<acc_t> head =
+    const HeadBoundary<acc_t> boundary =
         std::isnan(log_sum_p)
             ? HeadBoundary<acc_t>{std::numeric_limits<acc_t>::infinity(), 0}
             : find_head_boundary<acc_t>(p, C, options.delta, ws.candidates.get());
+    boundary.write_mask(p, C, ws.head.get());
+    const acc_t* head = ws.head.get();
 
     // SPEC 1.4-1.6 and the signed sums of SPEC 2's sum_j q_j dl_j and sum_j p_j dl_j.
     enum { kHeadDistance, kTailDistance, kFkl, kRkl, kQHead, kQTail, kPHead, kPTail, kStats };
     LaneSums<acc_t, kStats> sums;
     for_each_lane(C, [&](int64_t i, int l) {
-      const bool in_head = head.contains(p[i], i);
+      // Head / tail split by multiplying with the 0 / 1 mask: x - mask * x is exactly x or 0.
       const acc_t distance = std::abs(p[i] - q[i]);
       const acc_t sign = sign_of_difference(q[i], p[i]);
-      sums.lane[kHeadDistance][l] += in_head ? distance : acc_t(0);
-      sums.lane[kTailDistance][l] += in_head ? acc_t(0) : distance;
+      const acc_t head_distance = head[i] * distance;
+      const acc_t signed_q = q[i] * sign, head_signed_q = head[i] * signed_q;
+      const acc_t signed_p = p[i] * sign, head_signed_p = head[i] * signed_p;
+      sums.lane[kHeadDistance][l] += head_distance;
+      sums.lane[kTailDistance][l] += distance - head_distance;
       sums.lane[kFkl][l] += fkl_term(p[i], log_p[i], log_q[i]);
       sums.lane[kRkl][l] += rkl_term(q[i], log_q[i], log_p[i]);
-      sums.lane[kQHead][l] += in_head ? q[i] * sign : acc_t(0);
-      sums.lane[kQTail][l] += in_head ? acc_t(0) : q[i] * sign;
-      sums.lane[kPHead][l] += in_head ? p[i] * sign : acc_t(0);
-      sums.lane[kPTail][l] += in_head ? acc_t(0) : p[i] * sign;
+      sums.lane[kQHead][l] += head_signed_q;
+      sums.lane[kQTail][l] += signed_q - head_signed_q;
+      sums.lane[kPHead][l] += head_signed_p;
+      sums.lane[kPTail][l] += signed_p - head_signed_p;
     });
     const RowStats<acc_t> st =
         make_row_stats(sums.total(kHeadDistance), sums.total(kTailDistance), sums.total(kFkl),
                        sums.total(kRkl), options.detach_weights, inv_tau);
     loss[row] = row_loss(st);
     auto dl_of = [&](int64_t i) {
-      return dlam_h_dq(st, sign_of_difference(q[i], p[i]), head.contains(p[i], i));
+      return dlam_h_dq(st, sign_of_difference(q[i], p[i]), head[i] != acc_t(0));
     };
 
     // SPEC 2, teacher.
     if (grad_teacher != nullptr) {
       const acc_t sum_p_dl = weighted_dl_sum(st, sums.total(kPHead), sums.total(kPTail));
       scalar_t* out = grad_teacher + row * C;
-      for (int64_t i = 0; i < C; ++i)
+      for_each_element(C, [&](int64_t i) {
         out[i] = scalar_t(htakl::grad_teacher(st, p[i], log_p[i], q[i], log_q[i], dl_of(i), sum_p_dl));
+      });
     }
     if (grad_student == nullptr) return;
 
@@ -405,9 +429,10 @@ struct RowKernel {
       const acc_t sum_q_dl = weighted_dl_sum(st, sums.total(kQHead), sums.total(kQTail));
       const acc_t scale = steps == 1 ? acc_t(1) : inv_steps;
       scalar_t* out0 = grad_student + row * C;
-      for (int64_t i = 0; i < C; ++i)
+      for_each_element(C, [&](int64_t i) {
         out0[i] = scalar_t(scale * grad_student_softmax(st, p[i], log_p[i], q[i], log_q[i],
                                                          dl_of(i), sum_q_dl));
+      });
       for (int64_t t = 1; t < steps; ++t)
         std::copy_n(out0, C, grad_student + (t * rows + row) * C);
       return;
@@ -420,23 +445,23 @@ struct RowKernel {
       enum { kPRatio, kLogRatio, kQtHead, kQtTail, kStepStats };
       LaneSums<acc_t, kStepStats> step;
       for_each_lane(C, [&](int64_t i, int l) {
-        const bool in_head = head.contains(p[i], i);
         const acc_t q_t = ratio[i] * q[i];
         const acc_t signed_q_t = q_t * sign_of_difference(q[i], p[i]);
+        const acc_t head_signed_q_t = head[i] * signed_q_t;
         step.lane[kPRatio][l] += p[i] * ratio[i];
         step.lane[kLogRatio][l] += q_t_log_ratio(q_t, log_q[i], log_p[i]);
-        step.lane[kQtHead][l] += in_head ? signed_q_t : acc_t(0);
-        step.lane[kQtTail][l] += in_head ? acc_t(0) : signed_q_t;
+        step.lane[kQtHead][l] += head_signed_q_t;
+        step.lane[kQtTail][l] += signed_q_t - head_signed_q_t;
       });
       const acc_t g_sum = time_step_g_sum(st, step.total(kPRatio), step.total(kLogRatio),
                                           step.total(kQtHead), step.total(kQtTail));
       scalar_t* out = grad_student + (t * rows + row) * C;
-      for (int64_t i = 0; i < C; ++i) {
+      for_each_element(C, [&](int64_t i) {
         const acc_t q_t = ratio[i] * q[i];
         const acc_t q_t_g = q_t_times_g(st, p[i], ratio[i], q_t,
                                         q_t_log_ratio(q_t, log_q[i], log_p[i]), dl_of(i));
         out[i] = scalar_t(grad_student_prob_mean(st, q_t_g, q_t, g_sum, inv_steps));
-      }
+      });
     }
   }
 };
