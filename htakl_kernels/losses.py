@@ -41,13 +41,13 @@ class SpikingKDLoss(HTAKLLoss):
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
+        if not isinstance(labels, torch.Tensor) or labels.shape != teacher.shape[:-1]:
+            raise ValueError(
+                f"labels must be a tensor of the teacher's row shape {tuple(teacher.shape[:-1])}, "
+                f"got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)}"
+            )
         distill = super().forward(student, teacher)
         mean_logits = student.mean(dim=0) if student.dim() == teacher.dim() + 1 else student
-        if labels.shape != teacher.shape[:-1]:
-            raise ValueError(
-                f"labels must have the teacher's row shape {tuple(teacher.shape[:-1])}, "
-                f"got {tuple(labels.shape)}"
-            )
         classes = teacher.shape[-1]
         cross_entropy = F.cross_entropy(mean_logits.reshape(-1, classes), labels.reshape(-1))
         return (1 - self.alpha) * cross_entropy + self.alpha * distill

@@ -46,7 +46,14 @@ def student_distribution(
         )
     steps = student.shape[0]
     q = torch.softmax(student / temperature, dim=-1).mean(dim=0)
-    log_q = torch.logsumexp(torch.log_softmax(student / temperature, dim=-1), dim=0) - math.log(steps)
+    log_q_steps = torch.log_softmax(student / temperature, dim=-1)
+    # A class masked (-inf) at every step has q = 0 exactly: log q = -inf. Its logsumexp is kept
+    # off the autograd path, whose backward would compute exp(-inf - (-inf)) = NaN.
+    never = torch.isneginf(log_q_steps).all(dim=0)
+    safe_log_q_steps = torch.where(never, torch.zeros_like(log_q_steps), log_q_steps)
+    log_q = torch.where(
+        never, torch.full_like(q, -math.inf), torch.logsumexp(safe_log_q_steps, dim=0) - math.log(steps)
+    )
     return q, log_q
 
 

@@ -1,0 +1,966 @@
+// CUDA HTA-KL: the loss of every row and, on request, its gradients, in one launch (SPEC 1, 2).
+//
+// Work layout. One block per row (a grid-stride loop when there are more rows than a grid holds).
+// The block sweeps its row several times; each sweep is a "pass" below, each ends in a block
+// reduction in a fixed order, so results are bit-for-bit reproducible (no float atomics):
+//   1. teacher log-sum-exp (SPEC 1.1);
+//   2. student log-sum-exp: of each step for prob_mean / 2-D, of the mean logits for logit_mean
+//      (SPEC 1.2);
+//   3. head boundary: radix select over the bits of p, 8 bits per pass (SPEC 1.3);
+//   4. the row sums: d_head, d_tail, F, R and the signed sums the gradient needs (SPEC 1.4-1.6);
+//   5. gradients (SPEC 2): teacher and single-softmax student in one pass; prob_mean students with
+//      T > 1 need per-step sums first (one pass per group of kStepGroup steps) and then one pass.
+// p, q and their logs are recomputed from the logits in every pass with the same expressions
+// (explicit fma, so the compiler cannot contract them differently), hence bit-identical between
+// passes: the head membership found in pass 3 is exactly the one passes 4 and 5 see.
+//
+// Memory. When the row (teacher plus T student steps, storage dtype) fits in shared memory, the
+// block copies it there once with 16-byte loads and every pass reads shared memory: the kernel
+// reads each input byte from DRAM once. Larger rows (C up to 2^31 and beyond: all indices are
+// 64-bit) are re-read from global memory in every pass (mostly L2 hits); that is the multi-pass
+// path. A single block per row loops over any C; a cooperating group of blocks per row is not
+// implemented: it only pays off when there are fewer rows than SMs.
+//
+// Head boundary without a sort (SPEC 1.3, `tied_head_count` in hta_kl_math.h). Non-negative floats
+// order like their bit patterns. The boundary value w is the largest p whose "mass at or above"
+// reaches delta; it is found digit by digit from the most significant bits: a histogram of the
+// mass of the candidates per 8-bit digit, then the largest digit whose suffix mass (plus the mass
+// already known to lie above) reaches delta. The masses are summed in 2^-62 fixed point with
+// integer atomics: exact, hence independent of the atomics' order, and the mass of a digit's bucket
+// equals the sum of its sub-buckets at the next digit, so the selection is self-consistent.
+// Head = {p > w} plus the first r classes tied at w by ascending index (a block-wide ordered count
+// finds the r-th only when 0 < r < #ties). If the row's whole mass is below delta, every class is
+// in the head.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "hta_kl_cuda.h"
+#include "hta_kl_math.h"
+
+namespace htakl {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kMaxThreads = 512;  // 128 registers per thread: the per-chunk arrays stay in registers
+constexpr int kMaxWarps = kMaxThreads / kWarpSize;
+constexpr int kRadixBits = 8;
+constexpr int kRadixBuckets = 1 << kRadixBits;
+constexpr int kBucketsPerLane = kRadixBuckets / kWarpSize;
+constexpr int kStepGroup = 4;                 // prob_mean steps whose sums one pass gathers
+constexpr int kSumsPerStep = 4;               // sum p r_t, sum q_t (log q - log p + 1), signed H/T
+constexpr int kMaxSums = kStepGroup * kSumsPerStep;
+constexpr int kVectorBytes = 16;
+
+// ---------------------------------------------------------------------------------------------
+// Types: storage -> accumulation (float, double for double) and the key type of radix select.
+
+template <typename scalar_t>
+struct Types {
+  using acc_t = float;
+  using key_t = uint32_t;
+};
+template <>
+struct Types<double> {
+  using acc_t = double;
+  using key_t = uint64_t;
+};
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t from_acc(typename Types<scalar_t>::acc_t x);
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float fused_multiply_add(float a, float b, float c) {
+  return fmaf(a, b, c);
+}
+__device__ __forceinline__ double fused_multiply_add(double a, double b, double c) {
+  return fma(a, b, c);
+}
+
+// Probabilities are >= 0, so their bit patterns order like their values (SPEC 1.3 via radix).
+__device__ __forceinline__ uint32_t key_of(float p) { return __float_as_uint(p); }
+__device__ __forceinline__ uint64_t key_of(double p) {
+  return static_cast<uint64_t>(__double_as_longlong(p));
+}
+__device__ __forceinline__ float value_of_key(uint32_t key) { return __uint_as_float(key); }
+__device__ __forceinline__ double value_of_key(uint64_t key) {
+  return __longlong_as_double(static_cast<long long>(key));
+}
+
+// Mass in 2^-62 fixed point: a row's total (about 1) fits an unsigned 64-bit integer four times
+// over, and a probability below 2^-63 rounds to zero (at most C * 2^-63 of mass ignored).
+constexpr double kFixedOne = 4611686018427387904.0;  // 2^62
+__device__ __forceinline__ unsigned long long fixed_mass(float p) {
+  return __float2ull_rn(p * static_cast<float>(kFixedOne));
+}
+__device__ __forceinline__ unsigned long long fixed_mass(double p) {
+  return __double2ull_rn(p * kFixedOne);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16-byte chunks of a row. A row of C elements is cut into chunks of kWidth elements; a chunk is
+// loaded with one 16-byte access when the row starts 16-byte aligned and the chunk is whole,
+// element by element otherwise (rows of odd C, unaligned pointers, the last partial chunk).
+// Elements past C read as 0 and are never stored; callers skip them in their sums.
+
+template <typename scalar_t>
+struct Chunk {
+  static constexpr int kWidth = kVectorBytes / static_cast<int>(sizeof(scalar_t));
+  using acc_t = typename Types<scalar_t>::acc_t;
+
+  __device__ __forceinline__ static bool vector_ok(const void* row, int64_t first,
+                                                   int64_t classes) {
+    return (reinterpret_cast<uintptr_t>(row) % kVectorBytes) == 0 && first + kWidth <= classes;
+  }
+
+  __device__ __forceinline__ static void load(const scalar_t* row, int64_t first, int64_t classes,
+                                              acc_t (&out)[kWidth]) {
+    if (vector_ok(row, first, classes)) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row + first);
+      scalar_t values[kWidth];
+      memcpy(values, &raw, sizeof(raw));
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) out[j] = to_acc(values[j]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        out[j] = first + j < classes ? to_acc(row[first + j]) : acc_t(0);
+      }
+    }
+  }
+
+  __device__ __forceinline__ static void store(scalar_t* row, int64_t first, int64_t classes,
+                                               const acc_t (&in)[kWidth]) {
+    if (vector_ok(row, first, classes)) {
+      scalar_t values[kWidth];
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) values[j] = from_acc<scalar_t>(in[j]);
+      uint4 raw;
+      memcpy(&raw, values, sizeof(raw));
+      *reinterpret_cast<uint4*>(row + first) = raw;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        if (first + j < classes) row[first + j] = from_acc<scalar_t>(in[j]);
+      }
+    }
+  }
+
+  // Copy of a chunk in storage dtype (global row -> shared-memory row, which is 16-byte aligned
+  // and padded to whole chunks).
+  __device__ __forceinline__ static void copy(scalar_t* dst, const scalar_t* src, int64_t first,
+                                              int64_t classes) {
+    if (vector_ok(src, first, classes)) {
+      *reinterpret_cast<uint4*>(dst + first) = *reinterpret_cast<const uint4*>(src + first);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        if (first + j < classes) dst[first + j] = src[first + j];
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Log-sum-exp in one sweep: the running maximum and the sum of exp(x - max). -inf contributes
+// nothing; NaN poisons the sum (so the row's result is NaN, as the reference's softmax gives);
+// +inf gives max = +inf and a NaN sum as soon as anything is compared against it, again like the
+// reference (exp(inf - inf)).
+
+template <typename acc_t>
+struct LogSumExp {
+  acc_t max_value;
+  acc_t scaled_sum;
+
+  __device__ __forceinline__ static LogSumExp empty() { return {acc_t(-INFINITY), acc_t(0)}; }
+
+  __device__ __forceinline__ void add(acc_t x) {
+    if (x > max_value) {
+      scaled_sum = scaled_sum * exp(max_value - x) + acc_t(1);
+      max_value = x;
+    } else if (!(x == acc_t(-INFINITY))) {
+      scaled_sum += exp(x - max_value);  // NaN x lands here and poisons the sum
+    }
+  }
+
+  // Commutative (bit for bit): the maxima are never NaN, fmax is symmetric, + commutes.
+  __device__ __forceinline__ void merge(const LogSumExp& other) {
+    const acc_t merged_max = fmax(max_value, other.max_value);
+    if (merged_max == acc_t(-INFINITY)) {
+      scaled_sum += other.scaled_sum;  // both empty (or NaN-poisoned): no rescaling to do
+    } else {
+      scaled_sum = scaled_sum * exp(max_value - merged_max) +
+                   other.scaled_sum * exp(other.max_value - merged_max);
+    }
+    max_value = merged_max;
+  }
+
+  __device__ __forceinline__ acc_t value() const { return max_value + log(scaled_sum); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Block-wide reductions. Fixed order: a butterfly within each warp, then every thread adds the
+// warps' partials in warp order, so every thread holds the same bits. blockDim.x is a multiple of
+// 32 (whole warps) and at most kMaxThreads.
+
+template <typename acc_t>
+struct BlockScratch {
+  acc_t partial[kMaxSums][kMaxWarps];
+  acc_t lse_max[kMaxWarps];
+  acc_t lse_sum[kMaxWarps];
+  unsigned long long radix_mass[kRadixBuckets];
+  unsigned int radix_count[kRadixBuckets];
+  unsigned long long selected_mass_above;  // radix select: mass strictly above the chosen digit
+  unsigned int selected_digit;
+  unsigned int selected_count;
+  int selected_found;
+  unsigned int warp_tied[kMaxWarps];  // tie search: tied classes per warp in one sweep
+  long long tie_limit;
+};
+
+template <int N, typename acc_t>
+__device__ __forceinline__ void block_sum(acc_t (&values)[N], BlockScratch<acc_t>& scratch) {
+  static_assert(N <= kMaxSums, "BlockScratch::partial holds kMaxSums sums");
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      values[k] += __shfl_xor_sync(kFullMask, values[k], offset);
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) scratch.partial[k][warp] = values[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    acc_t total = acc_t(0);
+    for (int w = 0; w < warps; ++w) total += scratch.partial[k][w];
+    values[k] = total;
+  }
+  __syncthreads();  // scratch is reused by the next reduction
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_logsumexp(LogSumExp<acc_t> mine,
+                                                 BlockScratch<acc_t>& scratch) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    LogSumExp<acc_t> other;
+    other.max_value = __shfl_xor_sync(kFullMask, mine.max_value, offset);
+    other.scaled_sum = __shfl_xor_sync(kFullMask, mine.scaled_sum, offset);
+    mine.merge(other);
+  }
+  if (lane == 0) {
+    scratch.lse_max[warp] = mine.max_value;
+    scratch.lse_sum[warp] = mine.scaled_sum;
+  }
+  __syncthreads();
+  LogSumExp<acc_t> total = LogSumExp<acc_t>::empty();
+  for (int w = 0; w < warps; ++w) total.merge({scratch.lse_max[w], scratch.lse_sum[w]});
+  __syncthreads();
+  return total.value();
+}
+
+// ---------------------------------------------------------------------------------------------
+// One launch's parameters and one row's view.
+
+template <typename scalar_t>
+struct KernelParams {
+  using acc_t = typename Types<scalar_t>::acc_t;
+  const scalar_t* student;
+  const scalar_t* teacher;
+  acc_t* loss_rows;
+  scalar_t* grad_student;  // nullptr: not requested
+  scalar_t* grad_teacher;  // nullptr: not requested
+  int64_t steps, rows, classes;
+  acc_t inv_tau, delta, inv_steps, log_steps;
+  unsigned long long delta_fixed;  // delta in 2^-62 fixed point, at least 1
+  bool logit_mean, detach_weights;
+  bool cache_rows;             // copy the row to shared memory first
+  int64_t cache_row_stride;    // classes rounded up to whole chunks (shared-memory row stride)
+  size_t step_values_bytes;    // shared-memory bytes in front of the row cache
+};
+
+template <typename scalar_t>
+struct RowView {
+  using acc_t = typename Types<scalar_t>::acc_t;
+  using key_t = typename Types<scalar_t>::key_t;
+  static constexpr int kWidth = Chunk<scalar_t>::kWidth;
+
+  const scalar_t* teacher;  // global row or its shared-memory copy
+  const scalar_t* student;  // step 0
+  int64_t step_stride;      // elements from one step's row to the next
+  int64_t classes;
+  int64_t steps;
+  acc_t inv_tau, inv_steps, log_steps;
+  bool logit_mean;
+  acc_t teacher_lse;        // SPEC 1.1: logsumexp(a / tau)
+  acc_t mean_lse;           // SPEC 1.2 logit_mean: logsumexp(mean_t z_t / tau)
+  const acc_t* step_lse;    // SPEC 1.2 otherwise: logsumexp(z_t / tau) per step (shared memory)
+  key_t boundary_key;       // SPEC 1.3: head = key > boundary_key, or == and index < tie_limit
+  int64_t tie_limit;
+
+  __device__ __forceinline__ const scalar_t* step(int64_t t) const {
+    return student + t * step_stride;
+  }
+
+  // SPEC 1.1: log p = a / tau - logsumexp(a / tau). Every pass computes it with this expression.
+  __device__ __forceinline__ acc_t teacher_log_prob(acc_t logit) const {
+    return fused_multiply_add(logit, inv_tau, -teacher_lse);
+  }
+
+  __device__ __forceinline__ void teacher_log_probs(int64_t first, acc_t (&log_p)[kWidth]) const {
+    Chunk<scalar_t>::load(teacher, first, classes, log_p);
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) log_p[j] = teacher_log_prob(log_p[j]);
+  }
+
+  // log softmax(z_t / tau) of one step (prob_mean and 2-D students).
+  __device__ __forceinline__ acc_t step_log_prob(acc_t logit, int64_t t) const {
+    return fused_multiply_add(logit, inv_tau, -step_lse[t]);
+  }
+
+  // SPEC 1.2: log q of a chunk of classes, from all T steps.
+  __device__ __forceinline__ void student_log_probs(int64_t first, acc_t (&log_q)[kWidth]) const {
+    acc_t logits[kWidth];
+    if (logit_mean) {
+      acc_t sums[kWidth] = {};
+      for (int64_t t = 0; t < steps; ++t) {
+        Chunk<scalar_t>::load(step(t), first, classes, logits);
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) sums[j] += logits[j];
+      }
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        log_q[j] = fused_multiply_add(sums[j] * inv_steps, inv_tau, -mean_lse);
+      }
+    } else {
+      // log q = logsumexp_t(log softmax(z_t / tau)) - log T; exactly log softmax(z / tau) if T = 1.
+      LogSumExp<acc_t> per_class[kWidth];
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) per_class[j] = LogSumExp<acc_t>::empty();
+      for (int64_t t = 0; t < steps; ++t) {
+        Chunk<scalar_t>::load(step(t), first, classes, logits);
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) per_class[j].add(step_log_prob(logits[j], t));
+      }
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) log_q[j] = per_class[j].value() - log_steps;
+    }
+  }
+
+  __device__ __forceinline__ bool in_head(acc_t p, int64_t index) const {
+    const key_t key = key_of(p);
+    return key > boundary_key || (key == boundary_key && index < tie_limit);
+  }
+};
+
+// First element of this thread's first chunk, and the distance between its chunks.
+template <typename scalar_t>
+__device__ __forceinline__ int64_t first_chunk_start() {
+  return static_cast<int64_t>(threadIdx.x) * Chunk<scalar_t>::kWidth;
+}
+template <typename scalar_t>
+__device__ __forceinline__ int64_t chunk_stride() {
+  return static_cast<int64_t>(blockDim.x) * Chunk<scalar_t>::kWidth;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Passes 1 and 2: the log-sum-exps of SPEC 1.1 and 1.2.
+
+template <typename scalar_t>
+__device__ void compute_log_sum_exps(RowView<scalar_t>& row, typename Types<scalar_t>::acc_t* step_lse,
+                                     BlockScratch<typename Types<scalar_t>::acc_t>& scratch) {
+  using acc_t = typename Types<scalar_t>::acc_t;
+  constexpr int kWidth = Chunk<scalar_t>::kWidth;
+  const int64_t classes = row.classes;
+  acc_t values[kWidth];
+
+  LogSumExp<acc_t> teacher_acc = LogSumExp<acc_t>::empty();
+  for (int64_t first = first_chunk_start<scalar_t>(); first < classes;
+       first += chunk_stride<scalar_t>()) {
+    Chunk<scalar_t>::load(row.teacher, first, classes, values);
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) {
+      if (first + j < classes) teacher_acc.add(values[j] * row.inv_tau);
+    }
+  }
+  row.teacher_lse = block_logsumexp(teacher_acc, scratch);
+
+  if (row.logit_mean) {
+    LogSumExp<acc_t> mean_acc = LogSumExp<acc_t>::empty();
+    for (int64_t first = first_chunk_start<scalar_t>(); first < classes;
+         first += chunk_stride<scalar_t>()) {
+      acc_t sums[kWidth] = {};
+      for (int64_t t = 0; t < row.steps; ++t) {
+        Chunk<scalar_t>::load(row.step(t), first, classes, values);
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) sums[j] += values[j];
+      }
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        if (first + j < classes) mean_acc.add(sums[j] * row.inv_steps * row.inv_tau);
+      }
+    }
+    row.mean_lse = block_logsumexp(mean_acc, scratch);
+    return;
+  }
+  for (int64_t t = 0; t < row.steps; ++t) {
+    LogSumExp<acc_t> step_acc = LogSumExp<acc_t>::empty();
+    for (int64_t first = first_chunk_start<scalar_t>(); first < classes;
+         first += chunk_stride<scalar_t>()) {
+      Chunk<scalar_t>::load(row.step(t), first, classes, values);
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        if (first + j < classes) step_acc.add(values[j] * row.inv_tau);
+      }
+    }
+    const acc_t lse = block_logsumexp(step_acc, scratch);
+    if (threadIdx.x == 0) step_lse[t] = lse;
+  }
+  __syncthreads();  // step_lse written by thread 0, read by all
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 3: the head boundary (SPEC 1.3).
+
+// Warp 0 picks the largest digit whose bucket, with every bucket above it and the mass already
+// above the candidates, reaches delta. Lane l owns buckets [8l, 8l + 8).
+template <typename acc_t>
+__device__ void select_digit(BlockScratch<acc_t>& scratch, unsigned long long mass_above,
+                             unsigned long long delta_fixed) {
+  const int lane = threadIdx.x % kWarpSize;
+  unsigned long long lane_mass = 0;
+#pragma unroll
+  for (int b = 0; b < kBucketsPerLane; ++b) {
+    lane_mass += scratch.radix_mass[lane * kBucketsPerLane + b];
+  }
+  // Inclusive suffix sum over lanes: the mass of every bucket from this lane's first one upwards.
+  unsigned long long suffix = lane_mass;
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const unsigned long long upper = __shfl_down_sync(kFullMask, suffix, offset);
+    if (lane + offset < kWarpSize) suffix += upper;
+  }
+  // The suffix mass decreases with the lane, so the lanes that reach delta are a prefix.
+  const unsigned reaching = __ballot_sync(kFullMask, mass_above + suffix >= delta_fixed);
+  if (reaching == 0) {
+    if (lane == 0) scratch.selected_found = 0;
+    return;
+  }
+  const int chosen_lane = kWarpSize - 1 - __clz(static_cast<int>(reaching));
+  if (lane != chosen_lane) return;
+  unsigned long long running = mass_above + (suffix - lane_mass);  // mass above this lane's buckets
+  for (int b = kBucketsPerLane - 1; b >= 0; --b) {
+    const int digit = lane * kBucketsPerLane + b;
+    const unsigned long long bucket = scratch.radix_mass[digit];
+    if (running + bucket >= delta_fixed) {
+      scratch.selected_found = 1;
+      scratch.selected_digit = static_cast<unsigned>(digit);
+      scratch.selected_mass_above = running;
+      scratch.selected_count = scratch.radix_count[digit];
+      return;
+    }
+    running += bucket;
+  }
+  // Unreachable: this lane's suffix reaches delta, so one of its buckets does.
+}
+
+// The class index one past the r-th class (1-based, ascending index) whose p equals the boundary
+// value: the tied classes below it are the head's tied members (SPEC 1.3's stable order).
+template <typename scalar_t>
+__device__ int64_t tie_limit_of(const RowView<scalar_t>& row, int64_t head_ties,
+                                BlockScratch<typename Types<scalar_t>::acc_t>& scratch) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  int64_t seen = 0;  // tied classes in earlier sweeps
+  if (threadIdx.x == 0) scratch.tie_limit = row.classes;  // overwritten below: head_ties < #ties
+  for (int64_t sweep = 0; sweep < row.classes; sweep += blockDim.x) {
+    const int64_t index = sweep + threadIdx.x;
+    bool tied = false;
+    if (index < row.classes) {
+      const auto p = exp(row.teacher_log_prob(to_acc(row.teacher[index])));
+      tied = key_of(p) == row.boundary_key;
+    }
+    const unsigned ballot = __ballot_sync(kFullMask, tied);
+    if (lane == 0) scratch.warp_tied[warp] = __popc(ballot);
+    __syncthreads();
+    int64_t rank = seen + __popc(ballot & ((1u << lane) - 1u));  // tied classes before this one
+    int64_t sweep_total = 0;
+    for (int w = 0; w < warps; ++w) {
+      if (w < warp) rank += scratch.warp_tied[w];
+      sweep_total += scratch.warp_tied[w];
+    }
+    if (tied && rank + 1 == head_ties) scratch.tie_limit = index + 1;
+    seen += sweep_total;
+    __syncthreads();  // tie_limit visible; warp_tied free for the next sweep
+    if (seen >= head_ties) break;  // uniform: every thread holds the same `seen`
+  }
+  return scratch.tie_limit;
+}
+
+template <typename scalar_t>
+__device__ void find_head_boundary(RowView<scalar_t>& row, const KernelParams<scalar_t>& params,
+                                   BlockScratch<typename Types<scalar_t>::acc_t>& scratch) {
+  using acc_t = typename Types<scalar_t>::acc_t;
+  using key_t = typename Types<scalar_t>::key_t;
+  constexpr int kWidth = Chunk<scalar_t>::kWidth;
+  constexpr int kKeyBits = static_cast<int>(sizeof(key_t)) * 8;
+  const int64_t classes = row.classes;
+  // Every class in the head: the key of any p (>= 0) is >= 0 and every index is < classes.
+  row.boundary_key = 0;
+  row.tie_limit = classes;
+  // A non-finite teacher log-sum-exp (NaN or +inf logits, or all -inf) makes every p NaN: the
+  // whole row's results are NaN whatever the membership, and NaN has no place in the order.
+  if (!isfinite(row.teacher_lse)) return;
+
+  key_t prefix = 0;  // the boundary key's digits chosen so far
+  key_t known = 0;   // mask of those digits
+  unsigned long long mass_above = 0;
+  unsigned int tied_count = 0;
+  acc_t log_p[kWidth];
+  for (int shift = kKeyBits - kRadixBits; shift >= 0; shift -= kRadixBits) {
+    for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
+      scratch.radix_mass[b] = 0;
+      scratch.radix_count[b] = 0;
+    }
+    __syncthreads();
+    for (int64_t first = first_chunk_start<scalar_t>(); first < classes;
+         first += chunk_stride<scalar_t>()) {
+      row.teacher_log_probs(first, log_p);
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        if (first + j >= classes) continue;
+        const acc_t p = exp(log_p[j]);
+        const key_t key = key_of(p);
+        if ((key & known) != prefix) continue;  // not a candidate any more
+        const int digit = static_cast<int>((key >> shift) & key_t(kRadixBuckets - 1));
+        // Integer atomics: exact, so the order the threads add in does not matter.
+        atomicAdd(&scratch.radix_mass[digit], fixed_mass(p));
+        atomicAdd(&scratch.radix_count[digit], 1u);
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < kWarpSize) select_digit(scratch, mass_above, params.delta_fixed);
+    __syncthreads();
+    const bool found = scratch.selected_found != 0;
+    const unsigned int digit = scratch.selected_digit;
+    const unsigned long long selected_mass_above = scratch.selected_mass_above;
+    const unsigned int selected_count = scratch.selected_count;
+    __syncthreads();  // read before the next round resets the histogram and the selection
+    // Not found only in the first round (later rounds split a bucket that reaches delta): the
+    // row's whole mass is below delta and every class is in the head.
+    if (!found) return;
+    prefix |= key_t(digit) << shift;
+    known |= key_t(kRadixBuckets - 1) << shift;
+    mass_above = selected_mass_above;
+    tied_count = selected_count;
+  }
+  // Every bit is chosen: prefix is the boundary value's key, tied_count (>= 1) classes hold it.
+  row.boundary_key = prefix;
+  const acc_t boundary_value = value_of_key(prefix);
+  const acc_t mass_above_value = static_cast<acc_t>(mass_above) * acc_t(1.0 / kFixedOne);
+  const int64_t head_ties =
+      tied_head_count(mass_above_value, boundary_value, static_cast<int64_t>(tied_count), params.delta);
+  if (head_ties == 0) {
+    row.tie_limit = 0;
+  } else if (head_ties < static_cast<int64_t>(tied_count)) {
+    row.tie_limit = tie_limit_of(row, head_ties, scratch);
+  }  // else every tied class is in the head: tie_limit stays `classes`
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 4: the row sums (SPEC 1.4-1.6 and the signed sums of SPEC 2's dl).
+
+enum RowSum {
+  kDistanceHead,     // d_head
+  kDistanceTail,     // d_tail
+  kForwardKl,        // F
+  kReverseKl,        // R
+  kSignedQHead,      // sum_{i in H} q_i s_i
+  kSignedQTail,      // sum_{i not in H} q_i s_i
+  kSignedPHead,      // sum_{i in H} p_i s_i
+  kSignedPTail,      // sum_{i not in H} p_i s_i
+  kRowSums
+};
+
+template <typename scalar_t>
+__device__ void compute_row_sums(const RowView<scalar_t>& row,
+                                 typename Types<scalar_t>::acc_t (&sums)[kRowSums],
+                                 BlockScratch<typename Types<scalar_t>::acc_t>& scratch) {
+  using acc_t = typename Types<scalar_t>::acc_t;
+  constexpr int kWidth = Chunk<scalar_t>::kWidth;
+#pragma unroll
+  for (int k = 0; k < kRowSums; ++k) sums[k] = acc_t(0);
+  acc_t log_p[kWidth], log_q[kWidth];
+  for (int64_t first = first_chunk_start<scalar_t>(); first < row.classes;
+       first += chunk_stride<scalar_t>()) {
+    row.teacher_log_probs(first, log_p);
+    row.student_log_probs(first, log_q);
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) {
+      if (first + j >= row.classes) continue;
+      const acc_t p = exp(log_p[j]);
+      const acc_t q = exp(log_q[j]);
+      const bool head = row.in_head(p, first + j);
+      const acc_t distance = fabs(p - q);
+      const acc_t sign = sign_of_difference(q, p);
+      // Selects, not a computed index: the sums stay in registers.
+      sums[kDistanceHead] += head ? distance : acc_t(0);
+      sums[kDistanceTail] += head ? acc_t(0) : distance;
+      sums[kForwardKl] += fkl_term(p, log_p[j], log_q[j]);
+      sums[kReverseKl] += rkl_term(q, log_q[j], log_p[j]);
+      sums[kSignedQHead] += head ? q * sign : acc_t(0);
+      sums[kSignedQTail] += head ? acc_t(0) : q * sign;
+      sums[kSignedPHead] += head ? p * sign : acc_t(0);
+      sums[kSignedPTail] += head ? acc_t(0) : p * sign;
+    }
+  }
+  block_sum(sums, scratch);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 5: gradients (SPEC 2).
+
+// Teacher gradient and the student gradient of a single softmax (2-D students, T = 1, and
+// logit_mean, whose gradient is the same for every step, divided by T).
+template <typename scalar_t>
+__device__ void write_softmax_gradients(const RowView<scalar_t>& row,
+                                        const RowStats<typename Types<scalar_t>::acc_t>& stats,
+                                        typename Types<scalar_t>::acc_t sum_q_dl,
+                                        typename Types<scalar_t>::acc_t sum_p_dl,
+                                        scalar_t* grad_teacher_row, scalar_t* grad_student_row,
+                                        int64_t grad_step_stride) {
+  using acc_t = typename Types<scalar_t>::acc_t;
+  constexpr int kWidth = Chunk<scalar_t>::kWidth;
+  acc_t log_p[kWidth], log_q[kWidth], teacher_grad[kWidth], student_grad[kWidth];
+  for (int64_t first = first_chunk_start<scalar_t>(); first < row.classes;
+       first += chunk_stride<scalar_t>()) {
+    row.teacher_log_probs(first, log_p);
+    row.student_log_probs(first, log_q);
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) {
+      const acc_t p = exp(log_p[j]);
+      const acc_t q = exp(log_q[j]);
+      const acc_t dl = dlam_h_dq(stats, sign_of_difference(q, p), row.in_head(p, first + j));
+      teacher_grad[j] = grad_teacher(stats, p, log_p[j], q, log_q[j], dl, sum_p_dl);
+      student_grad[j] =
+          grad_student_softmax(stats, p, log_p[j], q, log_q[j], dl, sum_q_dl) * row.inv_steps;
+    }
+    if (grad_teacher_row != nullptr) {
+      Chunk<scalar_t>::store(grad_teacher_row, first, row.classes, teacher_grad);
+    }
+    if (grad_student_row != nullptr) {
+      for (int64_t t = 0; t < row.steps; ++t) {
+        Chunk<scalar_t>::store(grad_student_row + t * grad_step_stride, first, row.classes,
+                               student_grad);
+      }
+    }
+  }
+}
+
+// prob_mean with T > 1: first G_t = sum_j q_tj g_j for every step (kStepGroup steps per pass, so
+// the sums stay in registers), then dL/dz_tk (SPEC 2).
+template <typename scalar_t>
+__device__ void write_prob_mean_student_gradient(
+    const RowView<scalar_t>& row, const RowStats<typename Types<scalar_t>::acc_t>& stats,
+    typename Types<scalar_t>::acc_t* step_g_sums, scalar_t* grad_student_row,
+    int64_t grad_step_stride, BlockScratch<typename Types<scalar_t>::acc_t>& scratch) {
+  using acc_t = typename Types<scalar_t>::acc_t;
+  constexpr int kWidth = Chunk<scalar_t>::kWidth;
+  acc_t log_p[kWidth], log_q[kWidth], logits[kWidth], grad[kWidth];
+  for (int64_t group = 0; group < row.steps; group += kStepGroup) {
+    acc_t sums[kMaxSums] = {};
+    for (int64_t first = first_chunk_start<scalar_t>(); first < row.classes;
+         first += chunk_stride<scalar_t>()) {
+      row.teacher_log_probs(first, log_p);
+      row.student_log_probs(first, log_q);
+#pragma unroll
+      for (int g = 0; g < kStepGroup; ++g) {
+        const int64_t t = group + g;
+        if (t >= row.steps) break;
+        Chunk<scalar_t>::load(row.step(t), first, row.classes, logits);
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) {
+          if (first + j >= row.classes) continue;
+          const acc_t p = exp(log_p[j]);
+          const acc_t q = exp(log_q[j]);
+          const acc_t log_q_t = row.step_log_prob(logits[j], t);
+          const acc_t q_t = exp(log_q_t);
+          const acc_t signed_q_t = q_t * sign_of_difference(q, p);
+          sums[g * kSumsPerStep + 0] += p * prob_ratio(q_t, log_q_t, log_q[j]);
+          sums[g * kSumsPerStep + 1] += q_t_log_ratio(q_t, log_q[j], log_p[j]);
+          if (row.in_head(p, first + j)) {
+            sums[g * kSumsPerStep + 2] += signed_q_t;
+          } else {
+            sums[g * kSumsPerStep + 3] += signed_q_t;
+          }
+        }
+      }
+    }
+    block_sum(sums, scratch);
+    if (threadIdx.x == 0) {
+      for (int g = 0; g < kStepGroup && group + g < row.steps; ++g) {
+        step_g_sums[group + g] = time_step_g_sum(
+            stats, sums[g * kSumsPerStep + 0], sums[g * kSumsPerStep + 1],
+            sums[g * kSumsPerStep + 2], sums[g * kSumsPerStep + 3]);
+      }
+    }
+  }
+  __syncthreads();  // step_g_sums written by thread 0, read by all
+
+  for (int64_t first = first_chunk_start<scalar_t>(); first < row.classes;
+       first += chunk_stride<scalar_t>()) {
+    row.teacher_log_probs(first, log_p);
+    row.student_log_probs(first, log_q);
+    acc_t p[kWidth], dl[kWidth];
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) {
+      p[j] = exp(log_p[j]);
+      const acc_t q = exp(log_q[j]);
+      dl[j] = dlam_h_dq(stats, sign_of_difference(q, p[j]), row.in_head(p[j], first + j));
+    }
+    for (int64_t t = 0; t < row.steps; ++t) {
+      Chunk<scalar_t>::load(row.step(t), first, row.classes, logits);
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        const acc_t log_q_t = row.step_log_prob(logits[j], t);
+        const acc_t q_t = exp(log_q_t);
+        const acc_t q_t_g =
+            q_t_times_g(stats, p[j], prob_ratio(q_t, log_q_t, log_q[j]), q_t,
+                        q_t_log_ratio(q_t, log_q[j], log_p[j]), dl[j]);
+        grad[j] = grad_student_prob_mean(stats, q_t_g, q_t, step_g_sums[t], row.inv_steps);
+      }
+      Chunk<scalar_t>::store(grad_student_row + t * grad_step_stride, first, row.classes, grad);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel.
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    hta_kl_fused_kernel(const KernelParams<scalar_t> params) {
+  using acc_t = typename Types<scalar_t>::acc_t;
+  __shared__ BlockScratch<acc_t> scratch;
+  // Dynamic shared memory: step_lse[steps], step_g_sums[steps], then (when cache_rows) the
+  // teacher row and the T student rows, each cache_row_stride elements (16-byte aligned).
+  extern __shared__ uint4 dynamic_shared[];
+  acc_t* step_lse = reinterpret_cast<acc_t*>(dynamic_shared);
+  acc_t* step_g_sums = step_lse + params.steps;
+  scalar_t* row_cache = reinterpret_cast<scalar_t*>(
+      reinterpret_cast<unsigned char*>(dynamic_shared) + params.step_values_bytes);
+
+  const int64_t classes = params.classes;
+  const int64_t step_elements = params.rows * classes;  // 64-bit: may exceed 2^31
+  for (int64_t r = blockIdx.x; r < params.rows; r += gridDim.x) {
+    const int64_t row_offset = r * classes;
+    RowView<scalar_t> row;
+    row.classes = classes;
+    row.steps = params.steps;
+    row.inv_tau = params.inv_tau;
+    row.inv_steps = params.inv_steps;
+    row.log_steps = params.log_steps;
+    row.logit_mean = params.logit_mean;
+    row.step_lse = step_lse;
+    if (params.cache_rows) {
+      const int64_t stride = params.cache_row_stride;
+      for (int64_t first = first_chunk_start<scalar_t>(); first < classes;
+           first += chunk_stride<scalar_t>()) {
+        Chunk<scalar_t>::copy(row_cache, params.teacher + row_offset, first, classes);
+        for (int64_t t = 0; t < params.steps; ++t) {
+          Chunk<scalar_t>::copy(row_cache + (t + 1) * stride,
+                                params.student + t * step_elements + row_offset, first, classes);
+        }
+      }
+      __syncthreads();
+      row.teacher = row_cache;
+      row.student = row_cache + stride;
+      row.step_stride = stride;
+    } else {
+      row.teacher = params.teacher + row_offset;
+      row.student = params.student + row_offset;
+      row.step_stride = step_elements;
+    }
+
+    compute_log_sum_exps(row, step_lse, scratch);       // SPEC 1.1, 1.2
+    find_head_boundary(row, params, scratch);           // SPEC 1.3
+    acc_t sums[kRowSums];
+    compute_row_sums(row, sums, scratch);               // SPEC 1.4, 1.6
+    const RowStats<acc_t> stats =                       // SPEC 1.5
+        make_row_stats(sums[kDistanceHead], sums[kDistanceTail], sums[kForwardKl],
+                       sums[kReverseKl], params.detach_weights, params.inv_tau);
+    if (threadIdx.x == 0) params.loss_rows[r] = row_loss(stats);  // SPEC 1.6
+
+    // SPEC 2.
+    const bool single_softmax = params.steps == 1 || params.logit_mean;
+    scalar_t* grad_teacher_row =
+        params.grad_teacher != nullptr ? params.grad_teacher + row_offset : nullptr;
+    scalar_t* grad_student_row =
+        params.grad_student != nullptr ? params.grad_student + row_offset : nullptr;
+    if (grad_teacher_row != nullptr || (grad_student_row != nullptr && single_softmax)) {
+      write_softmax_gradients(row, stats,
+                              weighted_dl_sum(stats, sums[kSignedQHead], sums[kSignedQTail]),
+                              weighted_dl_sum(stats, sums[kSignedPHead], sums[kSignedPTail]),
+                              grad_teacher_row, single_softmax ? grad_student_row : nullptr,
+                              step_elements);
+    }
+    if (grad_student_row != nullptr && !single_softmax) {
+      write_prob_mean_student_gradient(row, stats, step_g_sums, grad_student_row, step_elements,
+                                       scratch);
+    }
+    __syncthreads();  // the next row overwrites the row cache and the per-step values
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch.
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+template <typename scalar_t>
+size_t step_values_bytes(int64_t steps) {
+  using acc_t = typename Types<scalar_t>::acc_t;
+  return static_cast<size_t>(round_up(2 * steps * static_cast<int64_t>(sizeof(acc_t)), kVectorBytes));
+}
+
+// Dynamic shared memory one block may use beyond the kernel's static shared memory.
+template <typename scalar_t>
+cudaError_t dynamic_shared_limit(size_t* limit) {
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  int optin = 0;
+  error = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (error != cudaSuccess) return error;
+  cudaFuncAttributes attributes;
+  error = cudaFuncGetAttributes(&attributes, hta_kl_fused_kernel<scalar_t>);
+  if (error != cudaSuccess) return error;
+  const size_t total = static_cast<size_t>(optin);
+  *limit = total > attributes.sharedSizeBytes ? total - attributes.sharedSizeBytes : 0;
+  return cudaSuccess;
+}
+
+template <typename scalar_t>
+cudaError_t launch(const HtaKlCudaProblem& problem, cudaStream_t stream) {
+  using acc_t = typename Types<scalar_t>::acc_t;
+  constexpr int kWidth = Chunk<scalar_t>::kWidth;
+  const HtaKlOptions& options = problem.options;
+  if (problem.steps < 1 || problem.rows < 0 || problem.classes < 1 ||
+      !(options.temperature > 0) || !(options.delta > 0 && options.delta <= 1)) {
+    return cudaErrorInvalidValue;
+  }
+  if (problem.rows == 0) return cudaSuccess;
+
+  size_t shared_limit = 0;
+  cudaError_t error = dynamic_shared_limit<scalar_t>(&shared_limit);
+  if (error != cudaSuccess) return error;
+  const size_t steps_bytes = step_values_bytes<scalar_t>(problem.steps);
+  if (steps_bytes > shared_limit) return cudaErrorInvalidValue;  // T beyond hta_kl_cuda_max_steps
+
+  KernelParams<scalar_t> params;
+  params.student = static_cast<const scalar_t*>(problem.student);
+  params.teacher = static_cast<const scalar_t*>(problem.teacher);
+  params.loss_rows = static_cast<acc_t*>(problem.loss_rows);
+  params.grad_student = static_cast<scalar_t*>(problem.grad_student);
+  params.grad_teacher = static_cast<scalar_t*>(problem.grad_teacher);
+  params.steps = problem.steps;
+  params.rows = problem.rows;
+  params.classes = problem.classes;
+  params.inv_tau = static_cast<acc_t>(1.0 / options.temperature);
+  params.delta = static_cast<acc_t>(options.delta);
+  params.inv_steps = static_cast<acc_t>(1.0 / static_cast<double>(problem.steps));
+  params.log_steps = static_cast<acc_t>(std::log(static_cast<double>(problem.steps)));
+  // delta <= 1, so at most 2^62; at least 1 so that the selected bucket always holds mass.
+  const double delta_fixed = options.delta * kFixedOne;
+  params.delta_fixed = delta_fixed < 1.0 ? 1ull : static_cast<unsigned long long>(delta_fixed);
+  params.logit_mean = options.logit_mean && problem.steps > 1;
+  params.detach_weights = options.detach_weights;
+  params.cache_row_stride = round_up(problem.classes, kWidth);
+  params.step_values_bytes = steps_bytes;
+  // Keep the row in shared memory when the teacher and all steps fit (the size is compared in
+  // double: (T + 1) * C may overflow 64 bits only far beyond any shared memory).
+  const double cache_bytes = static_cast<double>(problem.steps + 1) *
+                             static_cast<double>(params.cache_row_stride) * sizeof(scalar_t);
+  params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - steps_bytes);
+  const size_t dynamic_bytes =
+      steps_bytes + (params.cache_rows ? static_cast<size_t>(cache_bytes) : size_t(0));
+  error = cudaFuncSetAttribute(hta_kl_fused_kernel<scalar_t>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(dynamic_bytes));
+  if (error != cudaSuccess) return error;
+
+  // Whole warps, enough for one chunk per thread on small rows, at most kMaxThreads.
+  const int64_t chunks = (problem.classes + kWidth - 1) / kWidth;
+  const int threads = static_cast<int>(
+      chunks >= kMaxThreads ? kMaxThreads : round_up(chunks, kWarpSize));
+  const unsigned blocks =
+      static_cast<unsigned>(problem.rows < INT_MAX ? problem.rows : int64_t(INT_MAX));
+  hta_kl_fused_kernel<scalar_t><<<blocks, threads, dynamic_bytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+int64_t max_steps(cudaError_t* error) {
+  size_t limit = 0;
+  *error = dynamic_shared_limit<scalar_t>(&limit);
+  if (*error != cudaSuccess) return -1;
+  using acc_t = typename Types<scalar_t>::acc_t;
+  return static_cast<int64_t>(limit / (2 * sizeof(acc_t)));
+}
+
+}  // namespace
+
+cudaError_t hta_kl_fused_cuda(HtaKlCudaDtype dtype, const HtaKlCudaProblem& problem,
+                              cudaStream_t stream) {
+  switch (dtype) {
+    case HtaKlCudaDtype::kFloat32: return launch<float>(problem, stream);
+    case HtaKlCudaDtype::kFloat64: return launch<double>(problem, stream);
+    case HtaKlCudaDtype::kFloat16: return launch<__half>(problem, stream);
+    case HtaKlCudaDtype::kBFloat16: return launch<__nv_bfloat16>(problem, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t hta_kl_cuda_max_steps(HtaKlCudaDtype dtype, cudaError_t* error) {
+  switch (dtype) {
+    case HtaKlCudaDtype::kFloat32: return max_steps<float>(error);
+    case HtaKlCudaDtype::kFloat64: return max_steps<double>(error);
+    case HtaKlCudaDtype::kFloat16: return max_steps<__half>(error);
+    case HtaKlCudaDtype::kBFloat16: return max_steps<__nv_bfloat16>(error);
+  }
+  *error = cudaErrorInvalidValue;
+  return -1;
+}
+
+}  // namespace htakl

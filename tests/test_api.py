@@ -1,0 +1,113 @@
+"""Public API: argument validation, backend dispatch, loss modules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import htakl_kernels
+from htakl_kernels import HTAKLLoss, SpikingKDLoss, available_backends, hta_kl_div
+
+
+def _pair(*shape):
+    return torch.randn(*shape), torch.randn(*shape)
+
+
+@pytest.mark.parametrize(
+    "student,teacher,kwargs,error,match",
+    [
+        (torch.randn(4, 5), torch.randn(4, 6), {}, ValueError, "number of classes C"),
+        (torch.randn(3, 4, 6), torch.randn(5, 6), {}, ValueError, "per-step shape"),
+        (torch.randn(2, 3, 4, 6), torch.randn(4, 6), {}, ValueError, "one extra leading time"),
+        (torch.randn(6), torch.randn(4, 6), {}, ValueError, "student must have"),
+        (torch.randn(4, 6), torch.tensor(1.0), {}, ValueError, "teacher must have at least one"),
+        (torch.randn(4, 0), torch.randn(4, 0), {}, ValueError, "C >= 1"),
+        (torch.randn(0, 4, 6), torch.randn(4, 6), {}, ValueError, "T=0"),
+        (torch.randint(0, 5, (4, 6)), torch.randn(4, 6), {}, TypeError, "student must be a floating"),
+        (torch.randn(4, 6), torch.randint(0, 5, (4, 6)), {}, TypeError, "teacher must be a floating"),
+        (torch.randn(4, 6), torch.randn(4, 6, dtype=torch.float64), {}, TypeError, "same dtype"),
+        ([1.0, 2.0], torch.randn(2), {}, TypeError, "student must be a torch.Tensor"),
+        (*_pair(4, 6), dict(temperature=0.0), ValueError, "temperature"),
+        (*_pair(4, 6), dict(temperature=-1.0), ValueError, "temperature"),
+        (*_pair(4, 6), dict(temperature=math.inf), ValueError, "temperature"),
+        (*_pair(4, 6), dict(temperature="2"), TypeError, "temperature"),
+        (*_pair(4, 6), dict(delta=0.0), ValueError, "delta"),
+        (*_pair(4, 6), dict(delta=1.5), ValueError, "delta"),
+        (*_pair(4, 6), dict(delta=math.nan), ValueError, "delta"),
+        (*_pair(4, 6), dict(reduction="mean"), ValueError, "reduction"),
+        (*_pair(4, 6), dict(time_reduction="max"), ValueError, "time_reduction"),
+        (*_pair(4, 6), dict(backend="metal"), ValueError, "backend"),
+        (torch.randn(0, 6), torch.randn(0, 6), {}, ValueError, "empty batch"),
+    ],
+)
+def test_bad_input_is_rejected_naming_the_argument(student, teacher, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        hta_kl_div(student, teacher, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_mixed_devices_are_rejected():
+    with pytest.raises(ValueError, match="same device"):
+        hta_kl_div(torch.randn(2, 3), torch.randn(2, 3, device="cuda"))
+
+
+def test_mixed_devices_are_rejected_on_meta():
+    # The meta device stands in for a second device on machines without a GPU.
+    with pytest.raises(ValueError, match="same device"):
+        hta_kl_div(torch.randn(2, 3), torch.randn(2, 3, device="meta"))
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_empty_batch_has_defined_results(backend):
+    student, teacher = torch.randn(0, 6), torch.randn(0, 6)
+    assert hta_kl_div(student, teacher, reduction="sum", backend=backend).item() == 0.0
+    assert hta_kl_div(student, teacher, reduction="none", backend=backend).shape == (0,)
+
+
+def test_unavailable_backend_says_what_is_missing():
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .*CUDA tensors"):
+        hta_kl_div(*_pair(2, 5), backend="cuda")
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    monkeypatch.setenv("HTAKL_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="HTAKL_BACKEND"):
+        hta_kl_div(*_pair(2, 5))
+    monkeypatch.setenv("HTAKL_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        hta_kl_div(*_pair(2, 5))
+    monkeypatch.setenv("HTAKL_BACKEND", "reference")
+    student, teacher = _pair(2, 5)
+    assert hta_kl_div(student, teacher) == htakl_kernels.reference.hta_kl_div(student, teacher)
+
+
+def test_available_backends_lists_what_runs_here():
+    backends = available_backends()
+    assert backends[0] == "reference"
+    assert set(backends) <= {"reference", "cpu", "triton", "cuda"}
+    assert "cuda" not in available_backends("cpu")
+    for backend in available_backends("cpu"):
+        hta_kl_div(*_pair(2, 5), backend=backend)  # every listed backend runs
+
+
+def test_loss_modules_match_the_function():
+    student, teacher = torch.randn(4, 3, 10), torch.randn(3, 10)
+    labels = torch.randint(0, 10, (3,))
+    options = dict(temperature=3.0, delta=0.7, time_reduction="logit_mean", reduction="sum")
+    torch.testing.assert_close(HTAKLLoss(**options)(student, teacher),
+                               hta_kl_div(student, teacher, **options))
+    expected = 0.75 * F.cross_entropy(student.mean(0), labels) + 0.25 * hta_kl_div(
+        student, teacher, **options)
+    torch.testing.assert_close(SpikingKDLoss(alpha=0.25, **options)(student, teacher, labels),
+                               expected)
+    assert "alpha=0.25" in repr(SpikingKDLoss(alpha=0.25))
+
+
+def test_spiking_kd_loss_checks_its_arguments():
+    with pytest.raises(ValueError, match="alpha"):
+        SpikingKDLoss(alpha=1.5)
+    with pytest.raises(ValueError, match="labels"):
+        SpikingKDLoss()(torch.randn(2, 4, 5), torch.randn(4, 5), torch.zeros(3, dtype=torch.long))
