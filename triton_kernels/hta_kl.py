@@ -188,7 +188,9 @@ def _tied_head_count(mass_above, boundary, tied_count, delta):
 
 @triton.jit
 def _hta_kl_kernel(
-    student_ptr, teacher_ptr, params_ptr, loss_ptr, d_student_ptr, d_teacher_ptr,
+    student_ptr, teacher_ptr, loss_ptr, d_student_ptr, d_teacher_ptr,
+    # float64 arguments (a plain Python float would be passed as float32): exact for float64 math.
+    temperature: tl.float64, head_mass: tl.float64,
     steps, classes, slice_stride,
     PROB_MEAN: tl.constexpr, STEPS_PAD: tl.constexpr, ON_CHIP: tl.constexpr,
     BLOCK: tl.constexpr, RADIX_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
@@ -199,8 +201,8 @@ def _hta_kl_kernel(
     row = tl.program_id(0).to(tl.int64)
     teacher_row = teacher_ptr + row * classes
     student_row = student_ptr + row * classes
-    tau = tl.load(params_ptr).to(ACC)
-    delta = tl.load(params_ptr + 1).to(ACC)
+    tau = (tl.zeros([], tl.float64) + temperature).to(ACC)
+    delta = (tl.zeros([], tl.float64) + head_mass).to(ACC)
     inv_tau = 1.0 / tau
     steps_acc = tl.zeros([], ACC) + steps
     inv_steps = 1.0 / steps_acc
@@ -499,13 +501,11 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     d_teacher = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
     if rows == 0:
         return loss_rows, d_student, d_teacher
-    # In the accumulation type (a float kernel argument would be rounded to float32).
-    params = torch.tensor([temperature, delta], dtype=acc_dtype, device=teacher.device)
     on_chip = classes <= on_chip_limit
     block = triton.next_power_of_2(classes) if on_chip else chunk
     wide = acc_dtype == torch.float64
     torch.library.wrap_triton(_hta_kl_kernel)[(rows,)](
-        student, teacher, params, loss_rows, d_student, d_teacher,
+        student, teacher, loss_rows, d_student, d_teacher, float(temperature), float(delta),
         steps, classes, rows * classes,
         PROB_MEAN=steps > 1 and not logit_mean,
         STEPS_PAD=triton.next_power_of_2(steps),
