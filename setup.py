@@ -54,6 +54,7 @@ setup(
     description="Fused HTA-KL distillation loss and LIF neuron kernels for spiking neural networks",
     packages=[
         "htakl_kernels",
+        "htakl_kernels.demo",
         "htakl_kernels.reference",
         "htakl_kernels.triton_kernels",
     ],

@@ -1,12 +1,17 @@
 """Fused kernels for distilling spiking neural networks with head-tail-aware KL (HTA-KL).
 
 Public API: :func:`hta_kl_div`, :class:`HTAKLLoss`, :class:`SpikingKDLoss`,
-:func:`available_backends`, and the pure-PyTorch oracle :mod:`htakl_kernels.reference`.
+:func:`lif_multistep`, :class:`MultiStepLIF`, :func:`reset_net`, :func:`available_backends`,
+and the pure-PyTorch oracle :mod:`htakl_kernels.reference`.
 """
 
 from . import reference
 from ._backends import available_backends
 from .hta_kl import hta_kl_div
+from .lif import MultiStepLIF, lif_multistep, reset_net
 from .losses import HTAKLLoss, SpikingKDLoss
 
-__all__ = ["HTAKLLoss", "SpikingKDLoss", "available_backends", "hta_kl_div", "reference"]
+__all__ = [
+    "HTAKLLoss", "MultiStepLIF", "SpikingKDLoss", "available_backends", "hta_kl_div",
+    "lif_multistep", "reference", "reset_net",
+]

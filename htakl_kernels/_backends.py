@@ -15,8 +15,12 @@ from ._ops import EXTENSION as _EXTENSION
 from ._ops import EXTENSION_ERROR as _EXTENSION_ERROR
 
 
+# Read once: torch.compile cannot trace the extension's plain C function, and it never changes.
+_BUILT_WITH_CUDA = _EXTENSION is not None and bool(_EXTENSION.built_with_cuda())
+
+
 def extension_built_with_cuda() -> bool:
-    return _EXTENSION is not None and bool(_EXTENSION.built_with_cuda())
+    return _BUILT_WITH_CUDA
 
 
 def _triton_usable_on(device_type: str) -> str | None:

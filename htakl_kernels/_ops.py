@@ -17,8 +17,22 @@ HTA_KL_SCHEMA = (
     "bool detach_weights, bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)"
 )
 
+# lif_forward / lif_backward: see htakl_kernels/lif.py for the contract.
+LIF_FORWARD_SCHEMA = (
+    "(Tensor x, Tensor v_init, float tau, float v_threshold, float v_reset, bool soft_reset, "
+    "bool decay_input, bool detach_reset, str surrogate, float alpha, bool return_v_seq) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+LIF_BACKWARD_SCHEMA = (
+    "(Tensor grad_spikes, Tensor grad_v_last, Tensor grad_v_seq, Tensor x, Tensor v_init, "
+    "float tau, float v_threshold, float v_reset, bool soft_reset, bool decay_input, "
+    "bool detach_reset, str surrogate, float alpha) -> (Tensor, Tensor)"
+)
+
 LIBRARY = torch.library.Library("htakl", "DEF")
 LIBRARY.define("hta_kl_fused" + HTA_KL_SCHEMA)
+LIBRARY.define("lif_forward" + LIF_FORWARD_SCHEMA)
+LIBRARY.define("lif_backward" + LIF_BACKWARD_SCHEMA)
 
 
 def _load_extension():

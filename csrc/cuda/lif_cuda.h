@@ -1,0 +1,49 @@
+// Launchers of the CUDA multi-step LIF kernels (lif_cuda.cu). Torch-free: the binding
+// (lif_cuda_binding.cpp) passes raw pointers, the storage type and the current stream.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "lif_math.h"
+
+namespace htakl {
+
+// The dtype x and every other tensor of one call are stored in. The state is float (double for
+// float64), as in every backend.
+enum class LifStorage : int32_t { float16, bfloat16, float32, float64 };
+
+// All tensors are contiguous: x, spikes, v_seq [steps, neurons]; v_init, v_last [neurons].
+struct LifForwardArgs {
+  const void* x;
+  const void* v_init;
+  void* spikes;
+  void* v_last;
+  void* v_seq;  // nullptr: not wanted
+  int64_t steps;
+  int64_t neurons;
+};
+
+struct LifBackwardArgs {
+  const void* grad_spikes;  // nullptr: zero gradient
+  const void* grad_v_last;  // nullptr: zero gradient
+  const void* grad_v_seq;   // nullptr: zero gradient
+  const void* x;
+  const void* v_init;
+  void* grad_x;
+  void* grad_v_init;
+  // [steps, neurons] in the state type (float, or double for float64): H[t] recomputed by the
+  // first sweep. May be grad_x itself when the storage type is the state type.
+  void* scratch;
+  int64_t steps;
+  int64_t neurons;
+};
+
+// Both return the launch's error code (cudaSuccess when nothing had to run).
+cudaError_t lif_forward_cuda(LifStorage storage, const LifForwardArgs& args,
+                             const LifParams<double>& params, cudaStream_t stream);
+cudaError_t lif_backward_cuda(LifStorage storage, const LifBackwardArgs& args,
+                              const LifParams<double>& params, cudaStream_t stream);
+
+}  // namespace htakl

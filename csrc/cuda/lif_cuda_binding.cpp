@@ -1,0 +1,93 @@
+// Torch binding of the CUDA LIF kernels (lif_cuda.cu): checks, allocation, stream, dtype mapping.
+// Compiled only on CUDA machines (setup.py); the op schemas live in htakl_kernels/_ops.py.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "lif_cuda.h"
+#include "lif_op.h"
+
+namespace htakl {
+namespace {
+
+LifStorage storage_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kHalf: return LifStorage::float16;
+    case at::kBFloat16: return LifStorage::bfloat16;
+    case at::kFloat: return LifStorage::float32;
+    case at::kDouble: return LifStorage::float64;
+    default:
+      TORCH_CHECK(false, "lif (CUDA): x must be float16, bfloat16, float32 or float64, got ",
+                  x.scalar_type());
+  }
+}
+
+const void* data_or_null(const at::Tensor& t) { return t.numel() == 0 ? nullptr : t.const_data_ptr(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward_cuda_op(
+    const at::Tensor& x_in, const at::Tensor& v_init_in, double tau, double v_threshold,
+    double v_reset, bool soft_reset, bool decay_input, bool detach_reset,
+    c10::string_view surrogate, double alpha, bool return_v_seq) {
+  const LifLayout layout = check_lif_layout(x_in, v_init_in);
+  const LifStorage storage = storage_of(x_in);
+  const auto params = make_lif_params<double>(tau, v_threshold, v_reset, soft_reset, decay_input,
+                                              detach_reset, surrogate, alpha);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor v_init = v_init_in.contiguous();
+  at::Tensor spikes = at::empty_like(x);
+  at::Tensor v_last = at::empty_like(v_init);
+  at::Tensor v_seq = return_v_seq ? at::empty_like(x) : at::empty({0}, x.options());
+  const LifForwardArgs args{x.const_data_ptr(), v_init.const_data_ptr(), spikes.mutable_data_ptr(),
+                            v_last.mutable_data_ptr(),
+                            return_v_seq ? v_seq.mutable_data_ptr() : nullptr, layout.steps,
+                            layout.neurons};
+  C10_CUDA_CHECK(lif_forward_cuda(storage, args, params, c10::cuda::getCurrentCUDAStream()));
+  return {spikes, v_last, v_seq};
+}
+
+std::tuple<at::Tensor, at::Tensor> lif_backward_cuda_op(
+    const at::Tensor& grad_spikes_in, const at::Tensor& grad_v_last_in,
+    const at::Tensor& grad_v_seq_in, const at::Tensor& x_in, const at::Tensor& v_init_in,
+    double tau, double v_threshold, double v_reset, bool soft_reset, bool decay_input,
+    bool detach_reset, c10::string_view surrogate, double alpha) {
+  const LifLayout layout = check_lif_layout(x_in, v_init_in);
+  check_lif_gradient("grad_spikes", grad_spikes_in, x_in);
+  check_lif_gradient("grad_v_last", grad_v_last_in, v_init_in);
+  check_lif_gradient("grad_v_seq", grad_v_seq_in, x_in);
+  const LifStorage storage = storage_of(x_in);
+  const auto params = make_lif_params<double>(tau, v_threshold, v_reset, soft_reset, decay_input,
+                                              detach_reset, surrogate, alpha);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor v_init = v_init_in.contiguous();
+  const at::Tensor grad_spikes = grad_spikes_in.contiguous();
+  const at::Tensor grad_v_last = grad_v_last_in.contiguous();
+  const at::Tensor grad_v_seq = grad_v_seq_in.contiguous();
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_v_init = at::empty_like(v_init);
+  // H[t] of the first sweep: in grad_x itself when x's dtype is the state's (float32, float64).
+  const at::ScalarType state = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor scratch = x.scalar_type() == state ? grad_x : at::empty(x.sizes(), x.options().dtype(state));
+  const LifBackwardArgs args{data_or_null(grad_spikes), data_or_null(grad_v_last),
+                             data_or_null(grad_v_seq), x.const_data_ptr(), v_init.const_data_ptr(),
+                             grad_x.mutable_data_ptr(), grad_v_init.mutable_data_ptr(),
+                             scratch.mutable_data_ptr(), layout.steps, layout.neurons};
+  C10_CUDA_CHECK(lif_backward_cuda(storage, args, params, c10::cuda::getCurrentCUDAStream()));
+  return {grad_x, grad_v_init};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(htakl, CUDA, m) {
+  m.impl("lif_forward", &lif_forward_cuda_op);
+  m.impl("lif_backward", &lif_backward_cuda_op);
+}
+
+}  // namespace htakl

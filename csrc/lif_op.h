@@ -1,0 +1,63 @@
+// Torch-side checks and option parsing of the LIF ops, shared by the CPU kernel file and the CUDA
+// binding (the CUDA kernels themselves stay torch-free and see only lif_math.h).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "lif_math.h"
+
+namespace htakl {
+
+// x is [T, ...] and v_init [...]: T steps of `neurons` independent neurons.
+struct LifLayout {
+  int64_t steps;
+  int64_t neurons;
+};
+
+inline LifLayout check_lif_layout(const at::Tensor& x, const at::Tensor& v_init) {
+  TORCH_CHECK(x.dim() >= 1, "lif: x must have at least one dimension [T, ...], got a 0-d tensor");
+  TORCH_CHECK(v_init.sizes() == x.sizes().slice(1), "lif: v_init must have the shape x.shape[1:] = ",
+              x.sizes().slice(1), ", got ", v_init.sizes());
+  TORCH_CHECK(v_init.scalar_type() == x.scalar_type(), "lif: v_init must have x's dtype ",
+              x.scalar_type(), ", got ", v_init.scalar_type());
+  TORCH_CHECK(v_init.device() == x.device(), "lif: v_init must be on x's device ", x.device(),
+              ", got ", v_init.device());
+  return {x.size(0), v_init.numel()};
+}
+
+// A gradient on one output: empty (a zero gradient) or the output's shape, in x's dtype.
+inline void check_lif_gradient(const char* name, const at::Tensor& grad, const at::Tensor& like) {
+  if (grad.numel() == 0) return;
+  TORCH_CHECK(grad.sizes() == like.sizes(), "lif_backward: ", name, " must be empty or have shape ",
+              like.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == like.scalar_type() && grad.device() == like.device(),
+              "lif_backward: ", name, " must have x's dtype and device");
+}
+
+template <typename acc_t>
+LifParams<acc_t> make_lif_params(double tau, double v_threshold, double v_reset, bool soft_reset,
+                                 bool decay_input, bool detach_reset, c10::string_view surrogate,
+                                 double alpha) {
+  TORCH_CHECK(std::isfinite(tau) && tau > 1, "lif: tau must be a finite number > 1, got ", tau);
+  TORCH_CHECK(std::isfinite(v_threshold), "lif: v_threshold must be finite, got ", v_threshold);
+  TORCH_CHECK(std::isfinite(v_reset), "lif: v_reset must be finite, got ", v_reset);
+  TORCH_CHECK(surrogate == "sigmoid" || surrogate == "atan",
+              "lif: surrogate must be 'sigmoid' or 'atan', got '", surrogate, "'");
+  TORCH_CHECK(std::isfinite(alpha) && alpha > 0, "lif: alpha must be a finite number > 0, got ",
+              alpha);
+  return {acc_t(tau),
+          acc_t(v_threshold),
+          soft_reset ? acc_t(0) : acc_t(v_reset),  // SPEC 3: Vr = 0 when soft
+          soft_reset,
+          decay_input,
+          detach_reset,
+          surrogate == "atan" ? LifSurrogate::atan : LifSurrogate::sigmoid,
+          acc_t(alpha)};
+}
+
+}  // namespace htakl

@@ -1,0 +1,98 @@
+"""Argument checks for the multi-step LIF neuron (SPEC 3): bad input fails here, before any kernel."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ._validation import check_choice, check_float_tensor
+
+SURROGATES = ("sigmoid", "atan")
+# SpikingJelly's defaults: Sigmoid(alpha=4), ATan(alpha=2).
+DEFAULT_ALPHA = {"sigmoid": 4.0, "atan": 2.0}
+RETURN_V = (None, "last", "seq")
+
+
+class LifConfig(NamedTuple):
+    """Validated scalar options of one LIF call, with the defaults resolved."""
+
+    tau: float
+    v_threshold: float
+    v_reset: float | None  # None: soft reset
+    decay_input: bool
+    detach_reset: bool
+    surrogate: str
+    alpha: float
+    return_v: str | None
+
+    @property
+    def soft_reset(self) -> bool:
+        return self.v_reset is None
+
+    @property
+    def reset_value(self) -> float:
+        """Vr in SPEC 3's charge equation: v_reset, or 0 for soft reset; also v_init's default."""
+        return 0.0 if self.v_reset is None else self.v_reset
+
+
+def _check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_lif_args(
+    x: torch.Tensor,
+    tau: float,
+    v_threshold: float,
+    v_reset: float | None,
+    decay_input: bool,
+    detach_reset: bool,
+    surrogate: str,
+    alpha: float | None,
+    v_init: torch.Tensor | None,
+    return_v: str | None,
+) -> LifConfig:
+    """Validate lif_multistep's arguments (SPEC 3) and resolve the defaults."""
+    check_float_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension, the time steps [T, ...]; got a 0-d tensor")
+    tau = _check_real("tau", tau)
+    if not tau > 1:
+        raise ValueError(f"tau must be > 1 (the membrane time constant), got {tau}")
+    v_threshold = _check_real("v_threshold", v_threshold)
+    if v_reset is not None:
+        v_reset = _check_real("v_reset", v_reset)
+    decay_input = _check_bool("decay_input", decay_input)
+    detach_reset = _check_bool("detach_reset", detach_reset)
+    check_choice("surrogate", surrogate, SURROGATES)
+    if alpha is None:
+        alpha = DEFAULT_ALPHA[surrogate]
+    alpha = _check_real("alpha", alpha)
+    if not alpha > 0:
+        raise ValueError(f"alpha (the surrogate's sharpness) must be > 0, got {alpha}")
+    if return_v not in RETURN_V:
+        raise ValueError(f"return_v must be None, 'last' or 'seq', got {return_v!r}")
+    if v_init is not None:
+        if not isinstance(v_init, torch.Tensor):
+            raise TypeError(f"v_init must be a torch.Tensor or None, got {type(v_init).__name__}")
+        if v_init.shape != x.shape[1:]:
+            raise ValueError(
+                f"v_init must have the shape of one time step of x, {tuple(x.shape[1:])}, got "
+                f"{tuple(v_init.shape)}"
+            )
+        if v_init.dtype != x.dtype:
+            raise TypeError(f"v_init must have x's dtype {x.dtype}, got {v_init.dtype}")
+        if v_init.device != x.device:
+            raise ValueError(f"v_init must be on x's device {x.device}, got {v_init.device}")
+    return LifConfig(tau, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, return_v)

@@ -1,0 +1,228 @@
+"""`python -m htakl_kernels.demo`: distil spiking students from an ANN teacher with HTA-KL.
+
+Trains an ANN teacher, then three spiking students (MultiStepLIF, T steps) from the same seed
+with (a) cross-entropy only, (b) CE + standard KL distillation, (c) CE + HTA-KL
+(`htakl_kernels.SpikingKDLoss`), and reports for each: test accuracy, per-layer firing rates, the
+45 nm energy estimate (energy.py) and the time spent in the loss. Writes `config.json`,
+checkpoints (`teacher.pt`, `student-<method>.pt`), `results.json` and `summary.png` to `--out`
+(default `runs/<UTC timestamp>/`). `--resume DIR` continues an interrupted run in DIR with the
+options saved there.
+
+The default dataset is scikit-learn's bundled 8x8 digits (no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from .._backends import BACKENDS, resolve_backend
+from .data import DATASETS, DatasetError, load_dataset
+from .models import ARCHITECTURES, build_model, lif_neuron
+from .plotting import plot_results
+from .training import (
+    METHOD_TITLES, METHODS, TEACHER_TITLE, TrainSettings, make_objective, predict, titled_runs, train_run,
+)
+
+DEFAULTS = dict(
+    dataset="digits", data_dir=None, arch="small", epochs=6, timesteps=4, alpha=0.5,
+    temperature=2.0, delta=0.5, seed=0, batch_size=64, lr=1e-3, subset=None, quick=False,
+    device="auto", backend="auto", threads=1, out=None, progress=True,
+)
+# --quick: what it changes, unless given explicitly.
+QUICK = dict(epochs=2, subset=400, batch_size=32)
+# Options that only say where or how to run: they may differ when a run is resumed.
+RUNTIME_OPTIONS = ("device", "backend", "threads", "progress")
+
+
+def _number(kind, low=None, high=None, low_open=False):
+    def parse(text: str):
+        value = kind(text)
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # SUPPRESS: parse_args returns only the options given, so that --quick and --resume can tell
+    # an explicit value from a default.
+    parser = argparse.ArgumentParser(
+        prog="python -m htakl_kernels.demo", argument_default=argparse.SUPPRESS,
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--dataset", choices=DATASETS, help=f"default {DEFAULTS['dataset']}")
+    add("--data-dir", help="folder with the CIFAR python batches (cifar10/cifar100)")
+    add("--arch", choices=ARCHITECTURES, help=f"student and teacher architecture (default {DEFAULTS['arch']})")
+    add("--epochs", type=_number(int, 1), help=f"epochs per run (default {DEFAULTS['epochs']})")
+    add("--timesteps", type=_number(int, 1), help=f"SNN time steps T (default {DEFAULTS['timesteps']})")
+    add("--alpha", type=_number(float, 0, 1), help=f"distillation weight (default {DEFAULTS['alpha']})")
+    add("--temperature", type=_number(float, 0, low_open=True),
+        help=f"distillation temperature (default {DEFAULTS['temperature']})")
+    add("--delta", type=_number(float, 0, 1, low_open=True),
+        help=f"HTA-KL head mass (default {DEFAULTS['delta']})")
+    add("--seed", type=int, help=f"default {DEFAULTS['seed']}")
+    add("--batch-size", type=_number(int, 1), help=f"default {DEFAULTS['batch_size']}")
+    add("--lr", type=_number(float, 0, low_open=True), help=f"Adam learning rate (default {DEFAULTS['lr']})")
+    add("--subset", type=_number(int, 1), help="use at most this many training and test images")
+    add("--quick", action="store_const", const=True,
+        help=f"a short run: {', '.join(f'--{k} {v}' for k, v in QUICK.items())} unless given")
+    add("--device", help="auto (cuda if available), cpu, cuda, cuda:N (default auto)")
+    add("--backend", choices=BACKENDS, help="kernel backend for the loss and the LIF neuron (default auto)")
+    add("--threads", type=_number(int, 1),
+        help="CPU threads for torch (default 1: the demo's tensors are small, and more threads than "
+             "free cores slow every operation down on a shared machine)")
+    add("--out", help="output folder (default runs/<UTC timestamp>)")
+    add("--resume", metavar="DIR", help="continue the run in DIR with the options saved there")
+    add("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
+    return parser
+
+
+def resolve_config(argv: list[str] | None) -> dict:
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    resume = given.pop("resume", None)
+    if resume is None:
+        config = DEFAULTS | (QUICK if given.get("quick") else {}) | given
+        config["out"] = config["out"] or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+        return config
+    saved_path = os.path.join(resume, "config.json")
+    if not os.path.isfile(saved_path):
+        parser.error(f"--resume {resume}: no config.json there; is it the --out folder of a run?")
+    with open(saved_path) as handle:
+        saved = json.load(handle)
+    given["out"] = os.path.normpath(given.get("out", resume))
+    if given["out"] != os.path.normpath(resume):
+        parser.error("--out and --resume name different folders; a run resumes in its own folder")
+    conflicts = [
+        f"--{key.replace('_', '-')} {value} (the run used {saved.get(key)})"
+        for key, value in given.items()
+        if key not in RUNTIME_OPTIONS and key != "out" and value != saved.get(key)
+    ]
+    if conflicts:
+        parser.error(f"--resume {resume} continues with the saved options; these differ: {'; '.join(conflicts)}")
+    return saved | given
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this torch has no usable CUDA device")
+    return device
+
+
+def _summary_table(results: dict) -> str:
+    header = ("run", "test acc", "firing rate", "energy/image", "SOPs/image", "MACs/image",
+              "loss time", "loss/step")
+    rows = []
+    for title, run in titled_runs(results).items():
+        spiking = bool(run["firing_rates"])
+        rows.append((
+            title,
+            f"{100 * run['test_accuracy']:.2f} %",
+            f"{100 * run['overall_firing_rate']:.2f} %" if spiking else "-",
+            f"{run['energy_uj_per_image']:.3f} uJ",
+            f"{run['synaptic_ops_per_image'] / 1e6:.3f} M",
+            f"{run['macs_per_image'] / 1e6:.3f} M",
+            f"{run['loss_seconds']:.2f} s",
+            f"{run['loss_ms_per_step']:.2f} ms",
+        ))
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                       for i, (cell, width) in enumerate(zip(row, widths)))
+             for row in [header] + rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def run(config: dict) -> dict:
+    device = resolve_device(config["device"])
+    try:  # fail now rather than after training the teacher
+        kernel_backend = resolve_backend(config["backend"], device)
+    except (RuntimeError, ValueError) as error:
+        raise SystemExit(f"error: --backend {config['backend']}: {error}") from error
+    torch.set_num_threads(config["threads"])
+    out = config["out"]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as handle:
+        json.dump(config, handle, indent=2)
+    started = time.perf_counter()
+    seed = config["seed"]
+
+    data = load_dataset(config["dataset"], config["data_dir"], seed)
+    if config["subset"] is not None:
+        data = data.subset(config["subset"], seed)
+    data = data.to(device)
+    settings = TrainSettings(config["epochs"], config["batch_size"], config["lr"], seed, config["progress"])
+    options = dict(alpha=config["alpha"], temperature=config["temperature"], delta=config["delta"],
+                   backend=config["backend"])
+
+    def checkpoint(name: str) -> str:
+        return os.path.join(out, f"{name}.pt")
+
+    torch.manual_seed(seed)
+    teacher = build_model(config["arch"], data.image_shape, data.num_classes).to(device)
+    teacher_result = train_run(TEACHER_TITLE, teacher, data, make_objective("ce", **options), None,
+                               settings, checkpoint("teacher"))
+    teacher_logits = predict(teacher, data.train_images, settings.batch_size)
+
+    neuron = functools.partial(lif_neuron, backend=config["backend"])
+    students = {}
+    for method in METHODS:
+        torch.manual_seed(seed)  # the same initial weights for every student
+        student = build_model(config["arch"], data.image_shape, data.num_classes,
+                              timesteps=config["timesteps"], neuron=neuron).to(device)
+        students[method] = train_run(f"SNN {METHOD_TITLES[method]}", student, data,
+                                     make_objective(method, **options), teacher_logits, settings,
+                                     checkpoint(f"student-{method}"))
+
+    results = {
+        "config": config,
+        "environment": {
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "threads": torch.get_num_threads(), "kernel_backend": kernel_backend,
+        },
+        "dataset": {
+            "name": data.name, "train_images": len(data.train_labels), "test_images": len(data.test_labels),
+            "image_shape": list(data.image_shape), "classes": data.num_classes,
+        },
+        "teacher": teacher_result,
+        "students": students,
+        "wall_seconds": time.perf_counter() - started,
+        "plot": "summary.png",
+    }
+    with open(os.path.join(out, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    plot_results(results, os.path.join(out, "summary.png"))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = resolve_config(argv)
+    try:
+        results = run(config)
+    except DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print()
+    print(_summary_table(results))
+    print(f"\n{results['dataset']['name']}, arch {config['arch']}, T={config['timesteps']}, "
+          f"{config['epochs']} epochs, kernel backend {results['environment']['kernel_backend']}, "
+          f"{results['wall_seconds']:.0f} s. Results, checkpoints and plot in {config['out']}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Triton multi-step LIF: `htakl::lif_forward_triton` and `htakl::lif_backward_triton`.
+
+Contract: `htakl_kernels/lif.py` (docstring); math: shared/SPEC.md section 3. One lane per neuron,
+each program a block of neurons looping over time. The per-element helpers mirror
+`csrc/lif_math.h` function for function (same names, same roundings), so spikes agree bit for bit
+with the CPU and CUDA kernels and the reference:
+  * the state is ACC (float32, or float64 for float64 inputs); the scalar options arrive as
+    float64 and are rounded to ACC once, as the C++ kernels do;
+  * divisions by tau are IEEE divisions (Triton's plain float32 `/` is approximate);
+  * the hard reset is the product form, whose products are exact, so FMA contraction is harmless.
+The backward recomputes H[t] into a scratch buffer (grad_x itself when x's dtype is ACC: each
+lane reads H[t] back before it writes grad_x[t] at the same address), then sweeps t from T-1 down
+to 0 through SPEC 3's table.
+
+A tensor is never passed to two pointer parameters of one launch, and unused pointers are None:
+under torch.compile the kernel call is functionalized, which copies each mutated argument
+separately, so two parameters aliasing one tensor would each write back their own copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._ops import LIF_BACKWARD_SCHEMA, LIF_FORWARD_SCHEMA
+from ..lif import register_lif_ops
+
+BLOCK = 512  # neurons per program
+NUM_WARPS = 4
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_state_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-element math, mirroring csrc/lif_math.h.
+
+
+@triton.jit
+def _option(value, ACC: tl.constexpr):
+    """A float64 scalar option rounded once to ACC. (Compiled, `value` is a float64 scalar; under
+    the interpreter a Python float, which `.to` would not take and arithmetic would round to
+    float32 first.)"""
+    return tl.full((), value, ACC)
+
+
+@triton.jit
+def _lif_charge(v_prev, x, tau, v_reset, DECAY_INPUT: tl.constexpr):
+    """SPEC 3: H[t] from V[t-1] and X[t]."""
+    if DECAY_INPUT:
+        return v_prev + tl.fdiv(x - (v_prev - v_reset), tau, ieee_rounding=True)
+    return v_prev - tl.fdiv(v_prev - v_reset, tau, ieee_rounding=True) + x
+
+
+@triton.jit
+def _lif_fire(h, v_threshold):
+    """SPEC 3: S[t] = (H[t] - v_threshold >= 0) as 0 or 1."""
+    return (h - v_threshold >= 0).to(h.dtype)
+
+
+@triton.jit
+def _lif_reset(h, spike, v_threshold, v_reset, SOFT_RESET: tl.constexpr):
+    """SPEC 3: V[t] after the soft or hard reset."""
+    if SOFT_RESET:
+        return h - v_threshold * spike
+    return h * (1 - spike) + v_reset * spike
+
+
+@triton.jit
+def _lif_surrogate_grad(u, alpha, half_pi, ATAN: tl.constexpr):
+    """SPEC 3: sg at u = H - v_threshold (half_pi comes in ACC: a literal would be float32)."""
+    if ATAN:
+        scaled = half_pi * alpha * u
+        return alpha / 2 / (1 + scaled * scaled)
+    sig = 1 / (1 + tl.exp(-alpha * u))
+    return alpha * sig * (1 - sig)
+
+
+@triton.jit
+def _lif_step_grad(g_spike, g_v, h, tau, v_threshold, v_reset, alpha, half_pi,
+                   SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+                   DETACH_RESET: tl.constexpr, ATAN: tl.constexpr):
+    """SPEC 3's table: (gradient on X[t], gradient reaching V[t-1] through H[t])."""
+    spike = _lif_fire(h, v_threshold)
+    sg = _lif_surrogate_grad(h - v_threshold, alpha, half_pi, ATAN)
+    if SOFT_RESET:
+        if DETACH_RESET:
+            g_h = g_spike * sg + g_v
+        else:
+            g_h = (g_spike - v_threshold * g_v) * sg + g_v
+    else:
+        if DETACH_RESET:
+            g_h = g_spike * sg + g_v * (1 - spike)
+        else:
+            g_h = (g_spike + g_v * (v_reset - h)) * sg + g_v * (1 - spike)
+    g_x = g_h
+    if DECAY_INPUT:
+        g_x = tl.fdiv(g_h, tau, ieee_rounding=True)
+    one = tl.full((), 1, tau.dtype)
+    return g_x, g_h * (one - tl.fdiv(one, tau, ieee_rounding=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels.
+
+
+# steps and neurons are not specialized on (== 1, divisibility by 16): one compiled kernel per
+# option set serves every shape.
+@triton.jit(do_not_specialize=["steps", "neurons"])
+def _lif_forward_kernel(
+    x_ptr, v_init_ptr, spikes_ptr, v_last_ptr, v_seq_ptr,
+    tau_in: tl.float64, v_threshold_in: tl.float64, v_reset_in: tl.float64,
+    steps, neurons,
+    ACC: tl.constexpr, SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    STORE_V_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < neurons
+    tau = _option(tau_in, ACC)
+    v_threshold = _option(v_threshold_in, ACC)
+    v_reset = _option(v_reset_in, ACC)
+    v = tl.load(v_init_ptr + offs, mask=mask, other=0).to(ACC)
+    for t in range(steps):
+        index = tl.cast(t, tl.int64) * neurons + offs
+        x = tl.load(x_ptr + index, mask=mask, other=0).to(ACC)
+        h = _lif_charge(v, x, tau, v_reset, DECAY_INPUT)
+        spike = _lif_fire(h, v_threshold)
+        v = _lif_reset(h, spike, v_threshold, v_reset, SOFT_RESET)
+        tl.store(spikes_ptr + index, spike.to(spikes_ptr.dtype.element_ty), mask=mask)
+        if STORE_V_SEQ:
+            tl.store(v_seq_ptr + index, v.to(v_seq_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_last_ptr + offs, v.to(v_last_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["steps", "neurons"])
+def _lif_backward_kernel(
+    grad_spikes_ptr, grad_v_last_ptr, grad_v_seq_ptr, x_ptr, v_init_ptr,
+    grad_x_ptr, grad_v_init_ptr, h_ptr,
+    tau_in: tl.float64, v_threshold_in: tl.float64, v_reset_in: tl.float64,
+    alpha_in: tl.float64, half_pi_in: tl.float64,
+    steps, neurons,
+    ACC: tl.constexpr, SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    DETACH_RESET: tl.constexpr, ATAN: tl.constexpr, HAS_GRAD_SPIKES: tl.constexpr,
+    HAS_GRAD_V_LAST: tl.constexpr, HAS_GRAD_V_SEQ: tl.constexpr, H_IN_GRAD_X: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < neurons
+    tau = _option(tau_in, ACC)
+    v_threshold = _option(v_threshold_in, ACC)
+    v_reset = _option(v_reset_in, ACC)
+    alpha = _option(alpha_in, ACC)
+    half_pi = _option(half_pi_in, ACC)
+    # Sweep 1: recompute H[t] (SPEC 3 forward) into the scratch buffer.
+    v = tl.load(v_init_ptr + offs, mask=mask, other=0).to(ACC)
+    for t in range(steps):
+        index = tl.cast(t, tl.int64) * neurons + offs
+        x = tl.load(x_ptr + index, mask=mask, other=0).to(ACC)
+        h = _lif_charge(v, x, tau, v_reset, DECAY_INPUT)
+        if H_IN_GRAD_X:
+            tl.store(grad_x_ptr + index, h, mask=mask)
+        else:
+            tl.store(h_ptr + index, h, mask=mask)
+        v = _lif_reset(h, _lif_fire(h, v_threshold), v_threshold, v_reset, SOFT_RESET)
+    # Sweep 2: SPEC 3's table from t = T-1 down to 0; g_v is the gradient reaching V[t].
+    g_v_next = tl.zeros((BLOCK,), dtype=ACC)
+    if HAS_GRAD_V_LAST:
+        g_v_next = tl.load(grad_v_last_ptr + offs, mask=mask, other=0).to(ACC)
+    for step in range(steps):
+        index = tl.cast(steps - 1 - step, tl.int64) * neurons + offs
+        if H_IN_GRAD_X:
+            h = tl.load(grad_x_ptr + index, mask=mask, other=0)
+        else:
+            h = tl.load(h_ptr + index, mask=mask, other=0)
+        g_v = g_v_next
+        if HAS_GRAD_V_SEQ:
+            g_v += tl.load(grad_v_seq_ptr + index, mask=mask, other=0).to(ACC)
+        g_spike = tl.zeros((BLOCK,), dtype=ACC)
+        if HAS_GRAD_SPIKES:
+            g_spike = tl.load(grad_spikes_ptr + index, mask=mask, other=0).to(ACC)
+        g_x, g_v_next = _lif_step_grad(g_spike, g_v, h, tau, v_threshold, v_reset, alpha, half_pi,
+                                       SOFT_RESET, DECAY_INPUT, DETACH_RESET, ATAN)
+        tl.store(grad_x_ptr + index, g_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_v_init_ptr + offs, g_v_next.to(grad_v_init_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops.
+
+
+def _check_layout(x: torch.Tensor, v_init: torch.Tensor) -> None:
+    if x.dim() < 1 or v_init.shape != x.shape[1:]:
+        raise ValueError(f"lif: x must be [T, ...] and v_init x.shape[1:], got {tuple(x.shape)} "
+                         f"and {tuple(v_init.shape)}")
+    if v_init.dtype != x.dtype or v_init.device != x.device:
+        raise ValueError("lif: v_init must have x's dtype and device")
+
+
+def _check_options(tau: float, surrogate: str, alpha: float) -> None:
+    if not (math.isfinite(tau) and tau > 1):
+        raise ValueError(f"lif: tau must be a finite number > 1, got {tau}")
+    if surrogate not in ("sigmoid", "atan"):
+        raise ValueError(f"lif: surrogate must be 'sigmoid' or 'atan', got {surrogate!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"lif: alpha must be a finite number > 0, got {alpha}")
+
+
+@torch.library.triton_op("htakl::lif_forward_triton", mutates_args=(), schema=LIF_FORWARD_SCHEMA)
+def lif_forward_triton(x: torch.Tensor, v_init: torch.Tensor, tau: float, v_threshold: float,
+                       v_reset: float, soft_reset: bool, decay_input: bool, detach_reset: bool,
+                       surrogate: str, alpha: float,
+                       return_v_seq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_layout(x, v_init)
+    _check_options(tau, surrogate, alpha)
+    x, v_init = x.contiguous(), v_init.contiguous()
+    spikes = torch.empty_like(x)
+    v_last = torch.empty_like(v_init)
+    v_seq = torch.empty_like(x) if return_v_seq else x.new_empty(0)
+    neurons = v_init.numel()
+    if neurons > 0:
+        torch.library.wrap_triton(_lif_forward_kernel)[(triton.cdiv(neurons, BLOCK),)](
+            x, v_init, spikes, v_last, v_seq if return_v_seq else None,
+            tau, v_threshold, 0.0 if soft_reset else v_reset, x.shape[0], neurons,
+            ACC=_tl_state_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
+            STORE_V_SEQ=return_v_seq, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+    return spikes, v_last, v_seq
+
+
+@torch.library.triton_op("htakl::lif_backward_triton", mutates_args=(), schema=LIF_BACKWARD_SCHEMA)
+def lif_backward_triton(grad_spikes: torch.Tensor, grad_v_last: torch.Tensor,
+                        grad_v_seq: torch.Tensor, x: torch.Tensor, v_init: torch.Tensor, tau: float,
+                        v_threshold: float, v_reset: float, soft_reset: bool, decay_input: bool,
+                        detach_reset: bool, surrogate: str,
+                        alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_layout(x, v_init)
+    _check_options(tau, surrogate, alpha)
+    for name, grad, like in (("grad_spikes", grad_spikes, x), ("grad_v_last", grad_v_last, v_init),
+                             ("grad_v_seq", grad_v_seq, x)):
+        if grad.numel() != 0 and (grad.shape != like.shape or grad.dtype != like.dtype):
+            raise ValueError(f"lif_backward: {name} must be empty or match {tuple(like.shape)}, "
+                             f"{like.dtype}; got {tuple(grad.shape)}, {grad.dtype}")
+    x, v_init = x.contiguous(), v_init.contiguous()
+    grad_x = torch.empty_like(x)
+    grad_v_init = torch.empty_like(v_init)
+    h_in_grad_x = x.dtype == _state_dtype(x.dtype)
+    scratch = None if h_in_grad_x else torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    neurons = v_init.numel()
+    grad_spikes, grad_v_last, grad_v_seq = (
+        g.contiguous() if g.numel() != 0 else None for g in (grad_spikes, grad_v_last, grad_v_seq)
+    )
+    if neurons > 0:
+        torch.library.wrap_triton(_lif_backward_kernel)[(triton.cdiv(neurons, BLOCK),)](
+            grad_spikes, grad_v_last, grad_v_seq, x, v_init, grad_x, grad_v_init, scratch,
+            tau, v_threshold, 0.0 if soft_reset else v_reset, alpha, math.pi / 2,
+            x.shape[0], neurons,
+            ACC=_tl_state_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
+            DETACH_RESET=detach_reset, ATAN=surrogate == "atan",
+            HAS_GRAD_SPIKES=grad_spikes is not None, HAS_GRAD_V_LAST=grad_v_last is not None,
+            HAS_GRAD_V_SEQ=grad_v_seq is not None, H_IN_GRAD_X=h_in_grad_x, BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+        )
+    return grad_x, grad_v_init
+
+
+register_lif_ops(lif_forward_triton, lif_backward_triton)
