@@ -12,6 +12,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}
+if ! command -v "$NVCC" >/dev/null; then
+  echo "nvcc_check: $NVCC not found; install the CUDA toolkit or set NVCC" >&2
+  exit 1
+fi
 if [ "$#" -gt 0 ]; then
   files=("$@")
 else

@@ -554,19 +554,35 @@ __device__ void find_head_boundary(RowView<scalar_t>& row, const KernelParams<sc
       scratch.radix_count[b] = 0;
     }
     __syncthreads();
-    for (int64_t first = first_chunk_start<scalar_t>(); first < classes;
+    // The whole warp runs the same number of iterations (the loop ends when the warp's first
+    // chunk is past the row, lanes past it see only padding), so the warp-wide intrinsics below
+    // see all 32 lanes.
+    const int64_t lane_offset = static_cast<int64_t>(threadIdx.x % kWarpSize) * kWidth;
+    for (int64_t first = first_chunk_start<scalar_t>(); first - lane_offset < classes;
          first += chunk_stride<scalar_t>()) {
       row.teacher_log_probs(first, log_p);
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
-        if (first + j >= classes) continue;
         const acc_t p = exp(log_p[j]);
         const key_t key = key_of(p);
-        if ((key & known) != prefix) continue;  // not a candidate any more
-        const int digit = static_cast<int>((key >> shift) & key_t(kRadixBuckets - 1));
-        // Integer atomics: exact, so the order the threads add in does not matter.
-        atomicAdd(&scratch.radix_mass[digit], fixed_mass(p));
-        atomicAdd(&scratch.radix_count[digit], 1u);
+        const bool candidate = first + j < classes && (key & known) == prefix;
+        const int digit = candidate
+                              ? static_cast<int>((key >> shift) & key_t(kRadixBuckets - 1))
+                              : kRadixBuckets;  // a "digit" no candidate has
+        // Candidates tend to share a digit (the exponent bits of similar probabilities): the lanes
+        // of one digit add their masses first and one of them updates the histogram, instead of
+        // 32 atomics on one address. Integer sums are exact, so the order does not matter.
+        const unsigned same_digit = __match_any_sync(kFullMask, digit);
+        if (!candidate) continue;
+        const unsigned long long mass = fixed_mass(p);
+        unsigned long long group_mass = 0;
+        for (unsigned rest = same_digit; rest != 0; rest &= rest - 1) {
+          group_mass += __shfl_sync(same_digit, mass, __ffs(static_cast<int>(rest)) - 1);
+        }
+        if (static_cast<int>(threadIdx.x % kWarpSize) == __ffs(static_cast<int>(same_digit)) - 1) {
+          atomicAdd(&scratch.radix_mass[digit], group_mass);
+          atomicAdd(&scratch.radix_count[digit], static_cast<unsigned>(__popc(same_digit)));
+        }
       }
     }
     __syncthreads();

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "cuda/hta_kl_cuda.h"
