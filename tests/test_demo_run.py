@@ -16,7 +16,7 @@ import torch
 from htakl_kernels.demo import training
 from htakl_kernels.demo.__main__ import main
 from htakl_kernels.demo.data import load_digits
-from test_demo_data import _fake_cifar10
+from test_demo_data import write_fake_cifar10
 from htakl_kernels.demo.energy import ENERGY_PER_AC_PJ, ENERGY_PER_MAC_PJ
 from htakl_kernels.demo.models import build_model, lif_neuron
 
@@ -157,7 +157,7 @@ def test_unavailable_backend_fails_before_training(tmp_path):
 
 
 def test_cifar_folder_and_resnet20_through_the_command_line(tmp_path):
-    _fake_cifar10(str(tmp_path / "cifar-10-batches-py"), per_batch=4)
+    write_fake_cifar10(str(tmp_path / "cifar-10-batches-py"), per_batch=4)
     out = tmp_path / "run"
     assert main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--arch", "resnet20",
                  "--timesteps", "2", "--epochs", "1", "--batch-size", "10", "--backend", "reference",
