@@ -41,7 +41,7 @@ def _write_batch(path, data, labels, label_key=b"labels"):
         pickle.dump({b"data": data, label_key: list(labels), b"batch_label": b"fake"}, handle)
 
 
-def _fake_cifar10(folder, per_batch=3, seed=0):
+def write_fake_cifar10(folder, per_batch=3, seed=0):
     """The five training batches and the test batch, `per_batch` random images each."""
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
@@ -57,7 +57,7 @@ def _fake_cifar10(folder, per_batch=3, seed=0):
 @pytest.mark.parametrize("nested", [False, True])
 def test_cifar10_batches_are_read_in_order_and_channel_major(tmp_path, nested):
     folder = tmp_path / "cifar-10-batches-py" if nested else tmp_path
-    batches = _fake_cifar10(str(folder))
+    batches = write_fake_cifar10(str(folder))
     data = load_dataset("cifar10", str(tmp_path), seed=0)
     train_raw = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)])
     train_labels = np.concatenate([batches[f"data_batch_{i}"][1] for i in range(1, 6)])
@@ -101,7 +101,7 @@ def test_missing_folder_says_what_is_expected(tmp_path):
     ("bad_label", "values out of range"),
 ])
 def test_malformed_batch_names_the_file_and_the_layout(tmp_path, damage, message):
-    _fake_cifar10(str(tmp_path))
+    write_fake_cifar10(str(tmp_path))
     target = str(tmp_path / "data_batch_3")
     if damage == "garbage":
         with open(target, "wb") as handle:

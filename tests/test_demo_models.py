@@ -131,6 +131,19 @@ def test_energy_counts_the_stem_once_per_image_and_spike_layers_per_step():
     assert layers["body.7"]["AC"] == pytest.approx(hidden["spikes"].sum().item() * 10 / batch)
 
 
+def test_resnet_classifier_reading_pooled_rates_counts_multiply_adds():
+    torch.manual_seed(0)
+    # Training mode: batch statistics keep the deep layers firing at initialisation.
+    model = build_model("resnet20", (3, 16, 16), 10, timesteps=2, neuron=NEURON).train()
+    pooled = {}
+    model.body[-1].register_forward_pre_hook(lambda m, inputs: pooled.setdefault("rates", inputs[0]))
+    with torch.no_grad(), ActivityMonitor(model) as monitor:
+        model(torch.randn(3, 3, 16, 16))
+    assert not ((pooled["rates"] == 0) | (pooled["rates"] == 1)).all()  # fractions of 16 positions
+    layers = monitor.summary()["layer_operations_per_image"]
+    assert layers["body.12"] == {"AC": 0, "MAC": 2 * 10 * 64}  # T steps x 10 outputs x 64 inputs
+
+
 def test_ann_teacher_counts_only_multiply_adds():
     torch.manual_seed(0)
     model = build_model("small", (1, 8, 8), 10).eval()

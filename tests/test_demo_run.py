@@ -16,6 +16,7 @@ import torch
 from htakl_kernels.demo import training
 from htakl_kernels.demo.__main__ import main
 from htakl_kernels.demo.data import load_digits
+from test_demo_data import write_fake_cifar10
 from htakl_kernels.demo.energy import ENERGY_PER_AC_PJ, ENERGY_PER_MAC_PJ
 from htakl_kernels.demo.models import build_model, lif_neuron
 
@@ -153,3 +154,18 @@ def test_unavailable_backend_fails_before_training(tmp_path):
     with pytest.raises(SystemExit, match="--backend cuda: backend 'cuda' is not available"):
         main([*TINY, "--backend", "cuda", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run" / "teacher.pt").exists()
+
+
+def test_cifar_folder_and_resnet20_through_the_command_line(tmp_path):
+    write_fake_cifar10(str(tmp_path / "cifar-10-batches-py"), per_batch=4)
+    out = tmp_path / "run"
+    assert main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--arch", "resnet20",
+                 "--timesteps", "2", "--epochs", "1", "--batch-size", "10", "--backend", "reference",
+                 "--no-progress", "--out", str(out)]) == 0
+    results = _read(out)
+    assert results["dataset"] == {"name": "cifar10", "train_images": 20, "test_images": 4,
+                                  "image_shape": [3, 32, 32], "classes": 10}
+    for run in results["students"].values():
+        # 19 spiking layers: the stem's, two per basic block (9 blocks).
+        assert len(run["firing_rates"]) == 19
+        assert run["layer_operations_per_image"]["stem.0"] == {"AC": 0, "MAC": 16 * 32 * 32 * 3 * 9}

@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .training import METHOD_TITLES, TEACHER_TITLE, titled_runs  # noqa: E402
 
@@ -25,6 +26,7 @@ def plot_results(results: dict, path: str) -> None:
         curves.plot(epochs, accuracies, marker="o", markersize=3, label=title, color=COLOURS[title],
                     linestyle="--" if title == TEACHER_TITLE else "-")
     curves.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.grid(alpha=0.3)
     curves.legend()
 

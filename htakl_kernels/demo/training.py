@@ -180,9 +180,10 @@ def train_run(
             optimizer.zero_grad(set_to_none=True)
             logits.backward(cut.grad)
             optimizer.step()
-            loss_sum += loss.item() * len(index)
+            loss_value = loss.item()
+            loss_sum += loss_value * len(index)
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
         schedule.step()
         history.append({
             "epoch": epoch + 1,
