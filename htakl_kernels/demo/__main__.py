@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
+    quick_options = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in QUICK.items())
     add("--dataset", choices=DATASETS, help=f"default {DEFAULTS['dataset']}")
     add("--data-dir", help="folder with the CIFAR python batches (cifar10/cifar100)")
     add("--arch", choices=ARCHITECTURES, help=f"student and teacher architecture (default {DEFAULTS['arch']})")
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr", type=_number(float, 0, low_open=True), help=f"Adam learning rate (default {DEFAULTS['lr']})")
     add("--subset", type=_number(int, 1), help="use at most this many training and test images")
     add("--quick", action="store_const", const=True,
-        help=f"a short run: {', '.join(f'--{k} {v}' for k, v in QUICK.items())} unless given")
+        help=f"a short run: {quick_options} unless given")
     add("--device", help="auto (cuda if available), cpu, cuda, cuda:N (default auto)")
     add("--backend", choices=BACKENDS, help="kernel backend for the loss and the LIF neuron (default auto)")
     add("--threads", type=_number(int, 1),
