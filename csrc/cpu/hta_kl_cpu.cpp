@@ -25,6 +25,7 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <vector>
 
 #include "hta_kl_math.h"
 
@@ -185,14 +186,20 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
     }
     for (int digit = static_cast<int>(digit_mask); digit > chosen; --digit) mass_above += mass[digit];
     prefix = static_cast<key_t>((prefix << width) | key_t(chosen));
-    // Keep the candidates with the chosen digit, in ascending class index.
+    // Keep the candidates with the chosen digit, in ascending class index (branch-free: kept never
+    // passes the read position, so the writes stay in bounds).
     int64_t kept = 0;
     if (n_candidates < 0) {
-      for (int64_t i = 0; i < classes; ++i)
-        if ((key_of(i) >> shift) == prefix) candidates[kept++] = i;
+      for (int64_t i = 0; i < classes; ++i) {
+        candidates[kept] = i;
+        kept += (key_of(i) >> shift) == prefix;
+      }
     } else {
-      for (int64_t j = 0; j < n_candidates; ++j)
-        if ((key_of(candidates[j]) >> shift) == prefix) candidates[kept++] = candidates[j];
+      for (int64_t j = 0; j < n_candidates; ++j) {
+        const int64_t i = candidates[j];
+        candidates[kept] = i;
+        kept += (key_of(i) >> shift) == prefix;
+      }
     }
     n_candidates = kept;
     remaining = shift;
@@ -235,22 +242,30 @@ acc_t shifted_exp(const scalar_t* x, int64_t n, acc_t max, acc_t inv_tau, acc_t*
   return acc_t(std::log(mass_t(sums.total(0))));
 }
 
-// Per-thread scratch for one row; sized for the largest mode.
+// Scratch for the rows one thread runs, sized for the largest mode. The storage persists per
+// thread across calls: long rows would otherwise pay for fresh pages (faults, zeroing) every call.
 template <typename acc_t>
 struct Workspace {
-  std::unique_ptr<acc_t[]> log_p, p, log_q, q, head;  // head: SPEC 1.3 membership as 1 / 0
-  std::unique_ptr<acc_t[]> ratio, step_max, step_log_sum;  // [T, C], [T], [T]: prob_mean only
-  std::unique_ptr<int64_t[]> candidates;
-  Workspace(int64_t steps, int64_t classes, bool prob_mean)
-      : log_p(new acc_t[classes]),
-        p(new acc_t[classes]),
-        log_q(new acc_t[classes]),
-        q(new acc_t[classes]),
-        head(new acc_t[classes]),
-        ratio(prob_mean ? new acc_t[steps * classes] : nullptr),
-        step_max(prob_mean ? new acc_t[steps] : nullptr),
-        step_log_sum(prob_mean ? new acc_t[steps] : nullptr),
-        candidates(new int64_t[classes]) {}
+  acc_t *log_p, *p, *log_q, *q, *head;  // [C] each; head: SPEC 1.3 membership as 1 / 0
+  acc_t *ratio, *step_max, *step_log_sum;  // [T, C], [T], [T]: prob_mean only
+  int64_t* candidates;                     // [C]
+  Workspace(int64_t steps, int64_t classes, bool prob_mean) {
+    thread_local std::vector<acc_t> values;
+    thread_local std::vector<int64_t> indices;
+    const int64_t steps_used = prob_mean ? steps : 0;
+    const auto value_count = static_cast<size_t>(5 * classes + steps_used * (classes + 2));
+    if (values.size() < value_count) values.resize(value_count);
+    if (indices.size() < static_cast<size_t>(classes)) indices.resize(classes);
+    acc_t* next = values.data();
+    for (acc_t** buffer : {&log_p, &p, &log_q, &q, &head}) {
+      *buffer = next;
+      next += classes;
+    }
+    ratio = next;
+    step_max = ratio + steps_used * classes;
+    step_log_sum = step_max + steps_used;
+    candidates = indices.data();
+  }
 };
 
 template <typename scalar_t>
@@ -272,15 +287,15 @@ struct RowKernel {
   void prob_mean_student(int64_t row, Workspace<acc_t>& ws, acc_t inv_tau) const {
     const int64_t C = classes;
     const acc_t inv_steps = acc_t(1) / acc_t(steps);
-    acc_t* shifted = ws.log_q.get();  // scratch until log q is written
-    std::fill_n(ws.q.get(), C, acc_t(0));
+    acc_t* shifted = ws.log_q;  // scratch until log q is written
+    std::fill_n(ws.q, C, acc_t(0));
     for (int64_t t = 0; t < steps; ++t) {
-      acc_t* q_t = ws.ratio.get() + t * C;
+      acc_t* q_t = ws.ratio + t * C;
       const scalar_t* z = student + (t * rows + row) * C;
       ws.step_max[t] = row_max<scalar_t, acc_t>(z, C);
       ws.step_log_sum[t] = shifted_exp<scalar_t, acc_t>(z, C, ws.step_max[t], inv_tau, shifted, q_t);
       const acc_t inv_sum = std::exp(-ws.step_log_sum[t]);
-      acc_t* q = ws.q.get();
+      acc_t* q = ws.q;
       for_each_element(C, [&](int64_t i) {
         q_t[i] *= inv_sum;
         q[i] += q_t[i];
@@ -341,9 +356,9 @@ struct RowKernel {
 
     // SPEC 1.1: log p = shifted - log_sum_p, p = e / sum.
     const acc_t log_sum_p = shifted_exp<scalar_t, acc_t>(a, C, row_max<scalar_t, acc_t>(a, C),
-                                                         inv_tau, ws.log_p.get(), ws.p.get());
+                                                         inv_tau, ws.log_p, ws.p);
     const acc_t inv_sum_p = std::exp(-log_sum_p);
-    for_each_element(C, [&, p = ws.p.get(), log_p = ws.log_p.get()](int64_t i) {
+    for_each_element(C, [&, p = ws.p, log_p = ws.log_p](int64_t i) {
       p[i] *= inv_sum_p;
       log_p[i] -= log_sum_p;
     });
@@ -356,9 +371,9 @@ struct RowKernel {
       if (steps == 1) {
         const scalar_t* z = student + row * C;
         log_sum_q = shifted_exp<scalar_t, acc_t>(z, C, row_max<scalar_t, acc_t>(z, C), inv_tau,
-                                                 ws.log_q.get(), ws.q.get());
+                                                 ws.log_q, ws.q);
       } else {  // logit_mean: softmax of the mean logits (the mean goes to the ratio-free q buffer)
-        acc_t* mean = ws.q.get();
+        acc_t* mean = ws.q;
         std::fill_n(mean, C, acc_t(0));
         for (int64_t t = 0; t < steps; ++t) {
           const scalar_t* z = student + (t * rows + row) * C;
@@ -366,26 +381,26 @@ struct RowKernel {
         }
         for (int64_t i = 0; i < C; ++i) mean[i] /= acc_t(steps);
         log_sum_q = shifted_exp<acc_t, acc_t>(mean, C, row_max<acc_t, acc_t>(mean, C), inv_tau,
-                                              ws.log_q.get(), ws.q.get());
+                                              ws.log_q, ws.q);
       }
       const acc_t inv_sum_q = std::exp(-log_sum_q);
-      for_each_element(C, [&, q = ws.q.get(), log_q = ws.log_q.get()](int64_t i) {
+      for_each_element(C, [&, q = ws.q, log_q = ws.log_q](int64_t i) {
         q[i] *= inv_sum_q;
         log_q[i] -= log_sum_q;
       });
     }
 
     // SPEC 1.3. A NaN teacher row (NaN everywhere) skips the selection: its loss is NaN anyway.
-    const acc_t* p = ws.p.get();
-    const acc_t* log_p = ws.log_p.get();
-    const acc_t* q = ws.q.get();
-    const acc_t* log_q = ws.log_q.get();
+    const acc_t* p = ws.p;
+    const acc_t* log_p = ws.log_p;
+    const acc_t* q = ws.q;
+    const acc_t* log_q = ws.log_q;
     const HeadBoundary<acc_t> boundary =
         std::isnan(log_sum_p)
             ? HeadBoundary<acc_t>{std::numeric_limits<acc_t>::infinity(), 0}
-            : find_head_boundary<acc_t>(p, C, options.delta, ws.candidates.get());
-    boundary.write_mask(p, C, ws.head.get());
-    const acc_t* head = ws.head.get();
+            : find_head_boundary<acc_t>(p, C, options.delta, ws.candidates);
+    boundary.write_mask(p, C, ws.head);
+    const acc_t* head = ws.head;
 
     // SPEC 1.4-1.6 and the signed sums of SPEC 2's sum_j q_j dl_j and sum_j p_j dl_j.
     enum { kHeadDistance, kTailDistance, kFkl, kRkl, kQHead, kQTail, kPHead, kPTail, kStats };
@@ -441,7 +456,7 @@ struct RowKernel {
     // SPEC 2, student, prob_mean: per step t, G_t = sum_j q_tj g_j from four class sums, then
     // dL/dz_tk = (q_tk g_k - q_tk G_t) / (T tau), with q_tk = ratio_tk * q_k.
     for (int64_t t = 0; t < steps; ++t) {
-      const acc_t* ratio = ws.ratio.get() + t * C;
+      const acc_t* ratio = ws.ratio + t * C;
       enum { kPRatio, kLogRatio, kQtHead, kQtTail, kStepStats };
       LaneSums<acc_t, kStepStats> step;
       for_each_lane(C, [&](int64_t i, int l) {
