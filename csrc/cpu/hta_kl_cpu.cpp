@@ -4,10 +4,12 @@
 // One row at a time, rows in parallel. Each row takes a fixed number of passes:
 //   1. max of the teacher and of the student logits (per time step for prob_mean);
 //   2. shifted logits and their exponentials into a per-thread workspace, softmax sums in a wider
-//      type (SPEC 1.1, 1.2);
-//   3. the head boundary by a radix select over the probability bits, no sort (SPEC 1.3);
+//      type, then one normalising pass to p, log p, q, log q (SPEC 1.1, 1.2);
+//   3. the head boundary by a radix select over the probability bits, no sort: one histogram pass
+//      and one compaction pass over the row, the later digits over the few remaining candidates;
+//      then the membership as a 0 / 1 mask (SPEC 1.3);
 //   4. one statistics pass: distances, FKL, RKL and the signed sums the gradients need (SPEC 1.4-1.6);
-//   5. one gradient pass for the student and the teacher (SPEC 2).
+//   5. one gradient pass for the student and one for the teacher (SPEC 2).
 // Reductions accumulate in kLanes interleaved partial sums combined in a fixed order: the loops
 // vectorize without reassociation, and the result does not depend on alignment or thread count.
 #include <ATen/Dispatch.h>
@@ -288,14 +290,14 @@ struct RowKernel {
     const int64_t C = classes;
     const acc_t inv_steps = acc_t(1) / acc_t(steps);
     acc_t* shifted = ws.log_q;  // scratch until log q is written
-    std::fill_n(ws.q, C, acc_t(0));
+    acc_t* q = ws.q;
+    std::fill_n(q, C, acc_t(0));
     for (int64_t t = 0; t < steps; ++t) {
       acc_t* q_t = ws.ratio + t * C;
       const scalar_t* z = student + (t * rows + row) * C;
       ws.step_max[t] = row_max<scalar_t, acc_t>(z, C);
       ws.step_log_sum[t] = shifted_exp<scalar_t, acc_t>(z, C, ws.step_max[t], inv_tau, shifted, q_t);
       const acc_t inv_sum = std::exp(-ws.step_log_sum[t]);
-      acc_t* q = ws.q;
       for_each_element(C, [&](int64_t i) {
         q_t[i] *= inv_sum;
         q[i] += q_t[i];
@@ -303,17 +305,19 @@ struct RowKernel {
     }
     constexpr acc_t kSmallest = std::is_same_v<acc_t, float> ? acc_t(1e-30) : acc_t(1e-290);
     const acc_t log_steps = std::log(acc_t(steps));
+    acc_t* inv_q = ws.head;  // scratch: the head mask is written later
+    for_each_element(C, [&](int64_t i) {
+      q[i] *= inv_steps;
+      inv_q[i] = q[i] >= kSmallest ? acc_t(1) / q[i] : acc_t(0);
+    });
+    for (int64_t i = 0; i < C; ++i) ws.log_q[i] = std::log(q[i]);
+    for (int64_t t = 0; t < steps; ++t)
+      for_each_element(C, [&, ratio = ws.ratio + t * C](int64_t i) { ratio[i] *= inv_q[i]; });
+    // The rest: q_k tiny, zero or NaN.
     for (int64_t i = 0; i < C; ++i) {
-      ws.q[i] *= inv_steps;
-      if (ws.q[i] >= kSmallest) {
-        ws.log_q[i] = std::log(ws.q[i]);
-        const acc_t inv_q = acc_t(1) / ws.q[i];
-        for (int64_t t = 0; t < steps; ++t) ws.ratio[t * C + i] *= inv_q;
-        continue;
-      }
-      if (std::isnan(ws.q[i])) {  // NaN logits: NaN everywhere, as in the reference
-        ws.log_q[i] = ws.q[i];
-        for (int64_t t = 0; t < steps; ++t) ws.ratio[t * C + i] = ws.q[i];
+      if (q[i] >= kSmallest) continue;
+      if (std::isnan(q[i])) {  // NaN logits: NaN everywhere (log q is NaN already), as in the reference
+        for (int64_t t = 0; t < steps; ++t) ws.ratio[t * C + i] = q[i];
         continue;
       }
       // log q_tk = (z_tk - max_t) / tau - log_sum_t; shift by their max M over t.
