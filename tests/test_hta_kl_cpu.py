@@ -439,6 +439,25 @@ def test_deterministic_across_calls_threads_and_alignment():
         assert all(torch.equal(a, b) for a, b in zip(first, single))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("mode", ("2d", "prob_mean_T4", "logit_mean_T4"))
+def test_instruction_sets_agree(mode, dtype, monkeypatch):
+    """The kernel is compiled for the baseline ISA and for AVX2 + FMA (picked at run time); the
+    copies differ only by FMA contraction, so they agree to rounding. (Where the CPU lacks AVX2
+    both calls run the baseline copy.)"""
+    generator = torch.Generator().manual_seed(12)
+    steps, _ = MODES[mode]
+    teacher = draw_teacher(9, 1037, temperature=2.0, delta=0.5, dtype=dtype, generator=generator)
+    student = draw_student(teacher, steps, generator)
+    student = student if steps is not None else student.unsqueeze(0)
+    args = (2.0, 0.5, mode.startswith("logit_mean"), False, True, True)
+    fastest = OP(student, teacher, *args)
+    monkeypatch.setenv("HTAKL_CPU_ISA", "baseline")
+    baseline = OP(student, teacher, *args)
+    for what, a, b in zip(("loss", "d student", "d teacher"), fastest, baseline):
+        assert_close_to_oracle(a, b, dtype, what)
+
+
 def test_direct_call_outputs():
     teacher = torch.randn(3, 5)
     student = torch.randn(1, 3, 5)

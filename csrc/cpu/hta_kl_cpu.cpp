@@ -4,10 +4,12 @@
 // One row at a time, rows in parallel. Each row takes a fixed number of passes:
 //   1. max of the teacher and of the student logits (per time step for prob_mean);
 //   2. shifted logits and their exponentials into a per-thread workspace, softmax sums in a wider
-//      type (SPEC 1.1, 1.2);
-//   3. the head boundary by a radix select over the probability bits, no sort (SPEC 1.3);
+//      type, then one normalising pass to p, log p, q, log q (SPEC 1.1, 1.2);
+//   3. the head boundary by a radix select over the probability bits, no sort: one histogram pass
+//      and one compaction pass over the row, the later digits over the few remaining candidates;
+//      then the membership as a 0 / 1 mask (SPEC 1.3);
 //   4. one statistics pass: distances, FKL, RKL and the signed sums the gradients need (SPEC 1.4-1.6);
-//   5. one gradient pass for the student and the teacher (SPEC 2).
+//   5. one gradient pass for the student and one for the teacher (SPEC 2).
 // Reductions accumulate in kLanes interleaved partial sums combined in a fixed order: the loops
 // vectorize without reassociation, and the result does not depend on alignment or thread count.
 #include <ATen/Dispatch.h>
@@ -22,449 +24,58 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <memory>
+#include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "hta_kl_math.h"
 
 namespace htakl {
 namespace {
 
-constexpr int kLanes = 16;
+// The row kernel, compiled twice: for the baseline instruction set, and (x86-64) for AVX2 + FMA,
+// picked at run time. Functions from the headers above keep their baseline target and inline into
+// both copies.
+namespace baseline {
+#include "hta_kl_cpu_rows.h"
+}  // namespace baseline
 
-// exp(x) for x <= 0 (also -inf -> 0 and NaN -> NaN), the only arguments a max-shifted softmax
-// produces. Written branch-free so the loops calling it vectorize: x = n ln2 + r with |r| <= ln2/2,
-// e^r by its degree-7 Taylor polynomial (truncation 5e-9 relative), 2^n assembled from two normal
-// halves so results in the subnormal range round correctly.
-inline float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;  // 9 significant bits: n * kLn2Hi is exact
-  constexpr float kLn2Lo = -2.12194440054690583e-4f;
-  constexpr float kRoundToInt = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  constexpr float kLowest = -104.0f;          // below it e^x rounds to 0 in float
-  const float clamped = x < kLowest ? kLowest : x;
-  const float shifted = clamped * kLog2e + kRoundToInt;
-  const float n = shifted - kRoundToInt;
-  const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
-  float poly = 1.0f / 5040.0f;
-  poly = poly * r + 1.0f / 720.0f;
-  poly = poly * r + 1.0f / 120.0f;
-  poly = poly * r + 1.0f / 24.0f;
-  poly = poly * r + 1.0f / 6.0f;
-  poly = poly * r + 0.5f;
-  poly = poly * r + 1.0f;
-  poly = poly * r + 1.0f;
-  // n in [-150, 0] sits in the low mantissa bits of `shifted`; split it into two halves >= -75.
-  const int32_t n_int = static_cast<int32_t>(std::bit_cast<uint32_t>(shifted) -
-                                             std::bit_cast<uint32_t>(kRoundToInt));
-  const int32_t n_high = n_int >> 1;
-  const float scale_high = std::bit_cast<float>(static_cast<uint32_t>(n_high + 127) << 23);
-  const float scale_low = std::bit_cast<float>(static_cast<uint32_t>(n_int - n_high + 127) << 23);
-  const float result = poly * scale_high * scale_low;
-  return x < kLowest ? 0.0f : result;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HTAKL_CPU_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "hta_kl_cpu_rows.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+// HTAKL_CPU_ISA=baseline forces the baseline copy (tests compare the two).
+bool use_avx2() {
+#ifdef HTAKL_CPU_AVX2
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* forced = std::getenv("HTAKL_CPU_ISA");
+  return supported && !(forced != nullptr && std::string_view(forced) == "baseline");
+#else
+  return false;
+#endif
 }
 
-inline double exp_nonpositive(double x) { return std::exp(x); }
-
-// Interleaved partial sums: element i goes to lane i % kLanes, lanes are combined pairwise.
-template <typename T, int kStats>
-struct LaneSums {
-  T lane[kStats][kLanes] = {};
-  T total(int stat) const {
-    T partial[kLanes];
-    std::copy_n(lane[stat], kLanes, partial);
-    for (int width = kLanes / 2; width > 0; width /= 2)
-      for (int l = 0; l < width; ++l) partial[l] += partial[l + width];
-    return partial[0];
-  }
-};
-
-// Calls body(i, lane) for i in [0, n) in blocks of kLanes; the lanes of a block are independent
-// (each writes only its own lane), so the block is one SIMD loop.
-template <typename Body>
-inline void for_each_lane(int64_t n, Body&& body) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) body(i + l, l);
-  }
-  for (int l = 0; i + l < n; ++l) body(i + l, l);
-}
-
-// Calls body(i) for i in [0, n), iterations independent (elementwise passes).
-template <typename Body>
-inline void for_each_element(int64_t n, Body&& body) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) body(i);
-}
-
-// Radix-select key and mass types: probabilities are >= 0, so their bit patterns order like the
-// values. Masses for the selection are summed in a wider type than the probabilities (SPEC 1,
-// "Rounding at the head boundary").
-template <typename acc_t>
-struct SelectTypes;
-template <>
-struct SelectTypes<float> {
-  using key_t = uint32_t;
-  using mass_t = double;
-};
-template <>
-struct SelectTypes<double> {
-  using key_t = uint64_t;
-  using mass_t = long double;
-};
-
-// SPEC 1.3 membership: head = { p > value } plus the tied p == value with class index < cut.
-// value = -1 puts every class in the head (the row's mass never reaches delta).
-template <typename acc_t>
-struct HeadBoundary {
-  acc_t value;
-  int64_t cut;
-  // mask[i] = 1 for head classes, else 0: two compare loops (before and after cut) that vectorize.
-  void write_mask(const acc_t* p, int64_t classes, acc_t* mask) const {
-    const int64_t split = std::min(cut, classes);
-    for_each_element(split, [&](int64_t i) { mask[i] = p[i] >= value ? acc_t(1) : acc_t(0); });
-    for_each_element(classes - split, [&, p = p + split, mask = mask + split](int64_t i) {
-      mask[i] = p[i] > value ? acc_t(1) : acc_t(0);
-    });
-  }
-};
-
-// SPEC 1.3 without a sort: radix select (8-bit digits, most significant first) for the boundary w,
-// the largest probability whose "mass at or above" reaches delta, with mass_above = mass of p > w;
-// then tied_head_count (hta_kl_math.h) gives how many of the n_w classes tied at w (taken in
-// ascending class index, as a stable sort does) are in the head. `candidates` holds C indices.
-template <typename acc_t>
-HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double delta,
-                                       int64_t* candidates) {
-  using key_t = typename SelectTypes<acc_t>::key_t;
-  using mass_t = typename SelectTypes<acc_t>::mass_t;
-  constexpr int kDigitBits = 8;
-  constexpr int kKeyBits = 8 * sizeof(key_t) - 1;  // the sign bit is 0 for p >= 0
-  int64_t count[1 << kDigitBits];
-  mass_t mass[1 << kDigitBits];
-  mass_t mass_above = 0;
-  key_t prefix = 0;
-  int64_t n_candidates = -1;  // < 0: every class is still a candidate
-  auto key_of = [&](int64_t i) { return std::bit_cast<key_t>(p[i]); };
-  for (int remaining = kKeyBits; remaining > 0;) {
-    const int width = std::min(kDigitBits, remaining);
-    const int shift = remaining - width;
-    const key_t digit_mask = (key_t(1) << width) - 1;
-    std::fill_n(count, digit_mask + 1, 0);
-    std::fill_n(mass, digit_mask + 1, mass_t(0));
-    auto add = [&](int64_t i) {
-      const auto digit = static_cast<int>((key_of(i) >> shift) & digit_mask);
-      ++count[digit];
-      mass[digit] += mass_t(p[i]);
-    };
-    if (n_candidates < 0) {
-      for (int64_t i = 0; i < classes; ++i) add(i);
-    } else {
-      for (int64_t j = 0; j < n_candidates; ++j) add(candidates[j]);
-    }
-    // Highest digit whose bucket brings the mass at or above it to delta.
-    int chosen = -1, lowest_nonempty = -1;
-    mass_t running = mass_above;
-    for (int digit = static_cast<int>(digit_mask); digit >= 0; --digit) {
-      if (count[digit] == 0) continue;
-      lowest_nonempty = digit;
-      if (running + mass[digit] >= mass_t(delta)) {
-        chosen = digit;
-        break;
-      }
-      running += mass[digit];
-    }
-    if (chosen < 0) {
-      // The whole row's mass stays below delta: every class is in the head. On a finer digit this
-      // only happens through rounding of a bucket that reached delta before: its smallest values
-      // are then the boundary.
-      if (n_candidates < 0) return {acc_t(-1), 0};
-      chosen = lowest_nonempty;
-    }
-    for (int digit = static_cast<int>(digit_mask); digit > chosen; --digit) mass_above += mass[digit];
-    prefix = static_cast<key_t>((prefix << width) | key_t(chosen));
-    // Keep the candidates with the chosen digit, in ascending class index.
-    int64_t kept = 0;
-    if (n_candidates < 0) {
-      for (int64_t i = 0; i < classes; ++i)
-        if ((key_of(i) >> shift) == prefix) candidates[kept++] = i;
-    } else {
-      for (int64_t j = 0; j < n_candidates; ++j)
-        if ((key_of(candidates[j]) >> shift) == prefix) candidates[kept++] = candidates[j];
-    }
-    n_candidates = kept;
-    remaining = shift;
-  }
-  const acc_t boundary = std::bit_cast<acc_t>(prefix);
-  const int64_t tied_in_head =
-      tied_head_count<mass_t>(mass_above, mass_t(boundary), n_candidates, mass_t(delta));
-  return {boundary, tied_in_head == 0 ? 0 : candidates[tied_in_head - 1] + 1};
-}
-
-template <typename scalar_t, typename acc_t>
-acc_t row_max(const scalar_t* x, int64_t n) {
-  acc_t lane[kLanes];
-  std::fill_n(lane, kLanes, -std::numeric_limits<acc_t>::infinity());
-  for_each_lane(n, [&](int64_t i, int l) {
-    const acc_t v = acc_t(x[i]);
-    lane[l] = v > lane[l] ? v : lane[l];
-  });
-  acc_t result = lane[0];
-  for (int l = 1; l < kLanes; ++l) result = lane[l] > result ? lane[l] : result;
-  return result;
-}
-
-// SPEC 1.1/1.2 for one softmax, given max = row_max(x): shifted[i] = (x_i - max) / tau and e[i] = exp(shifted[i]); returns
-// log(sum_i e[i]), summed in double (long double for double) so the probabilities e / sum that
-// the head selection adds up carry no systematic error. log softmax = shifted - returned value.
-template <typename scalar_t, typename acc_t>
-acc_t shifted_exp(const scalar_t* x, int64_t n, acc_t max, acc_t inv_tau, acc_t* shifted,
-                  acc_t* e) {
-  using mass_t = typename SelectTypes<acc_t>::mass_t;
-  using lane_t = std::conditional_t<std::is_same_v<acc_t, float>, double, acc_t>;
-  LaneSums<lane_t, 1> sums;
-  for_each_lane(n, [&](int64_t i, int l) {
-    const acc_t s = (acc_t(x[i]) - max) * inv_tau;
-    const acc_t v = exp_nonpositive(s);
-    shifted[i] = s;
-    e[i] = v;
-    sums.lane[0][l] += lane_t(v);
-  });
-  return acc_t(std::log(mass_t(sums.total(0))));
-}
-
-// Per-thread scratch for one row; sized for the largest mode.
-template <typename acc_t>
-struct Workspace {
-  std::unique_ptr<acc_t[]> log_p, p, log_q, q, head;  // head: SPEC 1.3 membership as 1 / 0
-  std::unique_ptr<acc_t[]> ratio, step_max, step_log_sum;  // [T, C], [T], [T]: prob_mean only
-  std::unique_ptr<int64_t[]> candidates;
-  Workspace(int64_t steps, int64_t classes, bool prob_mean)
-      : log_p(new acc_t[classes]),
-        p(new acc_t[classes]),
-        log_q(new acc_t[classes]),
-        q(new acc_t[classes]),
-        head(new acc_t[classes]),
-        ratio(prob_mean ? new acc_t[steps * classes] : nullptr),
-        step_max(prob_mean ? new acc_t[steps] : nullptr),
-        step_log_sum(prob_mean ? new acc_t[steps] : nullptr),
-        candidates(new int64_t[classes]) {}
-};
-
-template <typename scalar_t>
-struct RowKernel {
+template <template <typename> class Kernel, typename scalar_t>
+Kernel<scalar_t> make_kernel(const at::Tensor& student, const at::Tensor& teacher,
+                             at::Tensor& loss, at::Tensor& d_student, at::Tensor& d_teacher,
+                             bool grad_student, bool grad_teacher, const HtaKlOptions& options) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* student;  // [T, R, C]
-  const scalar_t* teacher;  // [R, C]
-  acc_t* loss;              // [R]
-  scalar_t* grad_student;   // [T, R, C] or null
-  scalar_t* grad_teacher;   // [R, C] or null
-  int64_t steps, rows, classes;
-  HtaKlOptions options;
-
-  bool prob_mean() const { return steps > 1 && !options.logit_mean; }
-
-  // SPEC 1.2, prob_mean: log q = logsumexp_t(log q_t) - log T and the ratios q_tk / q_k in
-  // [0, T]. Normally q_k = mean_t q_tk and the ratio is a division; where q_k is too small for
-  // that to be exact (logits far apart), both come from the max-shifted log form instead.
-  void prob_mean_student(int64_t row, Workspace<acc_t>& ws, acc_t inv_tau) const {
-    const int64_t C = classes;
-    const acc_t inv_steps = acc_t(1) / acc_t(steps);
-    acc_t* shifted = ws.log_q.get();  // scratch until log q is written
-    std::fill_n(ws.q.get(), C, acc_t(0));
-    for (int64_t t = 0; t < steps; ++t) {
-      acc_t* q_t = ws.ratio.get() + t * C;
-      const scalar_t* z = student + (t * rows + row) * C;
-      ws.step_max[t] = row_max<scalar_t, acc_t>(z, C);
-      ws.step_log_sum[t] = shifted_exp<scalar_t, acc_t>(z, C, ws.step_max[t], inv_tau, shifted, q_t);
-      const acc_t inv_sum = std::exp(-ws.step_log_sum[t]);
-      acc_t* q = ws.q.get();
-      for_each_element(C, [&](int64_t i) {
-        q_t[i] *= inv_sum;
-        q[i] += q_t[i];
-      });
-    }
-    constexpr acc_t kSmallest = std::is_same_v<acc_t, float> ? acc_t(1e-30) : acc_t(1e-290);
-    const acc_t log_steps = std::log(acc_t(steps));
-    for (int64_t i = 0; i < C; ++i) {
-      ws.q[i] *= inv_steps;
-      if (ws.q[i] >= kSmallest) {
-        ws.log_q[i] = std::log(ws.q[i]);
-        const acc_t inv_q = acc_t(1) / ws.q[i];
-        for (int64_t t = 0; t < steps; ++t) ws.ratio[t * C + i] *= inv_q;
-        continue;
-      }
-      if (std::isnan(ws.q[i])) {  // NaN logits: NaN everywhere, as in the reference
-        ws.log_q[i] = ws.q[i];
-        for (int64_t t = 0; t < steps; ++t) ws.ratio[t * C + i] = ws.q[i];
-        continue;
-      }
-      // log q_tk = (z_tk - max_t) / tau - log_sum_t; shift by their max M over t.
-      acc_t top = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t t = 0; t < steps; ++t) {
-        const acc_t log_q_t = log_q_step(ws, row, t, i, inv_tau);
-        top = log_q_t > top ? log_q_t : top;
-      }
-      if (top == -std::numeric_limits<acc_t>::infinity()) {  // masked at every step
-        ws.q[i] = acc_t(0);
-        ws.log_q[i] = top;
-        for (int64_t t = 0; t < steps; ++t) ws.ratio[t * C + i] = acc_t(0);
-        continue;
-      }
-      acc_t sum = 0;
-      for (int64_t t = 0; t < steps; ++t) {
-        const acc_t c = std::exp(log_q_step(ws, row, t, i, inv_tau) - top);
-        ws.ratio[t * C + i] = c;
-        sum += c;
-      }
-      ws.log_q[i] = top + std::log(sum) - log_steps;
-      ws.q[i] = std::exp(ws.log_q[i]);
-      const acc_t scale = acc_t(steps) / sum;
-      for (int64_t t = 0; t < steps; ++t) ws.ratio[t * C + i] *= scale;
-    }
-  }
-
-  // log q_tk = (z_tk - max_t) / tau - log sum_t, as SPEC 1.2's log_softmax(z_t / tau).
-  acc_t log_q_step(const Workspace<acc_t>& ws, int64_t row, int64_t t, int64_t i,
-                   acc_t inv_tau) const {
-    const acc_t z = acc_t(student[(t * rows + row) * classes + i]);
-    return (z - ws.step_max[t]) * inv_tau - ws.step_log_sum[t];
-  }
-
-  void operator()(int64_t row, Workspace<acc_t>& ws) const {
-    const int64_t C = classes;
-    const acc_t inv_tau = acc_t(1) / acc_t(options.temperature);
-    const acc_t inv_steps = acc_t(1) / acc_t(steps);
-    const scalar_t* a = teacher + row * C;
-
-    // SPEC 1.1: log p = shifted - log_sum_p, p = e / sum.
-    const acc_t log_sum_p = shifted_exp<scalar_t, acc_t>(a, C, row_max<scalar_t, acc_t>(a, C),
-                                                         inv_tau, ws.log_p.get(), ws.p.get());
-    const acc_t inv_sum_p = std::exp(-log_sum_p);
-    for_each_element(C, [&, p = ws.p.get(), log_p = ws.log_p.get()](int64_t i) {
-      p[i] *= inv_sum_p;
-      log_p[i] -= log_sum_p;
-    });
-
-    // SPEC 1.2: q and log q.
-    if (prob_mean()) {
-      prob_mean_student(row, ws, inv_tau);
-    } else {
-      acc_t log_sum_q;
-      if (steps == 1) {
-        const scalar_t* z = student + row * C;
-        log_sum_q = shifted_exp<scalar_t, acc_t>(z, C, row_max<scalar_t, acc_t>(z, C), inv_tau,
-                                                 ws.log_q.get(), ws.q.get());
-      } else {  // logit_mean: softmax of the mean logits (the mean goes to the ratio-free q buffer)
-        acc_t* mean = ws.q.get();
-        std::fill_n(mean, C, acc_t(0));
-        for (int64_t t = 0; t < steps; ++t) {
-          const scalar_t* z = student + (t * rows + row) * C;
-          for (int64_t i = 0; i < C; ++i) mean[i] += acc_t(z[i]);
-        }
-        for (int64_t i = 0; i < C; ++i) mean[i] /= acc_t(steps);
-        log_sum_q = shifted_exp<acc_t, acc_t>(mean, C, row_max<acc_t, acc_t>(mean, C), inv_tau,
-                                              ws.log_q.get(), ws.q.get());
-      }
-      const acc_t inv_sum_q = std::exp(-log_sum_q);
-      for_each_element(C, [&, q = ws.q.get(), log_q = ws.log_q.get()](int64_t i) {
-        q[i] *= inv_sum_q;
-        log_q[i] -= log_sum_q;
-      });
-    }
-
-    // SPEC 1.3. A NaN teacher row (NaN everywhere) skips the selection: its loss is NaN anyway.
-    const acc_t* p = ws.p.get();
-    const acc_t* log_p = ws.log_p.get();
-    const acc_t* q = ws.q.get();
-    const acc_t* log_q = ws.log_q.get();
-    const HeadBoundary<acc_t> boundary =
-        std::isnan(log_sum_p)
-            ? HeadBoundary<acc_t>{std::numeric_limits<acc_t>::infinity(), 0}
-            : find_head_boundary<acc_t>(p, C, options.delta, ws.candidates.get());
-    boundary.write_mask(p, C, ws.head.get());
-    const acc_t* head = ws.head.get();
-
-    // SPEC 1.4-1.6 and the signed sums of SPEC 2's sum_j q_j dl_j and sum_j p_j dl_j.
-    enum { kHeadDistance, kTailDistance, kFkl, kRkl, kQHead, kQTail, kPHead, kPTail, kStats };
-    LaneSums<acc_t, kStats> sums;
-    for_each_lane(C, [&](int64_t i, int l) {
-      // Head / tail split by multiplying with the 0 / 1 mask: x - mask * x is exactly x or 0.
-      const acc_t distance = std::abs(p[i] - q[i]);
-      const acc_t sign = sign_of_difference(q[i], p[i]);
-      const acc_t head_distance = head[i] * distance;
-      const acc_t signed_q = q[i] * sign, head_signed_q = head[i] * signed_q;
-      const acc_t signed_p = p[i] * sign, head_signed_p = head[i] * signed_p;
-      sums.lane[kHeadDistance][l] += head_distance;
-      sums.lane[kTailDistance][l] += distance - head_distance;
-      sums.lane[kFkl][l] += fkl_term(p[i], log_p[i], log_q[i]);
-      sums.lane[kRkl][l] += rkl_term(q[i], log_q[i], log_p[i]);
-      sums.lane[kQHead][l] += head_signed_q;
-      sums.lane[kQTail][l] += signed_q - head_signed_q;
-      sums.lane[kPHead][l] += head_signed_p;
-      sums.lane[kPTail][l] += signed_p - head_signed_p;
-    });
-    const RowStats<acc_t> st =
-        make_row_stats(sums.total(kHeadDistance), sums.total(kTailDistance), sums.total(kFkl),
-                       sums.total(kRkl), options.detach_weights, inv_tau);
-    loss[row] = row_loss(st);
-    auto dl_of = [&](int64_t i) {
-      return dlam_h_dq(st, sign_of_difference(q[i], p[i]), head[i] != acc_t(0));
-    };
-
-    // SPEC 2, teacher.
-    if (grad_teacher != nullptr) {
-      const acc_t sum_p_dl = weighted_dl_sum(st, sums.total(kPHead), sums.total(kPTail));
-      scalar_t* out = grad_teacher + row * C;
-      for_each_element(C, [&](int64_t i) {
-        out[i] = scalar_t(htakl::grad_teacher(st, p[i], log_p[i], q[i], log_q[i], dl_of(i), sum_p_dl));
-      });
-    }
-    if (grad_student == nullptr) return;
-
-    // SPEC 2, student: one softmax (2-D), or logit_mean (divided by T, broadcast over t).
-    if (!prob_mean()) {
-      const acc_t sum_q_dl = weighted_dl_sum(st, sums.total(kQHead), sums.total(kQTail));
-      const acc_t scale = steps == 1 ? acc_t(1) : inv_steps;
-      scalar_t* out0 = grad_student + row * C;
-      for_each_element(C, [&](int64_t i) {
-        out0[i] = scalar_t(scale * grad_student_softmax(st, p[i], log_p[i], q[i], log_q[i],
-                                                         dl_of(i), sum_q_dl));
-      });
-      for (int64_t t = 1; t < steps; ++t)
-        std::copy_n(out0, C, grad_student + (t * rows + row) * C);
-      return;
-    }
-
-    // SPEC 2, student, prob_mean: per step t, G_t = sum_j q_tj g_j from four class sums, then
-    // dL/dz_tk = (q_tk g_k - q_tk G_t) / (T tau), with q_tk = ratio_tk * q_k.
-    for (int64_t t = 0; t < steps; ++t) {
-      const acc_t* ratio = ws.ratio.get() + t * C;
-      enum { kPRatio, kLogRatio, kQtHead, kQtTail, kStepStats };
-      LaneSums<acc_t, kStepStats> step;
-      for_each_lane(C, [&](int64_t i, int l) {
-        const acc_t q_t = ratio[i] * q[i];
-        const acc_t signed_q_t = q_t * sign_of_difference(q[i], p[i]);
-        const acc_t head_signed_q_t = head[i] * signed_q_t;
-        step.lane[kPRatio][l] += p[i] * ratio[i];
-        step.lane[kLogRatio][l] += q_t_log_ratio(q_t, log_q[i], log_p[i]);
-        step.lane[kQtHead][l] += head_signed_q_t;
-        step.lane[kQtTail][l] += signed_q_t - head_signed_q_t;
-      });
-      const acc_t g_sum = time_step_g_sum(st, step.total(kPRatio), step.total(kLogRatio),
-                                          step.total(kQtHead), step.total(kQtTail));
-      scalar_t* out = grad_student + (t * rows + row) * C;
-      for_each_element(C, [&](int64_t i) {
-        const acc_t q_t = ratio[i] * q[i];
-        const acc_t q_t_g = q_t_times_g(st, p[i], ratio[i], q_t,
-                                        q_t_log_ratio(q_t, log_q[i], log_p[i]), dl_of(i));
-        out[i] = scalar_t(grad_student_prob_mean(st, q_t_g, q_t, g_sum, inv_steps));
-      });
-    }
-  }
-};
+  return {student.const_data_ptr<scalar_t>(),
+          teacher.const_data_ptr<scalar_t>(),
+          loss.mutable_data_ptr<acc_t>(),
+          grad_student ? d_student.mutable_data_ptr<scalar_t>() : nullptr,
+          grad_teacher ? d_teacher.mutable_data_ptr<scalar_t>() : nullptr,
+          student.size(0), teacher.size(0), teacher.size(1), options};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cpu(
     const at::Tensor& student, const at::Tensor& teacher, double temperature, double delta,
@@ -489,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cpu(
               "hta_kl_fused: temperature must be finite and > 0, got ", temperature);
   TORCH_CHECK(delta > 0 && delta <= 1, "hta_kl_fused: delta must be in (0, 1], got ", delta);
 
-  const int64_t steps = student.size(0), rows = teacher.size(0), classes = teacher.size(1);
+  const int64_t rows = teacher.size(0);
   const auto acc_dtype =
       teacher.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({rows}, teacher.options().dtype(acc_dtype));
@@ -499,20 +110,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cpu(
 
   const HtaKlOptions options{temperature, delta, logit_mean, detach_weights};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, teacher.scalar_type(), "hta_kl_fused_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const RowKernel<scalar_t> kernel{
-        student.const_data_ptr<scalar_t>(),
-        teacher.const_data_ptr<scalar_t>(),
-        loss.mutable_data_ptr<acc_t>(),
-        grad_student ? d_student.mutable_data_ptr<scalar_t>() : nullptr,
-        grad_teacher ? d_teacher.mutable_data_ptr<scalar_t>() : nullptr,
-        steps, rows, classes, options};
-    // Enough rows per task to amortise the workspace (about 64k elements of work).
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (classes * (steps + 1)));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      Workspace<acc_t> workspace(steps, classes, kernel.prob_mean());
-      for (int64_t row = begin; row < end; ++row) kernel(row, workspace);
-    });
+#ifdef HTAKL_CPU_AVX2
+    if (use_avx2()) {
+      avx2::run_rows(make_kernel<avx2::RowKernel, scalar_t>(
+          student, teacher, loss, d_student, d_teacher, grad_student, grad_teacher, options));
+      return;
+    }
+#endif
+    baseline::run_rows(make_kernel<baseline::RowKernel, scalar_t>(
+        student, teacher, loss, d_student, d_teacher, grad_student, grad_teacher, options));
   });
   return {loss, d_student, d_teacher};
 }
