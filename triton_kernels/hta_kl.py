@@ -476,6 +476,13 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor) -> None:
         raise ValueError("hta_kl_fused_triton expects contiguous student and teacher")
 
 
+def default_layout(wide: bool) -> tuple[int, int]:
+    """(on_chip_limit, chunk) for float32 math, or float64 (`wide`), whose values take two
+    registers: halved (ptxas then reports 120 bytes of spill per thread instead of 536 for an
+    on-chip prob_mean row)."""
+    return (ON_CHIP_LIMIT // 2, CHUNK // 2) if wide else (ON_CHIP_LIMIT, CHUNK)
+
+
 def _num_warps(block: int, wide: bool) -> int:
     # 8 classes of each row vector per thread (4 in float64 math; see ON_CHIP_LIMIT), between 4
     # and 16 warps.
@@ -489,17 +496,14 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     """Run the kernel; same arguments and results as the op, plus the layout knobs.
 
     `on_chip_limit`: the longest row (in classes) held on chip; longer rows take the chunked path
-    in chunks of `chunk` classes (both powers of two; defaults ON_CHIP_LIMIT and CHUNK, halved
-    for float64 math, whose values take two registers: ptxas then reports 120 bytes of spill per
-    thread instead of 536 for an on-chip prob_mean row).
+    in chunks of `chunk` classes (both powers of two; defaults: `default_layout`).
     """
     _check_inputs(student, teacher)
     acc_dtype = accumulation_dtype(teacher.dtype)
     wide = acc_dtype == torch.float64
-    if on_chip_limit is None:
-        on_chip_limit = ON_CHIP_LIMIT // 2 if wide else ON_CHIP_LIMIT
-    if chunk is None:
-        chunk = min(CHUNK // 2 if wide else CHUNK, on_chip_limit)
+    default_on_chip_limit, default_chunk = default_layout(wide)
+    on_chip_limit = default_on_chip_limit if on_chip_limit is None else on_chip_limit
+    chunk = min(default_chunk, on_chip_limit) if chunk is None else chunk
     radix_block = min(RADIX_BLOCK, chunk) if radix_block is None else radix_block
     steps, rows, classes = student.shape
     loss_rows = torch.empty(rows, dtype=acc_dtype, device=teacher.device)
