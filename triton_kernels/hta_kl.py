@@ -476,9 +476,17 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor) -> None:
         raise ValueError("hta_kl_fused_triton expects contiguous student and teacher")
 
 
-def _num_warps(block: int) -> int:
-    # 8 classes of each row vector per thread (see ON_CHIP_LIMIT), between 4 and 16 warps.
-    return max(4, min(16, block // 256))
+def default_layout(wide: bool) -> tuple[int, int]:
+    """(on_chip_limit, chunk) for float32 math, or float64 (`wide`), whose values take two
+    registers: halved (ptxas then reports 120 bytes of spill per thread instead of 536 for an
+    on-chip prob_mean row)."""
+    return (ON_CHIP_LIMIT // 2, CHUNK // 2) if wide else (ON_CHIP_LIMIT, CHUNK)
+
+
+def _num_warps(block: int, wide: bool) -> int:
+    # 8 classes of each row vector per thread (4 in float64 math; see ON_CHIP_LIMIT), between 4
+    # and 16 warps.
+    return max(4, min(16, block // (128 if wide else 256)))
 
 
 def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, delta: float,
@@ -488,14 +496,16 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     """Run the kernel; same arguments and results as the op, plus the layout knobs.
 
     `on_chip_limit`: the longest row (in classes) held on chip; longer rows take the chunked path
-    in chunks of `chunk` classes (both powers of two; defaults ON_CHIP_LIMIT and CHUNK).
+    in chunks of `chunk` classes (both powers of two; defaults: `default_layout`).
     """
     _check_inputs(student, teacher)
-    on_chip_limit = ON_CHIP_LIMIT if on_chip_limit is None else on_chip_limit
-    chunk = min(CHUNK, on_chip_limit) if chunk is None else chunk
+    acc_dtype = accumulation_dtype(teacher.dtype)
+    wide = acc_dtype == torch.float64
+    default_on_chip_limit, default_chunk = default_layout(wide)
+    on_chip_limit = default_on_chip_limit if on_chip_limit is None else on_chip_limit
+    chunk = min(default_chunk, on_chip_limit) if chunk is None else chunk
     radix_block = min(RADIX_BLOCK, chunk) if radix_block is None else radix_block
     steps, rows, classes = student.shape
-    acc_dtype = accumulation_dtype(teacher.dtype)
     loss_rows = torch.empty(rows, dtype=acc_dtype, device=teacher.device)
     d_student = torch.empty_like(student) if grad_student else student.new_empty(0)
     d_teacher = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
@@ -503,7 +513,6 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
         return loss_rows, d_student, d_teacher
     on_chip = classes <= on_chip_limit
     block = triton.next_power_of_2(classes) if on_chip else chunk
-    wide = acc_dtype == torch.float64
     torch.library.wrap_triton(_hta_kl_kernel)[(rows,)](
         student, teacher, loss_rows, d_student, d_teacher, float(temperature), float(delta),
         steps, classes, rows * classes,
@@ -515,7 +524,7 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
         BITS=tl.int64 if wide else tl.int32,
         # Probabilities are <= 1.0 (0x3FF0... / 0x3F80...): the bit below the exponent's top.
         TOP_BIT=61 if wide else 29,
-        num_warps=_num_warps(block),
+        num_warps=_num_warps(block, wide),
     )
     return loss_rows, d_student, d_teacher
 
