@@ -79,6 +79,6 @@ def oracle(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float, 
 
 def assert_close_to_oracle(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
                            what: str) -> None:
-    """Compare in float64; non-finite values must match in place and kind."""
-    torch.testing.assert_close(actual.double(), expected.double(), equal_nan=True,
+    """Compare in float64 on the CPU; non-finite values must match in place and kind."""
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), equal_nan=True,
                                msg=lambda m: f"{what}: {m}", **TOLERANCES[dtype])
