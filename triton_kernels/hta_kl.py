@@ -182,6 +182,38 @@ def _tied_head_count(mass_above, boundary, tied_count, delta):
     return r
 
 
+@triton.jit
+def _chunk_distributions(row_mask, log_p_tile, log_q_tile, teacher_row, student_row, slice_stride,
+                         steps, classes, offs, tau, lse_p, lse_q, lse_steps, step_ids, log_steps,
+                         boundary_bits, tied_head, tied_seen, all_head, ON_CHIP: tl.constexpr,
+                         PROB_MEAN: tl.constexpr, ACC: tl.constexpr, BITS: tl.constexpr):
+    """One chunk of the row as passes 3 and 4 see it (SPEC 1.1-1.3): its mask, log p, log q, p, q
+    and head mask, and the updated count of tied classes seen (`_head_mask`).
+
+    On chip the row is one chunk and its log-probabilities are the tiles, nothing is reloaded;
+    chunked, the chunk is reloaded and normalised with pass 1's normalisers (then `row_mask`,
+    `log_p_tile` and `log_q_tile` are None: that layout has no tiles).
+    """
+    if ON_CHIP:
+        mask = row_mask
+        log_p = log_p_tile
+        log_q = log_q_tile
+    else:
+        mask = offs < classes
+        log_p = _scaled_logits(teacher_row, offs, mask, tau, ACC) - lse_p
+        if PROB_MEAN:
+            log_q = _prob_mean_log_q(student_row, slice_stride, steps, offs, mask, tau, lse_steps,
+                                     step_ids, log_steps, ACC)
+        else:
+            log_q = _mean_scaled_logits(student_row, slice_stride, steps, offs, mask, tau,
+                                        ACC) - lse_q
+    p = tl.exp(log_p)
+    q = tl.exp(log_q)
+    head, tied_seen = _head_mask(p.to(BITS, bitcast=True), mask, boundary_bits, tied_head,
+                                 tied_seen, all_head)
+    return mask, log_p, log_q, p, q, head, tied_seen
+
+
 # ---------------------------------------------------------------------------------------------
 # The kernel.
 
@@ -257,6 +289,16 @@ def _hta_kl_kernel(
     lse_p = p_max + tl.log(p_sum)
     lse_q = q_max + tl.log(q_sum)
     lse_steps = steps_max + tl.log(steps_sum)
+    if ON_CHIP:
+        # The row's log-probabilities stay on chip for passes 2-4.
+        log_p_tile = teacher_tile - lse_p
+        if not PROB_MEAN:
+            log_q_tile = student_tile - lse_q
+    else:
+        # No tiles: passes 3 and 4 reload each chunk (_chunk_distributions).
+        row_mask = None
+        log_p_tile = None
+        log_q_tile = None
 
     # ---- Pass 2, SPEC 1.3: the head boundary w by selection on the probability bits. ---------
     # Non-negative floats order like their bit patterns. w is the largest value whose mass at or
@@ -264,7 +306,7 @@ def _hta_kl_kernel(
     # above the candidate still reaches delta.
     boundary_bits = tl.zeros([], BITS)
     if ON_CHIP:
-        p_tile = tl.exp(teacher_tile - lse_p)
+        p_tile = tl.exp(log_p_tile)
         bits_tile = p_tile.to(BITS, bitcast=True)
         bit = tl.full([], 1 << TOP_BIT, BITS)  # p <= 1: no higher bit is ever set
         for _ in range(TOP_BIT + 1):
@@ -332,26 +374,10 @@ def _hta_kl_kernel(
     tied_seen = tl.zeros([], tl.int32)
     for start in range(0, classes, BLOCK):
         offs = start + lanes
-        if ON_CHIP:
-            mask = row_mask
-            log_p = teacher_tile - lse_p
-            if PROB_MEAN:
-                log_q = log_q_tile
-            else:
-                log_q = student_tile - lse_q
-        else:
-            mask = offs < classes
-            log_p = _scaled_logits(teacher_row, offs, mask, tau, ACC) - lse_p
-            if PROB_MEAN:
-                log_q = _prob_mean_log_q(student_row, slice_stride, steps, offs, mask, tau,
-                                         lse_steps, step_ids, log_steps, ACC)
-            else:
-                log_q = _mean_scaled_logits(student_row, slice_stride, steps, offs, mask, tau,
-                                            ACC) - lse_q
-        p = tl.exp(log_p)
-        q = tl.exp(log_q)
-        head, tied_seen = _head_mask(p.to(BITS, bitcast=True), mask, boundary_bits, tied_head,
-                                     tied_seen, all_head)
+        mask, log_p, log_q, p, q, head, tied_seen = _chunk_distributions(
+            row_mask, log_p_tile, log_q_tile, teacher_row, student_row, slice_stride, steps,
+            classes, offs, tau, lse_p, lse_q, lse_steps, step_ids, log_steps, boundary_bits,
+            tied_head, tied_seen, all_head, ON_CHIP, PROB_MEAN, ACC, BITS)
         tail = mask & ~head
         distance = tl.abs(p - q)
         d_head += tl.sum(tl.where(head, distance, 0.0), 0)
@@ -402,26 +428,10 @@ def _hta_kl_kernel(
         tied_seen = tl.zeros([], tl.int32)
         for start in range(0, classes, BLOCK):
             offs = start + lanes
-            if ON_CHIP:
-                mask = row_mask
-                log_p = teacher_tile - lse_p
-                if PROB_MEAN:
-                    log_q = log_q_tile
-                else:
-                    log_q = student_tile - lse_q
-            else:
-                mask = offs < classes
-                log_p = _scaled_logits(teacher_row, offs, mask, tau, ACC) - lse_p
-                if PROB_MEAN:
-                    log_q = _prob_mean_log_q(student_row, slice_stride, steps, offs, mask, tau,
-                                             lse_steps, step_ids, log_steps, ACC)
-                else:
-                    log_q = _mean_scaled_logits(student_row, slice_stride, steps, offs, mask,
-                                                tau, ACC) - lse_q
-            p = tl.exp(log_p)
-            q = tl.exp(log_q)
-            head, tied_seen = _head_mask(p.to(BITS, bitcast=True), mask, boundary_bits,
-                                         tied_head, tied_seen, all_head)
+            mask, log_p, log_q, p, q, head, tied_seen = _chunk_distributions(
+                row_mask, log_p_tile, log_q_tile, teacher_row, student_row, slice_stride, steps,
+                classes, offs, tau, lse_p, lse_q, lse_steps, step_ids, log_steps, boundary_bits,
+                tied_head, tied_seen, all_head, ON_CHIP, PROB_MEAN, ACC, BITS)
             # SPEC 2: dl_i = s_i (d_tail [i in H] - d_head [i not in H]) / Sg^2.
             dl = _sign_of_difference(q, p) * tl.where(head, dl_head, dl_tail)
             if GRAD_T:
