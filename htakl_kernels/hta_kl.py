@@ -41,9 +41,15 @@ def _setup_context(ctx, inputs, output):
     _, d_student, d_teacher = output
     ctx.save_for_backward(d_student, d_teacher)
     ctx.wants = (inputs[6], inputs[7])
+    # The gradient outputs carry no gradient themselves; without this, autograd would allocate and
+    # zero-fill a full-size tensor for each of them on every backward.
+    ctx.mark_non_differentiable(d_student, d_teacher)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss_rows, _grad_d_student, _grad_d_teacher):
+    if grad_loss_rows is None:  # the loss rows did not reach what was differentiated
+        return (None,) * 8
     d_student, d_teacher = ctx.saved_tensors
     want_student, want_teacher = ctx.wants
     # Out of place: the saved gradients must survive a second backward (retain_graph=True).

@@ -68,6 +68,9 @@ def register_lif_ops(forward_op, backward_op) -> None:
         x, v_init, *options = inputs
         ctx.save_for_backward(x, v_init)
         ctx.options = options[:-1]  # all but return_v_seq
+        # An output nobody differentiated arrives as None (an empty gradient for the kernel)
+        # instead of a zero-filled tensor of its size.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_spikes, grad_v_last, grad_v_seq):
         x, v_init = ctx.saved_tensors
