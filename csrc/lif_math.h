@@ -71,12 +71,26 @@ HTAKL_HD acc_t lif_reset(acc_t h, acc_t spike, const LifParams<acc_t>& p) {
   return h * (acc_t(1) - spike) + p.v_reset * spike;
 }
 
-// SPEC 3: the surrogate derivative sg at u = H - v_threshold.
-template <typename acc_t>
-HTAKL_HD acc_t lif_surrogate_grad(acc_t u, const LifParams<acc_t>& p) {
+// exp through the standard library: the default of the functions below that take an exp. The
+// CPU kernel passes its own vectorizable exp of non-positive arguments instead.
+struct StdExp {
+  template <typename T>
+  HTAKL_HD T operator()(T z) const {
+    using std::exp;
+    return exp(z);
+  }
+};
+
+// SPEC 3: the surrogate derivative sg at u = H - v_threshold. The sigmoid's
+// alpha sig(alpha u) (1 - sig(alpha u)) is computed as alpha e / (1 + e)^2 with e = exp(-alpha |u|):
+// the same function (it is even in u), and exp only ever sees arguments <= 0, so it never
+// overflows and a fast exp for that range serves.
+template <typename acc_t, typename Exp = StdExp>
+HTAKL_HD acc_t lif_surrogate_grad(acc_t u, const LifParams<acc_t>& p, Exp exp_nonpositive = {}) {
   if (p.surrogate == LifSurrogate::sigmoid) {
-    const acc_t sig = acc_t(1) / (acc_t(1) + std::exp(-p.alpha * u));
-    return p.alpha * sig * (acc_t(1) - sig);
+    const acc_t e = exp_nonpositive(-p.alpha * (u < acc_t(0) ? -u : u));
+    const acc_t one_plus_e = acc_t(1) + e;
+    return p.alpha * e / (one_plus_e * one_plus_e);
   }
   const acc_t scaled = acc_t(1.57079632679489661923) * p.alpha * u;  // (pi / 2) alpha u
   return p.alpha / acc_t(2) / (acc_t(1) + scaled * scaled);
@@ -92,11 +106,11 @@ struct LifStepGrad {
 
 // `g_spike` is the gradient on S[t]; `g_v` the whole gradient reaching V[t] (through H[t+1] plus
 // any direct gradient on V[t]); `h` is H[t] as the forward computed it.
-template <typename acc_t>
+template <typename acc_t, typename Exp = StdExp>
 HTAKL_HD LifStepGrad<acc_t> lif_step_grad(acc_t g_spike, acc_t g_v, acc_t h,
-                                          const LifParams<acc_t>& p) {
+                                          const LifParams<acc_t>& p, Exp exp_nonpositive = {}) {
   const acc_t spike = lif_fire(h, p);
-  const acc_t sg = lif_surrogate_grad(h - p.v_threshold, p);
+  const acc_t sg = lif_surrogate_grad(h - p.v_threshold, p, exp_nonpositive);
   acc_t g_h;
   if (p.soft_reset) {
     g_h = p.detach_reset ? g_spike * sg + g_v : (g_spike - p.v_threshold * g_v) * sg + g_v;

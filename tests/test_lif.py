@@ -88,11 +88,17 @@ def test_reference_forward_by_hand():
 # --- the CPU kernel against the reference -----------------------------------------------------
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("isa", ["native", "baseline"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("detach_reset", [False, True])
 @pytest.mark.parametrize("decay_input", [False, True])
 @pytest.mark.parametrize("surrogate", SURROGATES)
-def test_cpu_kernel_full_matrix(dtype, detach_reset, decay_input, surrogate):
+def test_cpu_kernel_full_matrix(dtype, detach_reset, decay_input, surrogate, isa, monkeypatch):
+    # The kernels are compiled for the baseline instruction set and for AVX2 + FMA, each once per
+    # combination of option flags; HTAKL_CPU_ISA=baseline picks the baseline copy. (Where the CPU
+    # lacks AVX2 both runs take the baseline copy.)
+    if isa == "baseline":
+        monkeypatch.setenv("HTAKL_CPU_ISA", "baseline")
     check_full_matrix("cpu", dtype, detach_reset, decay_input, surrogate)
 
 
@@ -146,13 +152,24 @@ def test_cpu_kernel_deterministic_and_edge_shapes():
 
 
 @needs_cpu_kernel
-def test_cpu_kernel_propagates_nan_and_inf_like_reference():
-    x = torch.tensor([[0.5, math.nan, math.inf, -math.inf], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("detach_reset", [False, True])
+@pytest.mark.parametrize("surrogate", SURROGATES)
+def test_cpu_kernel_propagates_nan_and_inf_like_reference(dtype, detach_reset, surrogate):
+    x = torch.tensor([[0.5, math.nan, math.inf, -math.inf, 1e30, 0.2],
+                      [1.0, 1.0, 1.0, 1.0, 1.0, -1e30],
+                      [0.3, 0.3, 0.3, 0.3, 0.3, 0.3]], dtype=dtype)
+    v_init = torch.tensor([0.1, 0.0, -0.3, 0.2, 0.0, math.inf], dtype=dtype)
     for v_reset in (None, 0.0):
-        got = lif_multistep(x, v_reset=v_reset, return_v="seq", backend="cpu")
-        want = reference.lif_multistep(x, v_reset=v_reset, return_v="seq")
+        options = dict(v_reset=v_reset, return_v="seq", detach_reset=detach_reset,
+                       surrogate=surrogate)
+        got = run_with_grads(lambda x_, v_: lif_multistep(x_, v_init=v_, backend="cpu", **options),
+                             x, v_init, "seq")
+        want = run_with_grads(lambda x_, v_: reference.lif_multistep(x_, v_init=v_, **options),
+                              x, v_init, "seq")
         assert torch.equal(got[0], want[0])
-        torch.testing.assert_close(got[1], want[1], equal_nan=True)
+        for a, b in zip(got[1:], want[1:]):
+            torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
 @needs_cpu_kernel

@@ -31,20 +31,18 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "hta_kl_math.h"
 
 namespace htakl {
 namespace {
 
-// The row kernel, compiled twice: for the baseline instruction set, and (x86-64) for AVX2 + FMA,
-// picked at run time. Functions from the headers above keep their baseline target and inline into
-// both copies.
+// The row kernel, compiled twice (cpu_isa.h): for the baseline instruction set and for AVX2 + FMA.
 namespace baseline {
 #include "hta_kl_cpu_rows.h"
 }  // namespace baseline
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HTAKL_CPU_AVX2 1
+#ifdef HTAKL_CPU_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -52,17 +50,6 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
-
-// HTAKL_CPU_ISA=baseline forces the baseline copy (tests compare the two).
-bool use_avx2() {
-#ifdef HTAKL_CPU_AVX2
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* forced = std::getenv("HTAKL_CPU_ISA");
-  return supported && !(forced != nullptr && std::string_view(forced) == "baseline");
-#else
-  return false;
-#endif
-}
 
 template <template <typename> class Kernel, typename scalar_t>
 Kernel<scalar_t> make_kernel(const at::Tensor& student, const at::Tensor& teacher,

@@ -1,8 +1,6 @@
-// CPU kernels of the fused multi-step LIF ops (contract: htakl_kernels/lif.py, math: SPEC 3 via
-// lif_math.h). Neurons are independent: each task takes a range of neurons and walks it in
-// blocks, looping over time outside and over the block's neurons inside, so the inner loop reads
-// and writes contiguous memory. The backward recomputes H[t] of one block into a small scratch
-// buffer (it stays in cache) and then sweeps t from T-1 down to 0.
+// CPU implementation of the fused multi-step LIF ops (contract: htakl_kernels/lif.py, math: SPEC 3
+// via lif_math.h). The kernels live in lif_cpu_kernels.h, compiled once per instruction set
+// (cpu_isa.h); this file checks the arguments, allocates the outputs and picks the copy.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -12,94 +10,77 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "lif_math.h"
 #include "lif_op.h"
 
 namespace htakl {
 namespace {
 
-constexpr int64_t kMaxBlock = 256;
-// Scratch elements per block in the backward (H of every step); blocks shrink as T grows.
-constexpr int64_t kScratchElements = int64_t(1) << 16;
+// The option flags of LifParams as compile-time constants. A kernel instantiated with them
+// overwrites the run-time flags of its local copy of the options, so lif_math.h's branches on
+// them fold away: GCC does not vectorize a loop that selects on a run-time flag.
+template <bool kSoftReset, bool kDecayInput, bool kDetachReset, bool kSigmoid>
+struct LifFlags {
+  template <typename acc_t>
+  static LifParams<acc_t> fix(LifParams<acc_t> p) {
+    p.soft_reset = kSoftReset;
+    p.decay_input = kDecayInput;
+    p.detach_reset = kDetachReset;
+    p.surrogate = kSigmoid ? LifSurrogate::sigmoid : LifSurrogate::atan;
+    return p;
+  }
+};
 
-int64_t block_size(int64_t steps) {
-  return std::clamp<int64_t>(kScratchElements / std::max<int64_t>(steps, 1), 8, kMaxBlock);
+namespace baseline {
+#include "lif_cpu_kernels.h"
+}  // namespace baseline
+
+#ifdef HTAKL_CPU_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "lif_cpu_kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+// Calls body(std::true_type{}) or body(std::false_type{}): a run-time flag made a template argument.
+template <typename Body>
+void with_constant(bool flag, Body&& body) {
+  if (flag) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
 }
 
-// Enough elements per task that a task outweighs its scheduling.
-int64_t grain_size(int64_t steps) {
-  return std::max<int64_t>(kMaxBlock, (int64_t(1) << 15) / std::max<int64_t>(steps, 1));
-}
-
-// The options are taken by value: a local copy cannot alias the output stores, which lets the
-// compiler keep them in registers, hoist their branches out of the loops and vectorize.
-template <typename scalar_t, typename acc_t>
-void forward_kernel(const scalar_t* x, const scalar_t* v_init, scalar_t* spikes, scalar_t* v_last,
-                    scalar_t* v_seq, LifLayout layout, const LifParams<acc_t> p) {
-  const auto [steps, neurons] = layout;
-  at::parallel_for(0, neurons, grain_size(steps), [=](int64_t begin, int64_t end) {
-    acc_t v[kMaxBlock];
-    for (int64_t first = begin; first < end; first += kMaxBlock) {
-      const int64_t count = std::min(kMaxBlock, end - first);
-      for (int64_t i = 0; i < count; ++i) v[i] = acc_t(v_init[first + i]);
-      for (int64_t t = 0; t < steps; ++t) {
-        const int64_t row = t * neurons + first;
-        for (int64_t i = 0; i < count; ++i) {
-          const acc_t h = lif_charge(v[i], acc_t(x[row + i]), p);  // SPEC 3
-          const acc_t spike = lif_fire(h, p);
-          v[i] = lif_reset(h, spike, p);
-          spikes[row + i] = scalar_t(spike);
-          if (v_seq != nullptr) v_seq[row + i] = scalar_t(v[i]);
-        }
+// Calls body(LifFlags<...>{}) with p's flags. The forward reads only the first two, so
+// `backward_flags` false fixes the others and instantiates a quarter of the kernels.
+template <typename acc_t, typename Body>
+void with_lif_flags(const LifParams<acc_t>& p, bool backward_flags, Body&& body) {
+  with_constant(p.soft_reset, [&](auto soft_reset) {
+    with_constant(p.decay_input, [&](auto decay_input) {
+      constexpr bool kSoftReset = decltype(soft_reset)::value;
+      constexpr bool kDecayInput = decltype(decay_input)::value;
+      if (!backward_flags) {
+        body(LifFlags<kSoftReset, kDecayInput, false, true>{});
+        return;
       }
-      for (int64_t i = 0; i < count; ++i) v_last[first + i] = scalar_t(v[i]);
-    }
-  });
-}
-
-// Null gradient pointers stand for zero gradients.
-template <typename scalar_t, typename acc_t>
-void backward_kernel(const scalar_t* grad_spikes, const scalar_t* grad_v_last,
-                     const scalar_t* grad_v_seq, const scalar_t* x, const scalar_t* v_init,
-                     scalar_t* grad_x, scalar_t* grad_v_init, LifLayout layout,
-                     const LifParams<acc_t> p) {
-  const auto [steps, neurons] = layout;
-  const int64_t block = block_size(steps);
-  at::parallel_for(0, neurons, grain_size(steps), [=](int64_t begin, int64_t end) {
-    std::vector<acc_t> h(static_cast<size_t>(steps * block));  // h[t * block + i] = H[t]
-    acc_t v[kMaxBlock];  // V[t] in the first sweep, the gradient reaching it in the second
-    for (int64_t first = begin; first < end; first += block) {
-      const int64_t count = std::min(block, end - first);
-      // Sweep 1: recompute H[t] (SPEC 3 forward) from x and v_init.
-      for (int64_t i = 0; i < count; ++i) v[i] = acc_t(v_init[first + i]);
-      for (int64_t t = 0; t < steps; ++t) {
-        const int64_t row = t * neurons + first;
-        acc_t* h_t = h.data() + t * block;
-        for (int64_t i = 0; i < count; ++i) {
-          h_t[i] = lif_charge(v[i], acc_t(x[row + i]), p);
-          v[i] = lif_reset(h_t[i], lif_fire(h_t[i], p), p);
-        }
-      }
-      // Sweep 2: SPEC 3's table from t = T-1 down to 0.
-      for (int64_t i = 0; i < count; ++i) {
-        v[i] = grad_v_last != nullptr ? acc_t(grad_v_last[first + i]) : acc_t(0);
-      }
-      for (int64_t t = steps - 1; t >= 0; --t) {
-        const int64_t row = t * neurons + first;
-        const acc_t* h_t = h.data() + t * block;
-        for (int64_t i = 0; i < count; ++i) {
-          const acc_t g_v = v[i] + (grad_v_seq != nullptr ? acc_t(grad_v_seq[row + i]) : acc_t(0));
-          const acc_t g_spike = grad_spikes != nullptr ? acc_t(grad_spikes[row + i]) : acc_t(0);
-          const LifStepGrad<acc_t> g = lif_step_grad(g_spike, g_v, h_t[i], p);
-          grad_x[row + i] = scalar_t(g.x);
-          v[i] = g.v_prev;
-        }
-      }
-      for (int64_t i = 0; i < count; ++i) grad_v_init[first + i] = scalar_t(v[i]);
-    }
+      with_constant(p.detach_reset, [&](auto detach_reset) {
+        with_constant(p.surrogate == LifSurrogate::sigmoid, [&](auto sigmoid) {
+          body(LifFlags<kSoftReset, kDecayInput, decltype(detach_reset)::value,
+                        decltype(sigmoid)::value>{});
+        });
+      });
+    });
   });
 }
 
@@ -122,10 +103,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = make_lif_params<acc_t>(tau, v_threshold, v_reset, soft_reset, decay_input,
                                           detach_reset, surrogate, alpha);
-    forward_kernel<scalar_t, acc_t>(
-        x.const_data_ptr<scalar_t>(), v_init.const_data_ptr<scalar_t>(),
-        spikes.mutable_data_ptr<scalar_t>(), v_last.mutable_data_ptr<scalar_t>(),
-        return_v_seq ? v_seq.mutable_data_ptr<scalar_t>() : nullptr, layout, p);
+    const auto run = [&](auto kernel) {
+      kernel(x.const_data_ptr<scalar_t>(), v_init.const_data_ptr<scalar_t>(),
+             spikes.mutable_data_ptr<scalar_t>(), v_last.mutable_data_ptr<scalar_t>(),
+             return_v_seq ? v_seq.mutable_data_ptr<scalar_t>() : nullptr, layout, p);
+    };
+    with_lif_flags(p, /*backward_flags=*/false, [&](auto flags) {
+      using Flags = decltype(flags);
+#ifdef HTAKL_CPU_AVX2
+      if (use_avx2()) return run(avx2::forward_kernel<scalar_t, acc_t, Flags>);
+#endif
+      run(baseline::forward_kernel<scalar_t, acc_t, Flags>);
+    });
   });
   return {spikes, v_last, v_seq};
 }
@@ -150,11 +139,19 @@ std::tuple<at::Tensor, at::Tensor> lif_backward_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = make_lif_params<acc_t>(tau, v_threshold, v_reset, soft_reset, decay_input,
                                           detach_reset, surrogate, alpha);
-    backward_kernel<scalar_t, acc_t>(
-        data_or_null<scalar_t>(grad_spikes), data_or_null<scalar_t>(grad_v_last),
-        data_or_null<scalar_t>(grad_v_seq), x.const_data_ptr<scalar_t>(),
-        v_init.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-        grad_v_init.mutable_data_ptr<scalar_t>(), layout, p);
+    const auto run = [&](auto kernel) {
+      kernel(data_or_null<scalar_t>(grad_spikes), data_or_null<scalar_t>(grad_v_last),
+             data_or_null<scalar_t>(grad_v_seq), x.const_data_ptr<scalar_t>(),
+             v_init.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+             grad_v_init.mutable_data_ptr<scalar_t>(), layout, p);
+    };
+    with_lif_flags(p, /*backward_flags=*/true, [&](auto flags) {
+      using Flags = decltype(flags);
+#ifdef HTAKL_CPU_AVX2
+      if (use_avx2()) return run(avx2::backward_kernel<scalar_t, acc_t, Flags>);
+#endif
+      run(baseline::backward_kernel<scalar_t, acc_t, Flags>);
+    });
   });
   return {grad_x, grad_v_init};
 }

@@ -1,0 +1,125 @@
+// Multi-step LIF CPU kernels (see lif_cpu.cpp, which includes this file once per instruction set
+// inside its own namespace). The only include is the other per-ISA header; the including file
+// provides the standard and ATen ones.
+//
+// Neurons are independent: each task takes a range of neurons and walks it in blocks, looping
+// over time outside and over the block's neurons inside, so every inner loop reads and writes
+// contiguous memory and is one SIMD loop. Optional tensors (a null pointer stands for "absent",
+// or for a zero gradient) are handled in their own small loops, so the main loops carry no
+// pointer test and only loop-invariant option selects.
+
+#include "exp_nonpositive.h"
+
+// Inline every call in a task's body: the per-element math of lif_math.h and the exp must inline
+// into the loops for them to vectorize, and GCC's heuristics leave some of those calls out of line.
+#define HTAKL_FLATTEN __attribute__((flatten))
+
+constexpr int64_t kMaxBlock = 4096;
+// Scratch elements per block in the backward (H of every step); blocks shrink as T grows so the
+// scratch stays in the per-core cache.
+constexpr int64_t kScratchElements = int64_t(1) << 16;
+
+inline int64_t block_size(int64_t steps) {
+  return std::clamp<int64_t>(kScratchElements / std::max<int64_t>(steps, 1), 8, kMaxBlock);
+}
+
+// Enough elements per task that a task outweighs its scheduling.
+inline int64_t grain_size(int64_t steps) {
+  return std::max<int64_t>(kMaxBlock, (int64_t(1) << 15) / std::max<int64_t>(steps, 1));
+}
+
+// dst[i] = src[i] in acc_t for i < count, or zeros when src is null.
+template <typename scalar_t, typename acc_t>
+inline void load_or_zero(const scalar_t* src, int64_t count, acc_t* dst) {
+  if (src == nullptr) {
+    std::fill_n(dst, count, acc_t(0));
+    return;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) dst[i] = acc_t(src[i]);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store(const acc_t* src, int64_t count, scalar_t* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) dst[i] = scalar_t(src[i]);
+}
+
+// `Flags` is a LifFlags (lif_cpu.cpp) holding the flags of `options` as constants; the forward
+// reads only soft_reset and decay_input.
+template <typename scalar_t, typename acc_t, typename Flags>
+void forward_kernel(const scalar_t* x, const scalar_t* v_init, scalar_t* spikes, scalar_t* v_last,
+                    scalar_t* v_seq, LifLayout layout, const LifParams<acc_t> options) {
+  const auto [steps, neurons] = layout;
+  at::parallel_for(0, neurons, grain_size(steps), [=](int64_t begin, int64_t end) HTAKL_FLATTEN {
+    const LifParams<acc_t> p = Flags::fix(options);
+    acc_t v[kMaxBlock];
+    for (int64_t first = begin; first < end; first += kMaxBlock) {
+      const int64_t count = std::min(kMaxBlock, end - first);
+      load_or_zero(v_init + first, count, v);
+      for (int64_t t = 0; t < steps; ++t) {
+        const int64_t row = t * neurons + first;
+        const scalar_t* x_t = x + row;
+        scalar_t* spikes_t = spikes + row;
+#pragma omp simd
+        for (int64_t i = 0; i < count; ++i) {
+          const acc_t h = lif_charge(v[i], acc_t(x_t[i]), p);  // SPEC 3
+          const acc_t spike = lif_fire(h, p);
+          v[i] = lif_reset(h, spike, p);
+          spikes_t[i] = scalar_t(spike);
+        }
+        if (v_seq != nullptr) store(v, count, v_seq + row);
+      }
+      store(v, count, v_last + first);
+    }
+  });
+}
+
+// Null gradient pointers stand for zero gradients. The first sweep recomputes H[t] of one block
+// (SPEC 3 forward) into a scratch buffer; the second runs SPEC 3's table from t = T-1 down to 0.
+template <typename scalar_t, typename acc_t, typename Flags>
+void backward_kernel(const scalar_t* grad_spikes, const scalar_t* grad_v_last,
+                     const scalar_t* grad_v_seq, const scalar_t* x, const scalar_t* v_init,
+                     scalar_t* grad_x, scalar_t* grad_v_init, LifLayout layout,
+                     const LifParams<acc_t> options) {
+  const auto [steps, neurons] = layout;
+  const int64_t block = block_size(steps);
+  const auto fast_exp = [](acc_t z) { return exp_nonpositive(z); };
+  at::parallel_for(0, neurons, grain_size(steps), [=](int64_t begin, int64_t end) HTAKL_FLATTEN {
+    const LifParams<acc_t> p = Flags::fix(options);
+    std::vector<acc_t> h(static_cast<size_t>(steps * block));  // h[t * block + i] = H[t]
+    acc_t v[kMaxBlock];          // V[t] in the first sweep, the gradient reaching it in the second
+    acc_t grad_spike[kMaxBlock];  // the gradient on S[t]
+    for (int64_t first = begin; first < end; first += block) {
+      const int64_t count = std::min(block, end - first);
+      load_or_zero(v_init + first, count, v);
+      for (int64_t t = 0; t < steps; ++t) {
+        const scalar_t* x_t = x + t * neurons + first;
+        acc_t* h_t = h.data() + t * block;
+#pragma omp simd
+        for (int64_t i = 0; i < count; ++i) {
+          h_t[i] = lif_charge(v[i], acc_t(x_t[i]), p);
+          v[i] = lif_reset(h_t[i], lif_fire(h_t[i], p), p);
+        }
+      }
+      load_or_zero(grad_v_last == nullptr ? nullptr : grad_v_last + first, count, v);
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const int64_t row = t * neurons + first;
+        const acc_t* h_t = h.data() + t * block;
+        if (grad_v_seq != nullptr) {
+#pragma omp simd
+          for (int64_t i = 0; i < count; ++i) v[i] += acc_t(grad_v_seq[row + i]);
+        }
+        load_or_zero(grad_spikes == nullptr ? nullptr : grad_spikes + row, count, grad_spike);
+        scalar_t* grad_x_t = grad_x + row;
+#pragma omp simd
+        for (int64_t i = 0; i < count; ++i) {
+          const LifStepGrad<acc_t> g = lif_step_grad(grad_spike[i], v[i], h_t[i], p, fast_exp);
+          grad_x_t[i] = scalar_t(g.x);
+          v[i] = g.v_prev;
+        }
+      }
+      store(v, count, grad_v_init + first);
+    }
+  });
+}
