@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "huge_pages.h"
 #include "hta_kl_math.h"
 
 namespace htakl {
@@ -91,8 +92,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cpu(
   const auto acc_dtype =
       teacher.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({rows}, teacher.options().dtype(acc_dtype));
-  at::Tensor d_student = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
-  at::Tensor d_teacher = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  at::Tensor d_student =
+      grad_student ? empty_like_huge_pages(student) : at::empty({0}, student.options());
+  at::Tensor d_teacher =
+      grad_teacher ? empty_like_huge_pages(teacher) : at::empty({0}, teacher.options());
   if (rows == 0) return {loss, d_student, d_teacher};
 
   const HtaKlOptions options{temperature, delta, logit_mean, detach_weights};

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "huge_pages.h"
 #include "lif_math.h"
 #include "lif_op.h"
 
@@ -96,9 +97,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
   const LifLayout layout = check_lif_layout(x_in, v_init_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor v_init = v_init_in.contiguous();
-  at::Tensor spikes = at::empty_like(x);
+  at::Tensor spikes = empty_like_huge_pages(x);
   at::Tensor v_last = at::empty_like(v_init);
-  at::Tensor v_seq = return_v_seq ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor v_seq = return_v_seq ? empty_like_huge_pages(x) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = make_lif_params<acc_t>(tau, v_threshold, v_reset, soft_reset, decay_input,
@@ -133,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> lif_backward_cpu(
   const at::Tensor grad_spikes = grad_spikes_in.contiguous();
   const at::Tensor grad_v_last = grad_v_last_in.contiguous();
   const at::Tensor grad_v_seq = grad_v_seq_in.contiguous();
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = empty_like_huge_pages(x);
   at::Tensor grad_v_init = at::empty_like(v_init);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
