@@ -39,6 +39,40 @@ inline void check_lif_gradient(const char* name, const at::Tensor& grad, const a
               "lif_backward: ", name, " must have x's dtype and device");
 }
 
+// The forward's tensors, checked and made contiguous.
+struct LifForwardInputs {
+  LifLayout layout;
+  at::Tensor x;
+  at::Tensor v_init;
+};
+
+inline LifForwardInputs prepare_lif_forward(const at::Tensor& x, const at::Tensor& v_init) {
+  const LifLayout layout = check_lif_layout(x, v_init);
+  return {layout, x.contiguous(), v_init.contiguous()};
+}
+
+// The backward's tensors, checked and made contiguous (an empty gradient stays empty: zero).
+struct LifBackwardInputs {
+  LifLayout layout;
+  at::Tensor grad_spikes;
+  at::Tensor grad_v_last;
+  at::Tensor grad_v_seq;
+  at::Tensor x;
+  at::Tensor v_init;
+};
+
+inline LifBackwardInputs prepare_lif_backward(const at::Tensor& grad_spikes,
+                                              const at::Tensor& grad_v_last,
+                                              const at::Tensor& grad_v_seq, const at::Tensor& x,
+                                              const at::Tensor& v_init) {
+  const LifLayout layout = check_lif_layout(x, v_init);
+  check_lif_gradient("grad_spikes", grad_spikes, x);
+  check_lif_gradient("grad_v_last", grad_v_last, v_init);
+  check_lif_gradient("grad_v_seq", grad_v_seq, x);
+  return {layout,           grad_spikes.contiguous(), grad_v_last.contiguous(),
+          grad_v_seq.contiguous(), x.contiguous(),    v_init.contiguous()};
+}
+
 template <typename acc_t>
 LifParams<acc_t> make_lif_params(double tau, double v_threshold, double v_reset, bool soft_reset,
                                  bool decay_input, bool detach_reset, c10::string_view surrogate,

@@ -1,7 +1,7 @@
 // Run-time choice between the two copies of a CPU kernel: one compiled for the baseline
-// instruction set, one (x86-64 with GCC) for AVX2 + FMA. A kernel file includes its kernel header
-// twice, inside `namespace baseline` and, when HTAKL_CPU_AVX2 is defined, inside `namespace avx2`
-// under `#pragma GCC target("avx2,fma")`; functions from headers included before that keep their
+// instruction set, one (x86-64 with GCC) for AVX2 + FMA. cpu_isa_copies.h includes a kernel header
+// inside `namespace baseline` and, when HTAKL_CPU_AVX2 is defined, inside `namespace avx2` under
+// `#pragma GCC target("avx2,fma")`; functions from headers included before that keep their
 // baseline target and inline into both copies.
 #pragma once
 

@@ -39,18 +39,8 @@ namespace htakl {
 namespace {
 
 // The row kernel, compiled twice (cpu_isa.h): for the baseline instruction set and for AVX2 + FMA.
-namespace baseline {
-#include "hta_kl_cpu_rows.h"
-}  // namespace baseline
-
-#ifdef HTAKL_CPU_AVX2
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "hta_kl_cpu_rows.h"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
+#define HTAKL_CPU_KERNELS "hta_kl_cpu_rows.h"
+#include "cpu_isa_copies.h"
 
 template <template <typename> class Kernel, typename scalar_t>
 Kernel<scalar_t> make_kernel(const at::Tensor& student, const at::Tensor& teacher,

@@ -40,18 +40,8 @@ struct LifFlags {
   }
 };
 
-namespace baseline {
-#include "lif_cpu_kernels.h"
-}  // namespace baseline
-
-#ifdef HTAKL_CPU_AVX2
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "lif_cpu_kernels.h"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
+#define HTAKL_CPU_KERNELS "lif_cpu_kernels.h"
+#include "cpu_isa_copies.h"
 
 // Calls body(std::true_type{}) or body(std::false_type{}): a run-time flag made a template argument.
 template <typename Body>
@@ -94,9 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     const at::Tensor& x_in, const at::Tensor& v_init_in, double tau, double v_threshold,
     double v_reset, bool soft_reset, bool decay_input, bool detach_reset,
     c10::string_view surrogate, double alpha, bool return_v_seq) {
-  const LifLayout layout = check_lif_layout(x_in, v_init_in);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor v_init = v_init_in.contiguous();
+  const auto [layout, x, v_init] = prepare_lif_forward(x_in, v_init_in);
   at::Tensor spikes = empty_like_huge_pages(x);
   at::Tensor v_last = at::empty_like(v_init);
   at::Tensor v_seq = return_v_seq ? empty_like_huge_pages(x) : at::empty({0}, x.options());
@@ -125,26 +113,19 @@ std::tuple<at::Tensor, at::Tensor> lif_backward_cpu(
     const at::Tensor& grad_v_seq_in, const at::Tensor& x_in, const at::Tensor& v_init_in,
     double tau, double v_threshold, double v_reset, bool soft_reset, bool decay_input,
     bool detach_reset, c10::string_view surrogate, double alpha) {
-  const LifLayout layout = check_lif_layout(x_in, v_init_in);
-  check_lif_gradient("grad_spikes", grad_spikes_in, x_in);
-  check_lif_gradient("grad_v_last", grad_v_last_in, v_init_in);
-  check_lif_gradient("grad_v_seq", grad_v_seq_in, x_in);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor v_init = v_init_in.contiguous();
-  const at::Tensor grad_spikes = grad_spikes_in.contiguous();
-  const at::Tensor grad_v_last = grad_v_last_in.contiguous();
-  const at::Tensor grad_v_seq = grad_v_seq_in.contiguous();
-  at::Tensor grad_x = empty_like_huge_pages(x);
-  at::Tensor grad_v_init = at::empty_like(v_init);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_backward_cpu", [&] {
+  const LifBackwardInputs in =
+      prepare_lif_backward(grad_spikes_in, grad_v_last_in, grad_v_seq_in, x_in, v_init_in);
+  at::Tensor grad_x = empty_like_huge_pages(in.x);
+  at::Tensor grad_v_init = at::empty_like(in.v_init);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "lif_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = make_lif_params<acc_t>(tau, v_threshold, v_reset, soft_reset, decay_input,
                                           detach_reset, surrogate, alpha);
     const auto run = [&](auto kernel) {
-      kernel(data_or_null<scalar_t>(grad_spikes), data_or_null<scalar_t>(grad_v_last),
-             data_or_null<scalar_t>(grad_v_seq), x.const_data_ptr<scalar_t>(),
-             v_init.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-             grad_v_init.mutable_data_ptr<scalar_t>(), layout, p);
+      kernel(data_or_null<scalar_t>(in.grad_spikes), data_or_null<scalar_t>(in.grad_v_last),
+             data_or_null<scalar_t>(in.grad_v_seq), in.x.const_data_ptr<scalar_t>(),
+             in.v_init.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+             grad_v_init.mutable_data_ptr<scalar_t>(), in.layout, p);
     };
     with_lif_flags(p, /*backward_flags=*/true, [&](auto flags) {
       using Flags = decltype(flags);

@@ -34,13 +34,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward_cuda_op(
     const at::Tensor& x_in, const at::Tensor& v_init_in, double tau, double v_threshold,
     double v_reset, bool soft_reset, bool decay_input, bool detach_reset,
     c10::string_view surrogate, double alpha, bool return_v_seq) {
-  const LifLayout layout = check_lif_layout(x_in, v_init_in);
-  const LifStorage storage = storage_of(x_in);
   const auto params = make_lif_params<double>(tau, v_threshold, v_reset, soft_reset, decay_input,
                                               detach_reset, surrogate, alpha);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor v_init = v_init_in.contiguous();
+  const auto [layout, x, v_init] = prepare_lif_forward(x_in, v_init_in);
+  const LifStorage storage = storage_of(x);
   at::Tensor spikes = at::empty_like(x);
   at::Tensor v_last = at::empty_like(v_init);
   at::Tensor v_seq = return_v_seq ? at::empty_like(x) : at::empty({0}, x.options());
@@ -57,28 +55,24 @@ std::tuple<at::Tensor, at::Tensor> lif_backward_cuda_op(
     const at::Tensor& grad_v_seq_in, const at::Tensor& x_in, const at::Tensor& v_init_in,
     double tau, double v_threshold, double v_reset, bool soft_reset, bool decay_input,
     bool detach_reset, c10::string_view surrogate, double alpha) {
-  const LifLayout layout = check_lif_layout(x_in, v_init_in);
-  check_lif_gradient("grad_spikes", grad_spikes_in, x_in);
-  check_lif_gradient("grad_v_last", grad_v_last_in, v_init_in);
-  check_lif_gradient("grad_v_seq", grad_v_seq_in, x_in);
-  const LifStorage storage = storage_of(x_in);
   const auto params = make_lif_params<double>(tau, v_threshold, v_reset, soft_reset, decay_input,
                                               detach_reset, surrogate, alpha);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor v_init = v_init_in.contiguous();
-  const at::Tensor grad_spikes = grad_spikes_in.contiguous();
-  const at::Tensor grad_v_last = grad_v_last_in.contiguous();
-  const at::Tensor grad_v_seq = grad_v_seq_in.contiguous();
-  at::Tensor grad_x = at::empty_like(x);
-  at::Tensor grad_v_init = at::empty_like(v_init);
+  const LifBackwardInputs in =
+      prepare_lif_backward(grad_spikes_in, grad_v_last_in, grad_v_seq_in, x_in, v_init_in);
+  const LifStorage storage = storage_of(in.x);
+  at::Tensor grad_x = at::empty_like(in.x);
+  at::Tensor grad_v_init = at::empty_like(in.v_init);
   // H[t] of the first sweep: in grad_x itself when x's dtype is the state's (float32, float64).
-  const at::ScalarType state = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor scratch = x.scalar_type() == state ? grad_x : at::empty(x.sizes(), x.options().dtype(state));
-  const LifBackwardArgs args{data_or_null(grad_spikes), data_or_null(grad_v_last),
-                             data_or_null(grad_v_seq), x.const_data_ptr(), v_init.const_data_ptr(),
-                             grad_x.mutable_data_ptr(), grad_v_init.mutable_data_ptr(),
-                             scratch.mutable_data_ptr(), layout.steps, layout.neurons};
+  const at::ScalarType state = in.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor scratch = in.x.scalar_type() == state
+                           ? grad_x
+                           : at::empty(in.x.sizes(), in.x.options().dtype(state));
+  const LifBackwardArgs args{data_or_null(in.grad_spikes), data_or_null(in.grad_v_last),
+                             data_or_null(in.grad_v_seq), in.x.const_data_ptr(),
+                             in.v_init.const_data_ptr(), grad_x.mutable_data_ptr(),
+                             grad_v_init.mutable_data_ptr(), scratch.mutable_data_ptr(),
+                             in.layout.steps, in.layout.neurons};
   C10_CUDA_CHECK(lif_backward_cuda(storage, args, params, c10::cuda::getCurrentCUDAStream()));
   return {grad_x, grad_v_init};
 }
