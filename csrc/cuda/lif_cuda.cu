@@ -49,15 +49,13 @@ struct StateOf<double> {
 // otherwise (the recurrence serializes the steps, not the loads).
 constexpr int kChunk = 8;
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    lif_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v_init,
-                       scalar_t* __restrict__ spikes, scalar_t* __restrict__ v_last,
-                       scalar_t* __restrict__ v_seq, int64_t steps, int64_t neurons,
-                       LifParams<acc_t> p) {
-  const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (n >= neurons) return;
-  acc_t v = to_state(v_init[n]);
+// SPEC 3's forward for neuron n, from V[-1] = v: calls visit(index, h, spike, v) at every step t
+// in order, with index = t * neurons + n, H[t], S[t] and V[t]; returns V[T-1]. The forward and the
+// backward's recompute sweep differ only in what they store.
+template <typename scalar_t, typename acc_t, typename Visit>
+__device__ __forceinline__ acc_t lif_forward_sweep(const scalar_t* __restrict__ x, acc_t v,
+                                                   int64_t steps, int64_t neurons, int64_t n,
+                                                   const LifParams<acc_t>& p, Visit visit) {
   for (int64_t first = 0; first < steps; first += kChunk) {
     acc_t x_chunk[kChunk];
 #pragma unroll
@@ -67,14 +65,29 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
       if (first + k >= steps) break;
-      const int64_t index = (first + k) * neurons + n;
       const acc_t h = lif_charge(v, x_chunk[k], p);  // SPEC 3
       const acc_t spike = lif_fire(h, p);
       v = lif_reset(h, spike, p);
-      spikes[index] = to_storage<scalar_t>(spike);
-      if (v_seq != nullptr) v_seq[index] = to_storage<scalar_t>(v);
+      visit((first + k) * neurons + n, h, spike, v);
     }
   }
+  return v;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    lif_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v_init,
+                       scalar_t* __restrict__ spikes, scalar_t* __restrict__ v_last,
+                       scalar_t* __restrict__ v_seq, int64_t steps, int64_t neurons,
+                       LifParams<acc_t> p) {
+  const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (n >= neurons) return;
+  const acc_t v = lif_forward_sweep(
+      x, to_state(v_init[n]), steps, neurons, n, p,
+      [&](int64_t index, acc_t /*h*/, acc_t spike, acc_t v_t) {
+        spikes[index] = to_storage<scalar_t>(spike);
+        if (v_seq != nullptr) v_seq[index] = to_storage<scalar_t>(v_t);
+      });
   v_last[n] = to_storage<scalar_t>(v);
 }
 
@@ -92,21 +105,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (n >= neurons) return;
   // Sweep 1: recompute H[t] (SPEC 3 forward).
-  acc_t v = to_state(v_init[n]);
-  for (int64_t first = 0; first < steps; first += kChunk) {
-    acc_t x_chunk[kChunk];
-#pragma unroll
-    for (int k = 0; k < kChunk; ++k) {
-      if (first + k < steps) x_chunk[k] = to_state(x[(first + k) * neurons + n]);
-    }
-#pragma unroll
-    for (int k = 0; k < kChunk; ++k) {
-      if (first + k >= steps) break;
-      const acc_t h = lif_charge(v, x_chunk[k], p);
-      h_scratch[(first + k) * neurons + n] = h;
-      v = lif_reset(h, lif_fire(h, p), p);
-    }
-  }
+  lif_forward_sweep(x, to_state(v_init[n]), steps, neurons, n, p,
+                    [&](int64_t index, acc_t h, acc_t /*spike*/, acc_t /*v*/) {
+                      h_scratch[index] = h;
+                    });
   // Sweep 2: SPEC 3's table from t = T-1 down to 0; g_v_next is the gradient reaching V[t].
   acc_t g_v_next = grad_v_last != nullptr ? to_state(grad_v_last[n]) : acc_t(0);
   for (int64_t last = steps - 1; last >= 0; last -= kChunk) {
