@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from hta_kl_oracle import assert_close_to_oracle, boundary_margin, draw_teacher, oracle  # noqa: E402
+from triton_compile import parse_usage, run_compiler_script  # noqa: E402
 from htakl_kernels import hta_kl_div  # noqa: E402
 from htakl_kernels import reference  # noqa: E402
 
@@ -367,12 +368,6 @@ def test_compiles_for_sm90_without_a_gpu():
     """The interpreter skips the compiler's frontend: compile the real kernel for an H100 (sm_90)
     in a process without TRITON_INTERPRET, for a 16-bit on-chip prob_mean row and a float32
     chunked row, and check ptxas' register report is there."""
-    from pathlib import Path
-    import subprocess
-    import sys
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this Triton has no bundled NVIDIA ptxas")
     script = (
         "from htakl_kernels.triton_kernels.hta_kl_aot import compile_variant, resource_usage\n"
         "for storage, on_chip, block, prob_mean in (('bfloat16', True, 4096, True),\n"
@@ -380,9 +375,5 @@ def test_compiles_for_sm90_without_a_gpu():
         "    kernel = compile_variant(storage, on_chip=on_chip, block=block, prob_mean=prob_mean)\n"
         "    print(*resource_usage(kernel))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    usage = [tuple(map(int, line.split())) for line in result.stdout.split("\n") if line.strip()]
+    usage = parse_usage(run_compiler_script(script))
     assert len(usage) == 2 and all(0 < registers <= 255 for registers, _ in usage)

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from htakl_kernels import lif_multistep, reference  # noqa: E402
 from htakl_kernels._backends import unavailable_reason  # noqa: E402
 
+from triton_compile import parse_usage, run_compiler_script  # noqa: E402
 from lif_cases import (  # noqa: E402
     SURROGATES,
     assert_matches_reference,
@@ -130,3 +131,20 @@ def test_triton_torch_compile_fullgraph():
     assert torch.equal(got[0], want[0])
     for g, w in zip(got[1:], want[1:]):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_compiles_for_sm90_without_a_gpu():
+    """The interpreter skips the compiler's frontend (a float64 division once compiled only under
+    the interpreter): compile the forward and backward kernels for an H100 (sm_90) in every storage
+    dtype, soft and hard reset, both surrogates, and check ptxas reports no spills."""
+    script = (
+        "from htakl_kernels.triton_kernels.aot import resource_usage\n"
+        "from htakl_kernels.triton_kernels.lif_aot import compile_variants\n"
+        "for storage in ('bfloat16', 'float16', 'float32', 'float64'):\n"
+        "    for soft_reset, atan in ((False, False), (True, True)):\n"
+        "        for kernel in compile_variants(storage, soft_reset=soft_reset, atan=atan):\n"
+        "            print(*resource_usage(kernel))\n"
+    )
+    usage = parse_usage(run_compiler_script(script))
+    assert len(usage) == 16
+    assert all(0 < registers <= 255 and spill == 0 for registers, spill in usage), usage

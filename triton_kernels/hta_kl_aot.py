@@ -1,9 +1,5 @@
-"""Compile the Triton HTA-KL kernel for an NVIDIA target without a GPU, and report its registers.
-
-Triton's interpreter (the CPU test vehicle) does not run the compiler's frontend, so errors that
-only the compiled path raises (a non-constexpr global, a loop-carried value changing type) pass the
-interpreter tests; this compiles the real kernel to a cubin with Triton's bundled ptxas instead.
-It needs TRITON_INTERPRET unset (under the interpreter triton.jit returns no compilable kernel):
+"""Compile the Triton HTA-KL kernel for an NVIDIA target without a GPU (aot.py), and report its
+registers. Needs TRITON_INTERPRET unset:
 
     python -m htakl_kernels.triton_kernels.hta_kl_aot        # a table of the launch layouts
 
@@ -13,26 +9,17 @@ which sized the default layouts and the warps per block in hta_kl.py.
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import tempfile
-
-import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
+from .aot import TYPE_NAMES, compile_for_target, resource_usage
 from .hta_kl import RADIX_BITS, RADIX_BLOCK, _hta_kl_kernel, _num_warps, default_layout
-
-_POINTER_TYPES = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def compile_variant(storage: str, *, on_chip: bool, block: int, prob_mean: bool, steps_pad: int = 4,
                     arch: int = 90):
     """The kernel compiled for sm_`arch` with the launch parameters launch_hta_kl would pick."""
     wide = storage == "float64"
-    element = _POINTER_TYPES[storage]
+    element = TYPE_NAMES[storage]
     accumulate = "fp64" if wide else "fp32"
     signature = {
         "student_ptr": f"*{element}", "teacher_ptr": f"*{element}", "loss_ptr": f"*{accumulate}",
@@ -46,23 +33,8 @@ def compile_variant(storage: str, *, on_chip: bool, block: int, prob_mean: bool,
         GRAD_T=True, ACC=tl.float64 if wide else tl.float32, BITS=tl.int64 if wide else tl.int32,
         TOP_BIT=61 if wide else 29,
     )
-    signature.update({name: "constexpr" for name in constants})
-    names = _hta_kl_kernel.arg_names
-    source = ASTSource(fn=_hta_kl_kernel, signature=signature,
-                       constexprs={(names.index(n),): v for n, v in constants.items()})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": _num_warps(block, wide)})
-
-
-def resource_usage(compiled) -> tuple[int, int]:
-    """(registers per thread, spill bytes per thread) of a compiled kernel, from cuobjdump."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        report = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True,
-                                check=True).stdout
-    return int(re.search(r"REG:(\d+)", report).group(1)), int(re.search(r"STACK:(\d+)", report).group(1))
+    return compile_for_target(_hta_kl_kernel, signature, constants,
+                              num_warps=_num_warps(block, wide), arch=arch)
 
 
 def _main() -> None:

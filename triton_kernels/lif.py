@@ -53,11 +53,21 @@ def _option(value, ACC: tl.constexpr):
 
 
 @triton.jit
+def _div_rn(a, b):
+    """a / b rounded to nearest, as the other backends divide. float32 `/` compiles to an
+    approximate division, hence fdiv's IEEE mode there; float64 `/` is already exact, and fdiv's
+    IEEE mode does not compile for float64 (Triton 3.9 emits the float32 intrinsic)."""
+    if a.dtype == tl.float64:
+        return a / b
+    return tl.fdiv(a, b, ieee_rounding=True)
+
+
+@triton.jit
 def _lif_charge(v_prev, x, tau, v_reset, DECAY_INPUT: tl.constexpr):
     """SPEC 3: H[t] from V[t-1] and X[t]."""
     if DECAY_INPUT:
-        return v_prev + tl.fdiv(x - (v_prev - v_reset), tau, ieee_rounding=True)
-    return v_prev - tl.fdiv(v_prev - v_reset, tau, ieee_rounding=True) + x
+        return v_prev + _div_rn(x - (v_prev - v_reset), tau)
+    return v_prev - _div_rn(v_prev - v_reset, tau) + x
 
 
 @triton.jit
@@ -103,9 +113,20 @@ def _lif_step_grad(g_spike, g_v, h, tau, v_threshold, v_reset, alpha, half_pi,
             g_h = (g_spike + g_v * (v_reset - h)) * sg + g_v * (1 - spike)
     g_x = g_h
     if DECAY_INPUT:
-        g_x = tl.fdiv(g_h, tau, ieee_rounding=True)
+        g_x = _div_rn(g_h, tau)
     one = tl.full((), 1, tau.dtype)
-    return g_x, g_h * (one - tl.fdiv(one, tau, ieee_rounding=True))
+    return g_x, g_h * (one - _div_rn(one, tau))
+
+
+@triton.jit
+def _lif_step(x_ptr, index, mask, v, tau, v_threshold, v_reset, ACC: tl.constexpr,
+              SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr):
+    """SPEC 3's forward step: loads X[t] at `index` and returns H[t], S[t] and V[t] from
+    V[t-1] = v (the forward and the backward's recompute sweep differ only in what they store)."""
+    x = tl.load(x_ptr + index, mask=mask, other=0).to(ACC)
+    h = _lif_charge(v, x, tau, v_reset, DECAY_INPUT)
+    spike = _lif_fire(h, v_threshold)
+    return h, spike, _lif_reset(h, spike, v_threshold, v_reset, SOFT_RESET)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,10 +151,8 @@ def _lif_forward_kernel(
     v = tl.load(v_init_ptr + offs, mask=mask, other=0).to(ACC)
     for t in range(steps):
         index = tl.cast(t, tl.int64) * neurons + offs
-        x = tl.load(x_ptr + index, mask=mask, other=0).to(ACC)
-        h = _lif_charge(v, x, tau, v_reset, DECAY_INPUT)
-        spike = _lif_fire(h, v_threshold)
-        v = _lif_reset(h, spike, v_threshold, v_reset, SOFT_RESET)
+        h, spike, v = _lif_step(x_ptr, index, mask, v, tau, v_threshold, v_reset, ACC,
+                                SOFT_RESET, DECAY_INPUT)
         tl.store(spikes_ptr + index, spike.to(spikes_ptr.dtype.element_ty), mask=mask)
         if STORE_V_SEQ:
             tl.store(v_seq_ptr + index, v.to(v_seq_ptr.dtype.element_ty), mask=mask)
@@ -163,13 +182,12 @@ def _lif_backward_kernel(
     v = tl.load(v_init_ptr + offs, mask=mask, other=0).to(ACC)
     for t in range(steps):
         index = tl.cast(t, tl.int64) * neurons + offs
-        x = tl.load(x_ptr + index, mask=mask, other=0).to(ACC)
-        h = _lif_charge(v, x, tau, v_reset, DECAY_INPUT)
+        h, _, v = _lif_step(x_ptr, index, mask, v, tau, v_threshold, v_reset, ACC, SOFT_RESET,
+                            DECAY_INPUT)
         if H_IN_GRAD_X:
             tl.store(grad_x_ptr + index, h, mask=mask)
         else:
             tl.store(h_ptr + index, h, mask=mask)
-        v = _lif_reset(h, _lif_fire(h, v_threshold), v_threshold, v_reset, SOFT_RESET)
     # Sweep 2: SPEC 3's table from t = T-1 down to 0; g_v is the gradient reaching V[t].
     g_v_next = tl.zeros((BLOCK,), dtype=ACC)
     if HAS_GRAD_V_LAST:

@@ -1,0 +1,53 @@
+"""Compile the Triton LIF kernels for an NVIDIA target without a GPU (aot.py), and report their
+registers. Needs TRITON_INTERPRET unset:
+
+    python -m htakl_kernels.triton_kernels.lif_aot
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+from .aot import TYPE_NAMES, compile_for_target, resource_usage
+from .lif import BLOCK, NUM_WARPS, _lif_backward_kernel, _lif_forward_kernel
+
+
+def compile_variants(storage: str, *, soft_reset: bool = False, decay_input: bool = True,
+                     detach_reset: bool = False, atan: bool = False, arch: int = 90):
+    """(forward, backward) compiled for sm_`arch` as the ops launch them for `storage`, with every
+    optional tensor present (the membrane sequence stored, every gradient given)."""
+    element = TYPE_NAMES[storage]
+    wide = storage == "float64"
+    state = "fp64" if wide else "fp32"
+    options = {"tau_in": "fp64", "v_threshold_in": "fp64", "v_reset_in": "fp64",
+               "steps": "i32", "neurons": "i32"}
+    common = dict(ACC=tl.float64 if wide else tl.float32, SOFT_RESET=soft_reset,
+                  DECAY_INPUT=decay_input, BLOCK=BLOCK)
+    forward = compile_for_target(
+        _lif_forward_kernel,
+        {**{name: f"*{element}" for name in ("x_ptr", "v_init_ptr", "spikes_ptr", "v_last_ptr",
+                                              "v_seq_ptr")}, **options},
+        {**common, "STORE_V_SEQ": True}, num_warps=NUM_WARPS, arch=arch)
+    h_in_grad_x = storage in ("float32", "float64")
+    backward = compile_for_target(
+        _lif_backward_kernel,
+        {**{name: f"*{element}" for name in ("grad_spikes_ptr", "grad_v_last_ptr",
+                                              "grad_v_seq_ptr", "x_ptr", "v_init_ptr",
+                                              "grad_x_ptr", "grad_v_init_ptr")},
+         "h_ptr": f"*{state}", "alpha_in": "fp64", "half_pi_in": "fp64", **options},
+        {**common, "DETACH_RESET": detach_reset, "ATAN": atan, "HAS_GRAD_SPIKES": True,
+         "HAS_GRAD_V_LAST": True, "HAS_GRAD_V_SEQ": True, "H_IN_GRAD_X": h_in_grad_x},
+        num_warps=NUM_WARPS, arch=arch)
+    return forward, backward
+
+
+def _main() -> None:
+    print(f"{'storage':9} {'kernel':9} {'regs':>5} {'spill B':>7}")
+    for storage in ("bfloat16", "float16", "float32", "float64"):
+        for name, compiled in zip(("forward", "backward"), compile_variants(storage)):
+            registers, spill = resource_usage(compiled)
+            print(f"{storage:9} {name:9} {registers:5} {spill:7}")
+
+
+if __name__ == "__main__":
+    _main()
