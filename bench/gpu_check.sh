@@ -96,6 +96,13 @@ else
   note sanitizer "no tests/cuda/sanitizer*.py"
 fi
 
+# The CUDA binding's own errors crashed the interpreter on the first H100 run: a backtrace of one.
+if command -v gdb >/dev/null; then
+  step binding-error-gdb 60 gdb -q -batch -ex run -ex bt --args "$PYTHON" tests/cuda/binding_error_case.py
+else
+  step binding-error 60 "$PYTHON" tests/cuda/binding_error_case.py
+fi
+
 # 6. Benchmarks: the quick ones (no torch.compile) first, then the full suites while time lasts
 # (on SIGTERM from timeout a suite writes the cases it finished).
 step bench-quick 120 "$PYTHON" -m bench --quick --device cuda --out "$RESULTS/bench-quick"
