@@ -83,6 +83,7 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
   constexpr int kKeyBits = 8 * sizeof(key_t) - 1;  // the sign bit is 0 for p >= 0
   int64_t count[1 << kDigitBits];
   mass_t mass[1 << kDigitBits];
+  mass_t odd_mass[1 << kDigitBits];
   mass_t mass_above = 0;
   key_t prefix = 0;
   int64_t n_candidates = -1;  // < 0: every class is still a candidate
@@ -91,23 +92,37 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
     const int width = std::min(kDigitBits, remaining);
     const int shift = remaining - width;
     const key_t digit_mask = (key_t(1) << width) - 1;
-    std::fill_n(count, digit_mask + 1, 0);
+    const bool first_round = n_candidates < 0;
     std::fill_n(mass, digit_mask + 1, mass_t(0));
-    auto add = [&](int64_t i) {
-      const auto digit = static_cast<int>((key_of(i) >> shift) & digit_mask);
-      ++count[digit];
-      mass[digit] += mass_t(p[i]);
-    };
-    if (n_candidates < 0) {
-      for (int64_t i = 0; i < classes; ++i) add(i);
+    auto digit_of = [&](int64_t i) { return static_cast<int>((key_of(i) >> shift) & digit_mask); };
+    if (first_round) {
+      // The pass over the whole row keeps no counts: they only serve lowest_nonempty, which the
+      // first round never uses (it returns when no bucket reaches delta), and a bucket without
+      // mass is never chosen (running stays below delta). The counts' increment chains (a row's
+      // probabilities crowd into a few buckets) were the slowest part of this pass.
+      // Even and odd classes fill separate copies, added in a fixed order, which halves the chain
+      // of dependent additions to a crowded bucket.
+      std::fill_n(odd_mass, digit_mask + 1, mass_t(0));
+      int64_t i = 0;
+      for (; i + 2 <= classes; i += 2) {
+        mass[digit_of(i)] += mass_t(p[i]);
+        odd_mass[digit_of(i + 1)] += mass_t(p[i + 1]);
+      }
+      if (i < classes) mass[digit_of(i)] += mass_t(p[i]);
+      for (int digit = 0; digit <= static_cast<int>(digit_mask); ++digit) mass[digit] += odd_mass[digit];
     } else {
-      for (int64_t j = 0; j < n_candidates; ++j) add(candidates[j]);
+      std::fill_n(count, digit_mask + 1, 0);
+      for (int64_t j = 0; j < n_candidates; ++j) {
+        const int digit = digit_of(candidates[j]);
+        ++count[digit];
+        mass[digit] += mass_t(p[candidates[j]]);
+      }
     }
     // Highest digit whose bucket brings the mass at or above it to delta.
     int chosen = -1, lowest_nonempty = -1;
     mass_t running = mass_above;
     for (int digit = static_cast<int>(digit_mask); digit >= 0; --digit) {
-      if (count[digit] == 0) continue;
+      if (!first_round && count[digit] == 0) continue;
       lowest_nonempty = digit;
       if (running + mass[digit] >= mass_t(delta)) {
         chosen = digit;
@@ -119,7 +134,7 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
       // The whole row's mass stays below delta: every class is in the head. On a finer digit this
       // only happens through rounding of a bucket that reached delta before: its smallest values
       // are then the boundary.
-      if (n_candidates < 0) return {acc_t(-1), 0};
+      if (first_round) return {acc_t(-1), 0};
       chosen = lowest_nonempty;
     }
     for (int digit = static_cast<int>(digit_mask); digit > chosen; --digit) mass_above += mass[digit];
@@ -127,7 +142,7 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
     // Keep the candidates with the chosen digit, in ascending class index (branch-free: kept never
     // passes the read position, so the writes stay in bounds).
     int64_t kept = 0;
-    if (n_candidates < 0) {
+    if (first_round) {
       for (int64_t i = 0; i < classes; ++i) {
         candidates[kept] = i;
         kept += (key_of(i) >> shift) == prefix;
