@@ -126,9 +126,12 @@ def test_cpu_kernel_return_modes_and_defaults(return_v):
 
 
 @needs_cpu_kernel
-def test_cpu_kernel_large_and_awkward():
-    # More neurons than one parallel task / block, a prime count, non-contiguous input.
-    x, v_init = make_inputs(5, (4099,), v_threshold=0.5, v_reset=-0.2, decay_input=False,
+@pytest.mark.parametrize("steps, neurons", [(5, 4099), (3, 3 * 4096 + 5)])
+def test_cpu_kernel_large_and_awkward(steps, neurons):
+    # More neurons than one block of the kernel (4096): a partial last block; with 3 steps, also
+    # more than one parallel task (a task is max(4096, 2^15 / T) neurons), the second starting
+    # off the block grid. Non-contiguous input.
+    x, v_init = make_inputs(steps, (neurons,), v_threshold=0.5, v_reset=-0.2, decay_input=False,
                             dtype=torch.float32, seed=3)
     x_t = x.t().contiguous().t()  # same values, non-contiguous strides
     assert not x_t.is_contiguous()
