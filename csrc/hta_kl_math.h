@@ -28,6 +28,10 @@ struct HtaKlOptions {
   double delta;         // head mass in (0, 1]
   bool logit_mean;      // time input reduced by mean of logits instead of mean of probabilities
   bool detach_weights;  // lam_h, lam_t treated as constants in the backward
+  // Each row's weight in the reduction that follows (1/R for batchmean, 1 for sum and none): the
+  // loss rows and their gradients come out multiplied by it, so the backward of a sum over rows
+  // with an upstream gradient of 1 has nothing left to scale.
+  double row_scale;
 };
 
 // SPEC 1.6: one forward-KL term p (log p - log q), with 0 log 0 = 0.
@@ -69,21 +73,23 @@ struct RowStats {
   acc_t fkl, rkl;        // F and R
   acc_t dl_head;         // d lam_h / d q_i for i in head, before the sign: d_tail / Sg^2
   acc_t dl_tail;         // likewise for i in tail: -d_head / Sg^2
-  acc_t inv_tau;
+  acc_t row_scale;       // HtaKlOptions::row_scale
+  acc_t grad_scale;      // row_scale / tau: the factor in front of every gradient of SPEC 2
 };
 
 // SPEC 1.5-1.6 and 2: weights, loss and the coefficients of dl_i. `dl_*` are zero when the
 // weights are detached or both distances vanish (SPEC 2).
 template <typename acc_t>
 HTAKL_HD RowStats<acc_t> make_row_stats(acc_t d_head, acc_t d_tail, acc_t fkl, acc_t rkl,
-                                        bool detach_weights, acc_t inv_tau) {
+                                        bool detach_weights, acc_t inv_tau, acc_t row_scale) {
   RowStats<acc_t> st;
   const RowWeights<acc_t> w = row_weights(d_head, d_tail);
   st.lam_h = w.lam_h;
   st.lam_t = w.lam_t;
   st.fkl = fkl;
   st.rkl = rkl;
-  st.inv_tau = inv_tau;
+  st.row_scale = row_scale;
+  st.grad_scale = row_scale * inv_tau;
   const acc_t total = d_head + d_tail;
   if (detach_weights || total == acc_t(0)) {
     st.dl_head = acc_t(0);
@@ -96,10 +102,11 @@ HTAKL_HD RowStats<acc_t> make_row_stats(acc_t d_head, acc_t d_tail, acc_t fkl, a
   return st;
 }
 
-// SPEC 1.6: loss_row = lam_h F + lam_t R (0 * inf stays NaN, exactly as the reference computes).
+// SPEC 1.6: loss_row = lam_h F + lam_t R (0 * inf stays NaN, exactly as the reference computes),
+// times the row's weight.
 template <typename acc_t>
 HTAKL_HD acc_t row_loss(const RowStats<acc_t>& st) {
-  return st.lam_h * st.fkl + st.lam_t * st.rkl;
+  return st.row_scale * (st.lam_h * st.fkl + st.lam_t * st.rkl);
 }
 
 // SPEC 2: dl_i = s_i * (d_tail [i in H] - d_head [i not in H]) / Sg^2.
@@ -117,6 +124,8 @@ HTAKL_HD acc_t weighted_dl_sum(const RowStats<acc_t>& st, acc_t signed_head_sum,
   return st.dl_head * signed_head_sum + st.dl_tail * signed_tail_sum;
 }
 
+// SPEC 2's gradients below carry the row's weight in their 1/tau factor (grad_scale).
+//
 // SPEC 2, student, one softmax over the class axis (2-D input, or logit_mean before the 1/T):
 //   dL/dz_k = (1/tau) [ lam_h (q_k - p_k) + lam_t q_k (log q_k - log p_k - R)
 //                       + (F - R) q_k (dl_k - sum_j q_j dl_j) ]
@@ -124,7 +133,7 @@ template <typename acc_t>
 HTAKL_HD acc_t grad_student_softmax(const RowStats<acc_t>& st, acc_t p, acc_t log_p, acc_t q,
                                     acc_t log_q, acc_t dl, acc_t sum_q_dl) {
   const acc_t rkl_part = q > acc_t(0) ? q * (log_q - log_p - st.rkl) : acc_t(0);
-  return st.inv_tau * (st.lam_h * (q - p) + st.lam_t * rkl_part +
+  return st.grad_scale * (st.lam_h * (q - p) + st.lam_t * rkl_part +
                        (st.fkl - st.rkl) * q * (dl - sum_q_dl));
 }
 
@@ -165,7 +174,7 @@ HTAKL_HD acc_t time_step_g_sum(const RowStats<acc_t>& st, acc_t sum_p_ratio,
 template <typename acc_t>
 HTAKL_HD acc_t grad_student_prob_mean(const RowStats<acc_t>& st, acc_t q_t_g, acc_t q_t,
                                       acc_t g_sum_t, acc_t inv_steps) {
-  return st.inv_tau * inv_steps * (q_t_g - q_t * g_sum_t);
+  return st.grad_scale * inv_steps * (q_t_g - q_t * g_sum_t);
 }
 
 // SPEC 2, teacher:
@@ -175,7 +184,7 @@ template <typename acc_t>
 HTAKL_HD acc_t grad_teacher(const RowStats<acc_t>& st, acc_t p, acc_t log_p, acc_t q, acc_t log_q,
                             acc_t dl, acc_t sum_p_dl) {
   const acc_t fkl_part = p > acc_t(0) ? p * (log_p - log_q - st.fkl) : acc_t(0);
-  return st.inv_tau * (st.lam_h * fkl_part + st.lam_t * (p - q) -
+  return st.grad_scale * (st.lam_h * fkl_part + st.lam_t * (p - q) -
                        (st.fkl - st.rkl) * p * (dl - sum_p_dl));
 }
 

@@ -14,7 +14,8 @@ import torch
 # hta_kl_fused: see htakl_kernels/hta_kl.py for the contract.
 HTA_KL_SCHEMA = (
     "(Tensor student, Tensor teacher, float temperature, float delta, bool logit_mean, "
-    "bool detach_weights, bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)"
+    "bool detach_weights, bool grad_student, bool grad_teacher, float row_scale=1.0) "
+    "-> (Tensor, Tensor, Tensor)"
 )
 
 # lif_forward / lif_backward: see htakl_kernels/lif.py for the contract.

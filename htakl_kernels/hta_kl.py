@@ -4,15 +4,22 @@ Every kernel backend implements one fused op with this contract (schema `_ops.HT
 the C++ kernels implement `htakl::hta_kl_fused`, Triton `htakl::hta_kl_fused_triton`):
 
     hta_kl_fused(student [T, R, C], teacher [R, C], temperature, delta, logit_mean,
-                 detach_weights, grad_student, grad_teacher)
-        -> (loss_rows [R] in the accumulation dtype (float32, or float64 for float64 inputs),
-            d loss_row / d student  [T, R, C] in student's dtype, or an empty tensor,
-            d loss_row / d teacher  [R, C] in teacher's dtype, or an empty tensor)
+                 detach_weights, grad_student, grad_teacher, row_scale=1.0)
+        -> (row_scale * loss_row, [R] in the accumulation dtype (float32, or float64 for float64
+            inputs),
+            d (row_scale * loss_row) / d student  [T, R, C] in student's dtype, or an empty tensor,
+            d (row_scale * loss_row) / d teacher  [R, C] in teacher's dtype, or an empty tensor)
 
 Inputs are contiguous, validated, and 2-D students come in as T = 1 (SPEC 1.2's softmax equals
 prob_mean with one step). The gradients are those of each row's own loss (upstream gradient 1,
 SPEC 2), computed in the forward pass so the backward only scales them by the incoming
 per-row gradient: one read of each input and one write of each gradient in all.
+
+`row_scale` is each row's weight in the reduction that follows (1/R for batchmean, 1 for sum):
+the reduction is then a plain sum, and when the upstream gradient of that sum is exactly 1 (a
+loss on its own, `loss.backward()`) and the graph is not retained, the backward returns the saved
+gradients as they are, with no further pass over them (autograd frees the graph's reference, so
+the buffer becomes the input's gradient). Otherwise it scales them into a new tensor.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _fake_hta_kl_fused(student, teacher, temperature, delta, logit_mean, detach_weights,
-                       grad_student, grad_teacher):
+                       grad_student, grad_teacher, row_scale=1.0):
     loss_rows = teacher.new_empty(teacher.shape[0], dtype=accumulation_dtype(teacher.dtype))
     d_student = torch.empty_like(student) if grad_student else student.new_empty(0)
     d_teacher = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
@@ -47,17 +54,35 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _hand_on_saved_gradients(grad_loss_rows: torch.Tensor) -> bool:
+    """Whether the backward may return the saved gradients themselves: every row's upstream
+    gradient is exactly 1, and the graph is freed after this backward (no retain_graph), so the
+    returned buffer has no other owner. The upstream test reads no rows: the gradient of a sum
+    over the rows is its scalar gradient expanded (stride 0), and only that one value is read,
+    which synchronizes with a GPU (as Liger-Kernel's test of grad_output does). A traced backward
+    (torch.compile) always scales."""
+    if torch.compiler.is_compiling() or grad_loss_rows.dim() != 1:
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None or keep_graph():
+        return False
+    if grad_loss_rows.numel() > 1 and grad_loss_rows.stride(0) != 0:
+        return False
+    return bool(grad_loss_rows.reshape(-1)[0] == 1)
+
+
 def _backward(ctx, grad_loss_rows, _grad_d_student, _grad_d_teacher):
     if grad_loss_rows is None:  # the loss rows did not reach what was differentiated
-        return (None,) * 8
+        return (None,) * 9
     d_student, d_teacher = ctx.saved_tensors
     want_student, want_teacher = ctx.wants
-    # Out of place: the saved gradients must survive a second backward (retain_graph=True).
-    grad_student = (
-        d_student * grad_loss_rows.to(d_student.dtype).view(1, -1, 1) if want_student else None
-    )
-    grad_teacher = d_teacher * grad_loss_rows.to(d_teacher.dtype).view(-1, 1) if want_teacher else None
-    return grad_student, grad_teacher, None, None, None, None, None, None
+    if _hand_on_saved_gradients(grad_loss_rows):
+        grad_student, grad_teacher = d_student, d_teacher
+    else:
+        grad_student = d_student * grad_loss_rows.to(d_student.dtype).view(1, -1, 1)
+        grad_teacher = d_teacher * grad_loss_rows.to(d_teacher.dtype).view(-1, 1)
+    return (grad_student if want_student else None, grad_teacher if want_teacher else None,
+            None, None, None, None, None, None, None)
 
 
 def register_hta_kl_op(op) -> None:
@@ -113,10 +138,15 @@ def hta_kl_div(
         )
     student_rows = student.reshape(shape.steps, shape.rows, shape.classes).contiguous()
     teacher_rows = teacher.reshape(shape.rows, shape.classes).contiguous()
+    # SPEC 1.7's reduction: the kernel weighs each row by its share (1/R for batchmean), so what
+    # is left is a sum, whose gradient reaches the rows as one expanded value (_backward).
+    row_scale = 1.0 / shape.rows if reduction == "batchmean" else 1.0
     loss_rows, _, _ = _fused_op(chosen)(
         student_rows, teacher_rows, float(temperature), float(delta),
         shape.time_input and time_reduction == "logit_mean", bool(detach_weights),
         student.requires_grad and torch.is_grad_enabled(),
         teacher.requires_grad and torch.is_grad_enabled(),
+        row_scale,
     )
-    return reference.reduce_rows(loss_rows, reduction, shape.rows_shape).to(student.dtype)
+    loss = loss_rows.reshape(shape.rows_shape) if reduction == "none" else loss_rows.sum()
+    return loss.to(student.dtype)

@@ -409,7 +409,9 @@ def opcheck_args():
         student = torch.randn(steps, 4, 10, generator=generator).to(dtype)
         student.requires_grad_(want_student)
         teacher.requires_grad_(want_teacher)
-        cases.append((student, teacher, 2.0, 0.5, logit_mean, detach, want_student, want_teacher))
+        row_scale = (0.25,) if logit_mean else ()  # the schema's default (1.0) otherwise
+        cases.append((student, teacher, 2.0, 0.5, logit_mean, detach, want_student, want_teacher,
+                      *row_scale))
     return cases
 
 
@@ -469,6 +471,96 @@ def test_direct_call_outputs():
     assert loss.dtype == torch.float64 and d_student.shape == (1, 3, 5) and d_teacher.shape == (3, 5)
     empty = OP(torch.randn(2, 0, 5), torch.randn(0, 5), 2.0, 0.5, False, False, True, True)
     assert empty[0].shape == (0,) and empty[1].shape == (2, 0, 5) and empty[2].shape == (0, 5)
+
+
+@pytest.mark.parametrize("mode", ("2d", "prob_mean_T4", "logit_mean_T4"))
+def test_row_scale_scales_loss_and_gradients(mode):
+    """row_scale (each row's weight in the reduction) multiplies the loss rows and both
+    gradients; a power of two does so exactly."""
+    generator = torch.Generator().manual_seed(21)
+    steps, _ = MODES[mode]
+    teacher = draw_teacher(7, 300, temperature=2.0, delta=0.5, dtype=torch.float32,
+                           generator=generator)
+    student = draw_student(teacher, steps, generator)
+    student = student if steps is not None else student.unsqueeze(0)
+    args = (2.0, 0.5, mode.startswith("logit_mean"), False, True, True)
+    plain = OP(student, teacher, *args)
+    for got, want in zip(OP(student, teacher, *args, 0.25), plain):
+        assert torch.equal(got, want * 0.25)
+    for got, want in zip(OP(student, teacher, *args, 1.0 / 7), plain):
+        torch.testing.assert_close(got, want / 7, rtol=2e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("row_scale", [0.0, -1.0, math.inf, math.nan])
+def test_direct_call_rejects_bad_row_scale(row_scale):
+    with pytest.raises(RuntimeError, match="row_scale"):
+        OP(torch.randn(1, 3, 5), torch.randn(3, 5), 2.0, 0.5, False, False, True, True, row_scale)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_upstream_gradients_other_than_one(reduction):
+    """The backward returns the kernel's gradients untouched when every row's upstream gradient
+    is exactly 1 and scales them otherwise: a weighted loss, and per-row weights for "none"."""
+    generator = torch.Generator().manual_seed(22)
+    teacher = draw_teacher(6, 40, temperature=2.0, delta=0.5, dtype=torch.float64,
+                           generator=generator)
+    student = draw_student(teacher, 3, generator)
+    weights = torch.rand(6, generator=generator, dtype=torch.float64) + 0.5
+
+    def grads(backend):
+        s = student.clone().requires_grad_(True)
+        t = teacher.clone().requires_grad_(True)
+        loss = htakl_kernels.hta_kl_div(s, t, reduction=reduction, backend=backend)
+        weighted = (loss * weights).sum() if reduction == "none" else 2.5 * loss
+        return torch.autograd.grad(weighted, (s, t))
+
+    for got, want in zip(grads("cpu"), grads("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "sum"))
+def test_plain_backward_makes_no_pass_over_the_gradient(reduction):
+    """loss.backward() on a reduced loss: the kernel already weighed the rows, so the backward
+    hands the saved gradient on with no elementwise op (no multiply, no copy)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    student = torch.randn(2, 8, 50, requires_grad=True)  # T = 2 steps
+    loss = htakl_kernels.hta_kl_div(student, torch.randn(8, 50), reduction=reduction,
+                                    backend="cpu")
+    with RecordOps() as recorded:
+        loss.backward()
+    assert not any(op.startswith(("aten.mul", "aten.copy", "aten.clone", "aten._to_copy"))
+                   for op in recorded.ops), recorded.ops
+    assert student.grad is not None and student.grad.shape == student.shape
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "sum"))
+def test_backward_twice_with_retain_graph(reduction):
+    """The gradient handed on without a copy is the saved one: a second backward through the same
+    graph (retain_graph) must find it intact, and .grad accumulates both."""
+    generator = torch.Generator().manual_seed(23)
+    teacher = draw_teacher(5, 30, temperature=2.0, delta=0.5, dtype=torch.float64,
+                           generator=generator)
+    student = draw_student(teacher, None, generator).requires_grad_(True)
+    loss = htakl_kernels.hta_kl_div(student, teacher, reduction=reduction, backend="cpu")
+    loss.backward(retain_graph=True)
+    first = student.grad.clone()
+    student.grad.mul_(0)  # an optimizer's in-place zeroing must not reach the saved gradient
+    loss.backward()
+    assert torch.equal(student.grad, first)
+    expected = torch.autograd.grad(
+        htakl_kernels.hta_kl_div(student, teacher, reduction=reduction, backend="reference"),
+        student)[0]
+    torch.testing.assert_close(first, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("student, teacher, temperature, delta, message", [

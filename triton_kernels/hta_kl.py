@@ -23,6 +23,8 @@ them by the incoming per-row gradient, so there is no second read of the inputs 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -70,10 +72,10 @@ def _sign_of_difference(q, p):
 
 
 @triton.jit
-def _grad_student_softmax(lam_h, lam_t, fkl, rkl, inv_tau, p, log_p, q, log_q, dl, sum_q_dl):
+def _grad_student_softmax(lam_h, lam_t, fkl, rkl, grad_scale, p, log_p, q, log_q, dl, sum_q_dl):
     """SPEC 2, student, one softmax (2-D input, or logit_mean before the 1/T)."""
     rkl_part = tl.where(q > 0, q * (log_q - log_p - rkl), 0.0)
-    return inv_tau * (lam_h * (q - p) + lam_t * rkl_part + (fkl - rkl) * q * (dl - sum_q_dl))
+    return grad_scale * (lam_h * (q - p) + lam_t * rkl_part + (fkl - rkl) * q * (dl - sum_q_dl))
 
 
 @triton.jit
@@ -89,10 +91,10 @@ def _q_t_log_ratio(q_t, log_q, log_p):
 
 
 @triton.jit
-def _grad_teacher(lam_h, lam_t, fkl, rkl, inv_tau, p, log_p, q, log_q, dl, sum_p_dl):
+def _grad_teacher(lam_h, lam_t, fkl, rkl, grad_scale, p, log_p, q, log_q, dl, sum_p_dl):
     """SPEC 2, teacher."""
     fkl_part = tl.where(p > 0, p * (log_p - log_q - fkl), 0.0)
-    return inv_tau * (lam_h * fkl_part + lam_t * (p - q) - (fkl - rkl) * p * (dl - sum_p_dl))
+    return grad_scale * (lam_h * fkl_part + lam_t * (p - q) - (fkl - rkl) * p * (dl - sum_p_dl))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def _chunk_distributions(row_mask, log_p_tile, log_q_tile, teacher_row, student_
 def _hta_kl_kernel(
     student_ptr, teacher_ptr, loss_ptr, d_student_ptr, d_teacher_ptr,
     # float64 arguments (a plain Python float would be passed as float32): exact for float64 math.
-    temperature: tl.float64, head_mass: tl.float64,
+    temperature: tl.float64, head_mass: tl.float64, row_scale_in: tl.float64,
     steps, classes, slice_stride,
     PROB_MEAN: tl.constexpr, STEPS_PAD: tl.constexpr, ON_CHIP: tl.constexpr,
     BLOCK: tl.constexpr, RADIX_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
@@ -236,6 +238,10 @@ def _hta_kl_kernel(
     tau = (tl.zeros([], tl.float64) + temperature).to(ACC)
     delta = (tl.zeros([], tl.float64) + head_mass).to(ACC)
     inv_tau = 1.0 / tau
+    # The row's weight in the reduction that follows (csrc HtaKlOptions::row_scale): the loss row
+    # and every gradient carry it, the gradients through grad_scale = row_scale / tau.
+    row_scale = (tl.zeros([], tl.float64) + row_scale_in).to(ACC)
+    grad_scale = row_scale * inv_tau
     steps_acc = tl.zeros([], ACC) + steps
     inv_steps = 1.0 / steps_acc
     log_steps = tl.log(steps_acc)
@@ -413,7 +419,7 @@ def _hta_kl_kernel(
     safe_sum = tl.where(vanished, 1.0, distance_sum)
     lam_h = tl.where(vanished, 0.5, d_head / safe_sum)
     lam_t = tl.where(vanished, 0.5, d_tail / safe_sum)
-    tl.store(loss_ptr + row, lam_h * fkl + lam_t * rkl)
+    tl.store(loss_ptr + row, row_scale * (lam_h * fkl + lam_t * rkl))
     if DETACH:
         dl_head = zero
         dl_tail = zero
@@ -435,7 +441,7 @@ def _hta_kl_kernel(
             # SPEC 2: dl_i = s_i (d_tail [i in H] - d_head [i not in H]) / Sg^2.
             dl = _sign_of_difference(q, p) * tl.where(head, dl_head, dl_tail)
             if GRAD_T:
-                grad = _grad_teacher(lam_h, lam_t, fkl, rkl, inv_tau, p, log_p, q, log_q, dl,
+                grad = _grad_teacher(lam_h, lam_t, fkl, rkl, grad_scale, p, log_p, q, log_q, dl,
                                      dl_head * p_head + dl_tail * p_tail)
                 tl.store(d_teacher_ptr + row * classes + offs,
                          grad.to(d_teacher_ptr.dtype.element_ty), mask=mask)
@@ -453,13 +459,13 @@ def _hta_kl_kernel(
                                  + lam_t * _pick(steps_log_ratio, step_ids, t)
                                  + fkl_minus_rkl * (dl_head * _pick(steps_head, step_ids, t)
                                                     + dl_tail * _pick(steps_tail, step_ids, t)))
-                        grad = inv_tau * inv_steps * (q_t_g - q_t * g_sum)
+                        grad = grad_scale * inv_steps * (q_t_g - q_t * g_sum)
                         tl.store(d_student_ptr + t * slice_stride + row * classes + offs,
                                  grad.to(d_student_ptr.dtype.element_ty), mask=mask)
                 else:
                     # logit_mean: the gradient of mean_t z_t, 1/T on every step (T = 1 for 2-D).
                     grad = inv_steps * _grad_student_softmax(
-                        lam_h, lam_t, fkl, rkl, inv_tau, p, log_p, q, log_q, dl,
+                        lam_h, lam_t, fkl, rkl, grad_scale, p, log_p, q, log_q, dl,
                         dl_head * q_head + dl_tail * q_tail)
                     grad = grad.to(d_student_ptr.dtype.element_ty)
                     for t in range(steps):
@@ -501,14 +507,16 @@ def _num_warps(block: int, wide: bool) -> int:
 
 def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, delta: float,
                   logit_mean: bool, detach_weights: bool, grad_student: bool, grad_teacher: bool,
-                  *, on_chip_limit: int | None = None, chunk: int | None = None,
-                  radix_block: int | None = None):
+                  row_scale: float = 1.0, *, on_chip_limit: int | None = None,
+                  chunk: int | None = None, radix_block: int | None = None):
     """Run the kernel; same arguments and results as the op, plus the layout knobs.
 
     `on_chip_limit`: the longest row (in classes) held on chip; longer rows take the chunked path
     in chunks of `chunk` classes (both powers of two; defaults: `default_layout`).
     """
     _check_inputs(student, teacher)
+    if not (math.isfinite(row_scale) and row_scale > 0):
+        raise ValueError(f"hta_kl_fused_triton: row_scale must be a finite number > 0, got {row_scale}")
     acc_dtype = accumulation_dtype(teacher.dtype)
     wide = acc_dtype == torch.float64
     default_on_chip_limit, default_chunk = default_layout(wide)
@@ -525,7 +533,7 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     block = triton.next_power_of_2(classes) if on_chip else chunk
     torch.library.wrap_triton(_hta_kl_kernel)[(rows,)](
         student, teacher, loss_rows, d_student, d_teacher, float(temperature), float(delta),
-        steps, classes, rows * classes,
+        float(row_scale), steps, classes, rows * classes,
         PROB_MEAN=steps > 1 and not logit_mean,
         STEPS_PAD=triton.next_power_of_2(steps),
         ON_CHIP=on_chip, BLOCK=block, RADIX_BLOCK=radix_block, RADIX_BITS=RADIX_BITS,
@@ -542,9 +550,10 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
 @torch.library.triton_op("htakl::hta_kl_fused_triton", mutates_args=(), schema=HTA_KL_SCHEMA)
 def hta_kl_fused_triton(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
                         delta: float, logit_mean: bool, detach_weights: bool, grad_student: bool,
-                        grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        grad_teacher: bool,
+                        row_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return launch_hta_kl(student, teacher, temperature, delta, logit_mean, detach_weights,
-                         grad_student, grad_teacher)
+                         grad_student, grad_teacher, row_scale)
 
 
 register_hta_kl_op(hta_kl_fused_triton)

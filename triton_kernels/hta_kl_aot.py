@@ -24,7 +24,7 @@ def compile_variant(storage: str, *, on_chip: bool, block: int, prob_mean: bool,
     signature = {
         "student_ptr": f"*{element}", "teacher_ptr": f"*{element}", "loss_ptr": f"*{accumulate}",
         "d_student_ptr": f"*{element}", "d_teacher_ptr": f"*{element}",
-        "temperature": "fp64", "head_mass": "fp64",
+        "temperature": "fp64", "head_mass": "fp64", "row_scale_in": "fp64",
         "steps": "i32", "classes": "i32", "slice_stride": "i64",
     }
     constants = dict(

@@ -57,7 +57,7 @@ Kernel<scalar_t> make_kernel(const at::Tensor& student, const at::Tensor& teache
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cpu(
     const at::Tensor& student, const at::Tensor& teacher, double temperature, double delta,
-    bool logit_mean, bool detach_weights, bool grad_student, bool grad_teacher) {
+    bool logit_mean, bool detach_weights, bool grad_student, bool grad_teacher, double row_scale) {
   TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(),
               "hta_kl_fused (CPU): student and teacher must be CPU tensors");
   TORCH_CHECK(student.dim() == 3, "hta_kl_fused: student must be [T, R, C], got ", student.sizes());
@@ -77,6 +77,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cpu(
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
               "hta_kl_fused: temperature must be finite and > 0, got ", temperature);
   TORCH_CHECK(delta > 0 && delta <= 1, "hta_kl_fused: delta must be in (0, 1], got ", delta);
+  TORCH_CHECK(std::isfinite(row_scale) && row_scale > 0,
+              "hta_kl_fused: row_scale must be finite and > 0, got ", row_scale);
 
   const int64_t rows = teacher.size(0);
   const auto acc_dtype =
@@ -88,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cpu(
       grad_teacher ? empty_like_huge_pages(teacher) : at::empty({0}, teacher.options());
   if (rows == 0) return {loss, d_student, d_teacher};
 
-  const HtaKlOptions options{temperature, delta, logit_mean, detach_weights};
+  const HtaKlOptions options{temperature, delta, logit_mean, detach_weights, row_scale};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, teacher.scalar_type(), "hta_kl_fused_cpu", [&] {
 #ifdef HTAKL_CPU_AVX2
     if (use_avx2()) {

@@ -378,7 +378,8 @@ struct RowKernel {
     });
     const RowStats<acc_t> st =
         make_row_stats(sums.total(kHeadDistance), sums.total(kTailDistance), sums.total(kFkl),
-                       sums.total(kRkl), options.detach_weights, inv_tau);
+                       sums.total(kRkl), options.detach_weights, inv_tau,
+                       acc_t(options.row_scale));
     loss[row] = row_loss(st);
     auto dl_of = [&](int64_t i) {
       return dlam_h_dq(st, sign_of_difference(q[i], p[i]), head[i] != acc_t(0));

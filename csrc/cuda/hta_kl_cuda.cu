@@ -302,6 +302,7 @@ struct KernelParams {
   scalar_t* grad_teacher;  // nullptr: not requested
   int64_t steps, rows, classes;
   acc_t inv_tau, delta, inv_steps, log_steps;
+  acc_t row_scale;                 // HtaKlOptions::row_scale
   unsigned long long delta_fixed;  // delta in 2^-62 fixed point, at least 1
   bool logit_mean, detach_weights;
   bool cache_rows;             // copy the row to shared memory first
@@ -835,7 +836,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     compute_row_sums(row, sums, scratch);               // SPEC 1.4, 1.6
     const RowStats<acc_t> stats =                       // SPEC 1.5
         make_row_stats(sums[kDistanceHead], sums[kDistanceTail], sums[kForwardKl],
-                       sums[kReverseKl], params.detach_weights, params.inv_tau);
+                       sums[kReverseKl], params.detach_weights, params.inv_tau, params.row_scale);
     if (threadIdx.x == 0) params.loss_rows[r] = row_loss(stats);  // SPEC 1.6
 
     // SPEC 2.
@@ -893,7 +894,8 @@ cudaError_t launch(const HtaKlCudaProblem& problem, cudaStream_t stream) {
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   const HtaKlOptions& options = problem.options;
   if (problem.steps < 1 || problem.rows < 0 || problem.classes < 1 ||
-      !(options.temperature > 0) || !(options.delta > 0 && options.delta <= 1)) {
+      !(options.temperature > 0) || !(options.delta > 0 && options.delta <= 1) ||
+      !(options.row_scale > 0) || !std::isfinite(options.row_scale)) {
     return cudaErrorInvalidValue;
   }
   if (problem.rows == 0) return cudaSuccess;
@@ -915,6 +917,7 @@ cudaError_t launch(const HtaKlCudaProblem& problem, cudaStream_t stream) {
   params.classes = problem.classes;
   params.inv_tau = static_cast<acc_t>(1.0 / options.temperature);
   params.delta = static_cast<acc_t>(options.delta);
+  params.row_scale = static_cast<acc_t>(options.row_scale);
   params.inv_steps = static_cast<acc_t>(1.0 / static_cast<double>(problem.steps));
   params.log_steps = static_cast<acc_t>(std::log(static_cast<double>(problem.steps)));
   // delta <= 1, so at most 2^62; at least 1 so that the selected bucket always holds mass.

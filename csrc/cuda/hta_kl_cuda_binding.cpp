@@ -29,7 +29,7 @@ htakl::HtaKlCudaDtype launcher_dtype(at::ScalarType dtype) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cuda(
     const at::Tensor& student, const at::Tensor& teacher, double temperature, double delta,
-    bool logit_mean, bool detach_weights, bool grad_student, bool grad_teacher) {
+    bool logit_mean, bool detach_weights, bool grad_student, bool grad_teacher, double row_scale) {
   TORCH_CHECK(student.is_cuda() && teacher.is_cuda(),
               "hta_kl_fused (CUDA): student and teacher must be CUDA tensors, got student on ",
               student.device(), " and teacher on ", teacher.device());
@@ -53,6 +53,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cuda(
               "hta_kl_fused (CUDA): temperature must be a finite number > 0, got ", temperature);
   TORCH_CHECK(delta > 0 && delta <= 1, "hta_kl_fused (CUDA): delta must be in (0, 1], got ",
               delta);
+  TORCH_CHECK(row_scale > 0 && std::isfinite(row_scale),
+              "hta_kl_fused (CUDA): row_scale must be a finite number > 0, got ", row_scale);
   const htakl::HtaKlCudaDtype dtype = launcher_dtype(teacher.scalar_type());
 
   const c10::cuda::CUDAGuard device_guard(teacher.device());
@@ -73,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cuda(
   problem.steps = student.size(0);
   problem.rows = teacher.size(0);
   problem.classes = teacher.size(1);
-  problem.options = {temperature, delta, logit_mean, detach_weights};
+  problem.options = {temperature, delta, logit_mean, detach_weights, row_scale};
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(teacher.device().index()).stream();
   const cudaError_t error = htakl::hta_kl_fused_cuda(dtype, problem, stream);
