@@ -112,6 +112,7 @@ def hta_kl_div(
     detach_weights: bool = False,
     reduction: str = "batchmean",
     backend: str = "auto",
+    _weight: float = 1.0,
 ) -> torch.Tensor:
     """Head-tail-aware KL divergence between a student and a teacher (shared/SPEC.md section 1).
 
@@ -129,18 +130,22 @@ def hta_kl_div(
 
     Empty batches: "sum" gives 0, "none" an empty tensor, "batchmean" raises ValueError.
     """
+    # `_weight` (internal, > 0) multiplies the result, inside the kernel where one runs, so that a
+    # weighted sum of losses (SpikingKDLoss's alpha * HTA-KL) still backpropagates without a pass
+    # over the gradient (_backward).
     shape = check_hta_kl_args(student, teacher, temperature, delta, time_reduction, reduction)
     chosen = resolve_backend(backend, teacher.device)
     if chosen == "reference" or shape.rows == 0:  # an empty batch launches no kernel
-        return reference.hta_kl_div(
+        loss = reference.hta_kl_div(
             student, teacher, temperature=temperature, delta=delta, time_reduction=time_reduction,
             detach_weights=detach_weights, reduction=reduction,
         )
+        return loss if _weight == 1.0 else _weight * loss
     student_rows = student.reshape(shape.steps, shape.rows, shape.classes).contiguous()
     teacher_rows = teacher.reshape(shape.rows, shape.classes).contiguous()
     # SPEC 1.7's reduction: the kernel weighs each row by its share (1/R for batchmean), so what
     # is left is a sum, whose gradient reaches the rows as one expanded value (_backward).
-    row_scale = 1.0 / shape.rows if reduction == "batchmean" else 1.0
+    row_scale = (1.0 / shape.rows if reduction == "batchmean" else 1.0) * _weight
     loss_rows, _, _ = _fused_op(chosen)(
         student_rows, teacher_rows, float(temperature), float(delta),
         shape.time_input and time_reduction == "logit_mean", bool(detach_weights),

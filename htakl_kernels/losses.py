@@ -46,11 +46,17 @@ class SpikingKDLoss(HTAKLLoss):
                 f"labels must be a tensor of the teacher's row shape {tuple(teacher.shape[:-1])}, "
                 f"got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)}"
             )
-        distill = super().forward(student, teacher)
+        # alpha goes into the kernel with the loss (hta_kl_div's _weight), so that the sum below
+        # backpropagates to the kernel's saved gradient without scaling it; alpha = 0 keeps the
+        # product, so that a NaN distillation term still shows.
+        if self.alpha > 0:
+            distill = hta_kl_div(student, teacher, **self.options, _weight=self.alpha)
+        else:
+            distill = self.alpha * super().forward(student, teacher)
         mean_logits = student.mean(dim=0) if student.dim() == teacher.dim() + 1 else student
         classes = teacher.shape[-1]
         cross_entropy = F.cross_entropy(mean_logits.reshape(-1, classes), labels.reshape(-1))
-        return (1 - self.alpha) * cross_entropy + self.alpha * distill
+        return (1 - self.alpha) * cross_entropy + distill
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, " + super().extra_repr()

@@ -106,6 +106,23 @@ def test_loss_modules_match_the_function():
     assert "alpha=0.25" in repr(SpikingKDLoss(alpha=0.25))
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+def test_spiking_kd_loss_value_and_gradients(alpha):
+    # alpha travels into the kernel with the loss (hta_kl_div's _weight); the result must be
+    # SPEC 1.7's weighted sum all the same, gradients included.
+    generator = torch.Generator().manual_seed(5)
+    student = torch.randn(4, 3, 10, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 10, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 10, (3,), generator=generator)
+    got = SpikingKDLoss(alpha=alpha)(student, teacher, labels)
+    want = (1 - alpha) * F.cross_entropy(student.mean(0), labels) + alpha * hta_kl_div(
+        student, teacher, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (student, teacher)),
+                    torch.autograd.grad(want, (student, teacher))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_spiking_kd_loss_checks_its_arguments():
     with pytest.raises(ValueError, match="alpha"):
         SpikingKDLoss(alpha=1.5)
