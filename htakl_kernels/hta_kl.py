@@ -60,8 +60,11 @@ def _hand_on_saved_gradients(grad_loss_rows: torch.Tensor) -> bool:
     returned buffer has no other owner. The upstream test reads no rows: the gradient of a sum
     over the rows is its scalar gradient expanded (stride 0), and only that one value is read,
     which synchronizes with a GPU (as Liger-Kernel's test of grad_output does). A traced backward
-    (torch.compile) always scales."""
+    (torch.compile) and one captured into a CUDA graph, where no value can be read, always
+    scale."""
     if torch.compiler.is_compiling() or grad_loss_rows.dim() != 1:
+        return False
+    if grad_loss_rows.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     if keep_graph is None or keep_graph():
