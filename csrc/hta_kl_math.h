@@ -134,7 +134,7 @@ HTAKL_HD acc_t grad_student_softmax(const RowStats<acc_t>& st, acc_t p, acc_t lo
                                     acc_t log_q, acc_t dl, acc_t sum_q_dl) {
   const acc_t rkl_part = q > acc_t(0) ? q * (log_q - log_p - st.rkl) : acc_t(0);
   return st.grad_scale * (st.lam_h * (q - p) + st.lam_t * rkl_part +
-                       (st.fkl - st.rkl) * q * (dl - sum_q_dl));
+                          (st.fkl - st.rkl) * q * (dl - sum_q_dl));
 }
 
 // SPEC 2, student, prob_mean: the k-th term q_tk g_k of the time step t, where
@@ -185,7 +185,7 @@ HTAKL_HD acc_t grad_teacher(const RowStats<acc_t>& st, acc_t p, acc_t log_p, acc
                             acc_t dl, acc_t sum_p_dl) {
   const acc_t fkl_part = p > acc_t(0) ? p * (log_p - log_q - st.fkl) : acc_t(0);
   return st.grad_scale * (st.lam_h * fkl_part + st.lam_t * (p - q) -
-                       (st.fkl - st.rkl) * p * (dl - sum_p_dl));
+                          (st.fkl - st.rkl) * p * (dl - sum_p_dl));
 }
 
 // SPEC 1.3, without a sort. Probabilities are non-negative, so their IEEE bit patterns order like
