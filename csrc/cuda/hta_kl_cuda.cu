@@ -615,6 +615,22 @@ __device__ void find_head_boundary(RowView<scalar_t>& row, const KernelParams<sc
   }  // else every tied class is in the head: tie_limit stays `classes`
 }
 
+// Passes 4 and 5 walk the row the same way: calls visit(first, log_p, log_q) for each of this
+// thread's chunks, with the teacher's and the student's log-probabilities (SPEC 1.1, 1.2) of
+// classes first .. first + kWidth - 1 (entries past the row's end are padding).
+template <typename scalar_t, typename Visit>
+__device__ __forceinline__ void for_each_chunk(const RowView<scalar_t>& row, Visit visit) {
+  using acc_t = typename Types<scalar_t>::acc_t;
+  constexpr int kWidth = Chunk<scalar_t>::kWidth;
+  acc_t log_p[kWidth], log_q[kWidth];
+  for (int64_t first = first_chunk_start<scalar_t>(); first < row.classes;
+       first += chunk_stride<scalar_t>()) {
+    row.teacher_log_probs(first, log_p);
+    row.student_log_probs(first, log_q);
+    visit(first, log_p, log_q);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pass 4: the row sums (SPEC 1.4-1.6 and the signed sums of SPEC 2's dl).
 
@@ -638,11 +654,7 @@ __device__ void compute_row_sums(const RowView<scalar_t>& row,
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
 #pragma unroll
   for (int k = 0; k < kRowSums; ++k) sums[k] = acc_t(0);
-  acc_t log_p[kWidth], log_q[kWidth];
-  for (int64_t first = first_chunk_start<scalar_t>(); first < row.classes;
-       first += chunk_stride<scalar_t>()) {
-    row.teacher_log_probs(first, log_p);
-    row.student_log_probs(first, log_q);
+  for_each_chunk(row, [&](int64_t first, const acc_t(&log_p)[kWidth], const acc_t(&log_q)[kWidth]) {
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
       if (first + j >= row.classes) continue;
@@ -661,7 +673,7 @@ __device__ void compute_row_sums(const RowView<scalar_t>& row,
       sums[kSignedPHead] += head ? p * sign : acc_t(0);
       sums[kSignedPTail] += head ? acc_t(0) : p * sign;
     }
-  }
+  });
   block_sum(sums, scratch);
 }
 
@@ -679,11 +691,8 @@ __device__ void write_softmax_gradients(const RowView<scalar_t>& row,
                                         int64_t grad_step_stride) {
   using acc_t = typename Types<scalar_t>::acc_t;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
-  acc_t log_p[kWidth], log_q[kWidth], teacher_grad[kWidth], student_grad[kWidth];
-  for (int64_t first = first_chunk_start<scalar_t>(); first < row.classes;
-       first += chunk_stride<scalar_t>()) {
-    row.teacher_log_probs(first, log_p);
-    row.student_log_probs(first, log_q);
+  acc_t teacher_grad[kWidth], student_grad[kWidth];
+  for_each_chunk(row, [&](int64_t first, const acc_t(&log_p)[kWidth], const acc_t(&log_q)[kWidth]) {
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
       const acc_t p = exp(log_p[j]);
@@ -702,7 +711,7 @@ __device__ void write_softmax_gradients(const RowView<scalar_t>& row,
                                student_grad);
       }
     }
-  }
+  });
 }
 
 // prob_mean with T > 1: first G_t = sum_j q_tj g_j for every step (kStepGroup steps per pass, so
@@ -714,13 +723,11 @@ __device__ void write_prob_mean_student_gradient(
     int64_t grad_step_stride, BlockScratch<typename Types<scalar_t>::acc_t>& scratch) {
   using acc_t = typename Types<scalar_t>::acc_t;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
-  acc_t log_p[kWidth], log_q[kWidth], logits[kWidth], grad[kWidth];
+  acc_t logits[kWidth], grad[kWidth];
   for (int64_t group = 0; group < row.steps; group += kStepGroup) {
     acc_t sums[kMaxSums] = {};
-    for (int64_t first = first_chunk_start<scalar_t>(); first < row.classes;
-         first += chunk_stride<scalar_t>()) {
-      row.teacher_log_probs(first, log_p);
-      row.student_log_probs(first, log_q);
+    for_each_chunk(row, [&](int64_t first, const acc_t(&log_p)[kWidth],
+                            const acc_t(&log_q)[kWidth]) {
 #pragma unroll
       for (int g = 0; g < kStepGroup; ++g) {
         const int64_t t = group + g;
@@ -743,7 +750,7 @@ __device__ void write_prob_mean_student_gradient(
           }
         }
       }
-    }
+    });
     block_sum(sums, scratch);
     if (threadIdx.x == 0) {
       for (int g = 0; g < kStepGroup && group + g < row.steps; ++g) {
@@ -755,10 +762,7 @@ __device__ void write_prob_mean_student_gradient(
   }
   __syncthreads();  // step_g_sums written by thread 0, read by all
 
-  for (int64_t first = first_chunk_start<scalar_t>(); first < row.classes;
-       first += chunk_stride<scalar_t>()) {
-    row.teacher_log_probs(first, log_p);
-    row.student_log_probs(first, log_q);
+  for_each_chunk(row, [&](int64_t first, const acc_t(&log_p)[kWidth], const acc_t(&log_q)[kWidth]) {
     acc_t p[kWidth], dl[kWidth];
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
@@ -779,7 +783,7 @@ __device__ void write_prob_mean_student_gradient(
       }
       Chunk<scalar_t>::store(grad_student_row + t * grad_step_stride, first, row.classes, grad);
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
