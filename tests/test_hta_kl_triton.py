@@ -58,6 +58,16 @@ def _student(mode: str, steps: int, rows: int, classes: int, dtype, generator, s
     return (torch.randn(shape, generator=generator) * scale).to(dtype)
 
 
+def _prob_mean_pair(classes: int, dtype, seed: int, *, temperature=TEMPERATURE, delta=DELTA,
+                    scale=3.0):
+    """(student, teacher) from one seed: 2 rows of teacher logits (draw_teacher, `scale`) and a
+    T = 2 prob_mean student."""
+    generator = _generator(seed)
+    teacher = draw_teacher(2, classes, temperature=temperature, delta=delta, dtype=dtype,
+                           scale=scale, generator=generator)
+    return _student("prob_mean", 2, 2, classes, dtype, generator), teacher
+
+
 def _run(student, teacher, *, mode="prob_mean", detach_weights=False, delta=DELTA,
          temperature=TEMPERATURE, grads=(True, True), **layout):
     """The fused kernel on rows: (loss_rows, d student shaped like student, d teacher)."""
@@ -118,10 +128,7 @@ def test_forward_and_gradients_match_oracle(device, layout, detach_weights, mode
 def test_storage_dtypes_on_cpu(dtype, layout):
     if not INTERPRETED:
         pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
-    generator = _generator(7)
-    teacher = draw_teacher(2, 40, temperature=TEMPERATURE, delta=DELTA, dtype=dtype, scale=3.0,
-                           generator=generator)
-    student = _student("prob_mean", 2, 2, 40, dtype, generator)
+    student, teacher = _prob_mean_pair(40, dtype, 7)
     _assert_matches_oracle(student, teacher, dtype, mode="prob_mean", **layout)
 
 
@@ -129,10 +136,7 @@ def test_storage_dtypes_on_cpu(dtype, layout):
 @pytest.mark.parametrize("classes", [1, 3, 1000, 1025])
 def test_class_counts(device, classes):
     for seed, dtype in enumerate(_dtypes(device, cpu=(torch.float32,))):
-        generator = _generator(100 + seed)
-        teacher = draw_teacher(2, classes, temperature=TEMPERATURE, delta=0.3, dtype=dtype,
-                               scale=4.0, generator=generator)
-        student = _student("prob_mean", 2, 2, classes, dtype, generator)
+        student, teacher = _prob_mean_pair(classes, dtype, 100 + seed, delta=0.3, scale=4.0)
         _assert_matches_oracle(student.to(device), teacher.to(device), dtype, delta=0.3)
 
 
@@ -140,10 +144,8 @@ def test_class_counts(device, classes):
 def test_long_row_chunked(device):
     """C = 1025 on the chunked path: five chunks, the last holding one class."""
     for seed, dtype in enumerate(_dtypes(device, cpu=(torch.float32,))):
-        generator = _generator(200 + seed)
-        teacher = draw_teacher(2, 1025, temperature=1.0, delta=0.7, dtype=dtype, scale=2.0,
-                               generator=generator)
-        student = _student("prob_mean", 2, 2, 1025, dtype, generator)
+        student, teacher = _prob_mean_pair(1025, dtype, 200 + seed, temperature=1.0, delta=0.7,
+                                           scale=2.0)
         _assert_matches_oracle(student.to(device), teacher.to(device), dtype, temperature=1.0,
                                delta=0.7, on_chip_limit=256)
 
@@ -293,10 +295,7 @@ def test_gradcheck(device, time_reduction):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_inputs_untouched_and_results_deterministic(device):
-    generator = _generator(900)
-    teacher = draw_teacher(2, 40, temperature=TEMPERATURE, delta=DELTA, dtype=torch.float32,
-                           scale=3.0, generator=generator).to(device)
-    student = _student("prob_mean", 2, 2, 40, torch.float32, generator).to(device)
+    student, teacher = (t.to(device) for t in _prob_mean_pair(40, torch.float32, 900))
     student_before, teacher_before = student.clone(), teacher.clone()
     for layout in (ON_CHIP, CHUNKED):
         first = _run(student, teacher, **layout)
@@ -308,10 +307,7 @@ def test_inputs_untouched_and_results_deterministic(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradients_only_when_asked(device):
-    generator = _generator(1000)
-    teacher = draw_teacher(2, 20, temperature=TEMPERATURE, delta=DELTA, dtype=torch.float64,
-                           scale=3.0, generator=generator).to(device)
-    student = _student("prob_mean", 2, 2, 20, torch.float64, generator).to(device)
+    student, teacher = (t.to(device) for t in _prob_mean_pair(20, torch.float64, 1000))
     full_loss, full_student, _ = _run(student, teacher)
     loss, d_student, d_teacher = _run(student, teacher, grads=(True, False))
     assert d_teacher.numel() == 0
