@@ -109,7 +109,9 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
         odd_mass[digit_of(i + 1)] += mass_t(p[i + 1]);
       }
       if (i < classes) mass[digit_of(i)] += mass_t(p[i]);
-      for (int digit = 0; digit <= static_cast<int>(digit_mask); ++digit) mass[digit] += odd_mass[digit];
+      for (int digit = 0; digit <= static_cast<int>(digit_mask); ++digit) {
+        mass[digit] += odd_mass[digit];
+      }
     } else {
       std::fill_n(count, digit_mask + 1, 0);
       for (int64_t j = 0; j < n_candidates; ++j) {

@@ -1,4 +1,5 @@
-// A hint for the large outputs of the CPU kernels (the gradients and [T, ...] outputs): back them with transparent huge pages.
+// A hint for the large outputs of the CPU kernels (the gradients and [T, ...] outputs): back them
+// with transparent huge pages.
 //
 // A fresh output of tens of MiB comes straight from mmap (glibc serves allocations over 32 MiB,
 // and smaller ones until its threshold adapts, that way), and the kernel's first write to each
