@@ -17,9 +17,25 @@ import sys
 
 import torch
 
-import htakl_kernels  # noqa: F401  (registers the htakl ops)
+import htakl_kernels  # registers the htakl ops
+import htakl_kernels._C
 
 faulthandler.enable()
+
+
+def print_runtime_libraries() -> None:
+    """The C++ runtime libraries this process loaded, and the compilers that built the extension:
+    a mismatch between the extension's toolchain and torch's is the first suspect for the crash."""
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "/" in line}
+    for path in sorted(paths):
+        if any(name in path for name in ("libstdc++", "libgcc_s", "libgomp", "libc10")):
+            print("loaded:", path, flush=True)
+    with open(htakl_kernels._C.__file__, "rb") as extension:
+        data = extension.read()
+    for version in sorted({part for part in data.split(b"\0") if part.startswith(b"GCC: (")}):
+        print("extension built by:", version.decode(errors="replace"), flush=True)
+
 
 
 def expect_error(device: str) -> bool:
@@ -34,6 +50,7 @@ def expect_error(device: str) -> bool:
     return False
 
 
+print_runtime_libraries()
 ok = expect_error("cpu")
 ok = expect_error("cuda") and ok
 sys.exit(0 if ok else 1)
