@@ -148,3 +148,21 @@ def test_compiles_for_sm90_without_a_gpu():
     usage = parse_usage(run_compiler_script(script))
     assert len(usage) == 16
     assert all(0 < registers <= 255 and spill == 0 for registers, spill in usage), usage
+
+
+def test_float32_divisions_round_to_nearest_when_compiled():
+    """Spikes agree bit for bit only if H[t]'s division by tau is the IEEE one, as on the other
+    backends. The interpreter divides exactly whatever the kernel asks for, so read the compiled
+    PTX: no approximate float32 division may be left (Triton 3.6 ignored fdiv's ieee_rounding)."""
+    script = (
+        "import re\n"
+        "from htakl_kernels.triton_kernels.lif_aot import compile_variants\n"
+        "for soft_reset, atan in ((False, False), (True, True)):\n"
+        "    for kernel in compile_variants('float32', soft_reset=soft_reset, atan=atan):\n"
+        "        ptx = kernel.asm['ptx']\n"
+        "        print(len(re.findall(r'div\\.rn\\.f32', ptx)),\n"
+        "              len(re.findall(r'div\\.(?:full|approx)[.a-z]*\\.f32', ptx)))\n"
+    )
+    counts = parse_usage(run_compiler_script(script))
+    assert len(counts) == 4
+    assert all(exact > 0 and approximate == 0 for exact, approximate in counts), counts

@@ -55,11 +55,12 @@ def _option(value, ACC: tl.constexpr):
 @triton.jit
 def _div_rn(a, b):
     """a / b rounded to nearest, as the other backends divide. float32 `/` compiles to an
-    approximate division, hence fdiv's IEEE mode there; float64 `/` is already exact, and fdiv's
-    IEEE mode does not compile for float64 (Triton 3.9 emits the float32 intrinsic)."""
+    approximate division, hence div_rn there (not fdiv's ieee_rounding, which Triton 3.6 accepts
+    and ignores); float64 `/` is already exact, and div_rn would emit the float32 intrinsic."""
     if a.dtype == tl.float64:
         return a / b
-    return tl.fdiv(a, b, ieee_rounding=True)
+    else:  # not a fall-through: Triton compiles code after a returning `if` for float64 too
+        return tl.math.div_rn(a, b)
 
 
 @triton.jit
@@ -89,9 +90,12 @@ def _lif_surrogate_grad(u, alpha, half_pi, ATAN: tl.constexpr):
     """SPEC 3: sg at u = H - v_threshold (half_pi comes in ACC: a literal would be float32)."""
     if ATAN:
         scaled = half_pi * alpha * u
-        return alpha / 2 / (1 + scaled * scaled)
-    sig = 1 / (1 + tl.exp(-alpha * u))
-    return alpha * sig * (1 - sig)
+        return _div_rn(alpha * 0.5, 1 + scaled * scaled)  # alpha / 2 is exact
+    # alpha e / (1 + e)^2 with e = exp(-alpha |u|), as lif_math.h writes alpha sig (1 - sig): in
+    # float32 1 - sig rounds to 0 once alpha u passes ~17, where this form keeps alpha e^(-alpha u).
+    e = tl.exp(-alpha * tl.abs(u))
+    one_plus_e = 1 + e
+    return _div_rn(alpha * e, one_plus_e * one_plus_e)
 
 
 @triton.jit
