@@ -39,6 +39,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 
 #include "hta_kl_cuda.h"
 #include "hta_kl_math.h"
@@ -875,12 +877,24 @@ size_t step_values_bytes(int64_t steps) {
   return static_cast<size_t>(round_up(2 * steps * static_cast<int64_t>(sizeof(acc_t)), kVectorBytes));
 }
 
-// Dynamic shared memory one block may use beyond the kernel's static shared memory.
+// Dynamic shared memory one block may use beyond the kernel's static shared memory on the current
+// device; the kernel's ceiling is raised to it on first use.
 template <typename scalar_t>
 cudaError_t dynamic_shared_limit(size_t* limit) {
+  // The kernel's dynamic shared-memory ceiling is a process-wide attribute: it is raised once per
+  // device, to the whole limit, and never changed again, so that two host threads launching at
+  // once cannot lower it under each other (each launch still asks only for the bytes it uses).
+  static std::mutex mutex;
+  static std::unordered_map<int, size_t> limits;  // device -> limit, once the ceiling is raised
   int device = 0;
   cudaError_t error = cudaGetDevice(&device);
   if (error != cudaSuccess) return error;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto known = limits.find(device);
+  if (known != limits.end()) {
+    *limit = known->second;
+    return cudaSuccess;
+  }
   int optin = 0;
   error = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (error != cudaSuccess) return error;
@@ -888,7 +902,13 @@ cudaError_t dynamic_shared_limit(size_t* limit) {
   error = cudaFuncGetAttributes(&attributes, hta_kl_fused_kernel<scalar_t>);
   if (error != cudaSuccess) return error;
   const size_t total = static_cast<size_t>(optin);
-  *limit = total > attributes.sharedSizeBytes ? total - attributes.sharedSizeBytes : 0;
+  const size_t dynamic = total > attributes.sharedSizeBytes ? total - attributes.sharedSizeBytes : 0;
+  error = cudaFuncSetAttribute(hta_kl_fused_kernel<scalar_t>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(dynamic));
+  if (error != cudaSuccess) return error;
+  limits.emplace(device, dynamic);
+  *limit = dynamic;
   return cudaSuccess;
 }
 
@@ -938,10 +958,6 @@ cudaError_t launch(const HtaKlCudaProblem& problem, cudaStream_t stream) {
   params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - steps_bytes);
   const size_t dynamic_bytes =
       steps_bytes + (params.cache_rows ? static_cast<size_t>(cache_bytes) : size_t(0));
-  error = cudaFuncSetAttribute(hta_kl_fused_kernel<scalar_t>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(dynamic_bytes));
-  if (error != cudaSuccess) return error;
 
   // Whole warps, enough for one chunk per thread on small rows, at most kMaxThreads.
   const int64_t chunks = (problem.classes + kWidth - 1) / kWidth;
