@@ -325,6 +325,17 @@ def test_rejects_bad_layout():
                       False, False)
 
 
+def test_rejects_more_classes_than_int32_counts(monkeypatch):
+    """Rows past 2^31 - 1 classes would wrap the kernel's int32 class counts: refused up front
+    (checked with the limit lowered to 4, as a real such row needs 8 GiB)."""
+    import htakl_kernels.triton_kernels.hta_kl as module
+
+    monkeypatch.setattr(module, "MAX_CLASSES", 4)
+    with pytest.raises(ValueError, match="C = 5 classes.*at most 4"):
+        launch_hta_kl(torch.zeros(1, 2, 5), torch.zeros(2, 5), 1.0, 0.5, False, False, False,
+                      False)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph(device):
     """torch.compile(fullgraph=True) traces hta_kl_div through the Triton op without a graph

@@ -39,6 +39,8 @@ from ..hta_kl import accumulation_dtype, register_hta_kl_op
 # 128 registers without spilling (4096 classes, 16 warps), while 8192 classes spill even at 32
 # warps (64 registers, 528 bytes of spill per thread).
 ON_CHIP_LIMIT = 4096
+# Class counts (ties, cumulative sums) are int32.
+MAX_CLASSES = 2**31 - 1
 # Classes per chunk of the chunked path (16 warps: 112 registers, no spill), and per sub-block of
 # its radix-select passes (the radix pass broadcasts each sub-block against 2**RADIX_BITS
 # candidate digits).
@@ -490,6 +492,9 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor) -> None:
                          f"and {teacher.device}")
     if not (student.is_contiguous() and teacher.is_contiguous()):
         raise ValueError("hta_kl_fused_triton expects contiguous student and teacher")
+    if teacher.shape[1] > MAX_CLASSES:
+        raise ValueError(f"hta_kl_fused_triton: teacher has C = {teacher.shape[1]} classes; the "
+                         f"kernel counts a row's classes in int32 and takes at most {MAX_CLASSES}")
 
 
 def default_layout(wide: bool) -> tuple[int, int]:

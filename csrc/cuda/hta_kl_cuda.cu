@@ -16,10 +16,10 @@
 //
 // Memory. When the row (teacher plus T student steps, storage dtype) fits in shared memory, the
 // block copies it there once with 16-byte loads and every pass reads shared memory: the kernel
-// reads each input byte from DRAM once. Larger rows (C up to 2^31 and beyond: all indices are
-// 64-bit) are re-read from global memory in every pass (mostly L2 hits); that is the multi-pass
-// path. A single block per row loops over any C; a cooperating group of blocks per row is not
-// implemented: it only pays off when there are fewer rows than SMs.
+// reads each input byte from DRAM once. Larger rows (C up to 2^31 - 1, counted in 32 bits; all
+// indices are 64-bit) are re-read from global memory in every pass (mostly L2 hits); that is the
+// multi-pass path. A single block per row loops over any C; a cooperating group of blocks per row
+// is not implemented: it only pays off when there are fewer rows than SMs.
 //
 // Head boundary without a sort (SPEC 1.3, `tied_head_count` in hta_kl_math.h). Non-negative floats
 // order like their bit patterns. The boundary value w is the largest p whose "mass at or above"
@@ -902,7 +902,8 @@ cudaError_t dynamic_shared_limit(size_t* limit) {
   error = cudaFuncGetAttributes(&attributes, hta_kl_fused_kernel<scalar_t>);
   if (error != cudaSuccess) return error;
   const size_t total = static_cast<size_t>(optin);
-  const size_t dynamic = total > attributes.sharedSizeBytes ? total - attributes.sharedSizeBytes : 0;
+  const size_t dynamic =
+      total > attributes.sharedSizeBytes ? total - attributes.sharedSizeBytes : 0;
   error = cudaFuncSetAttribute(hta_kl_fused_kernel<scalar_t>,
                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(dynamic));
@@ -918,6 +919,7 @@ cudaError_t launch(const HtaKlCudaProblem& problem, cudaStream_t stream) {
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   const HtaKlOptions& options = problem.options;
   if (problem.steps < 1 || problem.rows < 0 || problem.classes < 1 ||
+      problem.classes > kHtaKlCudaMaxClasses ||
       !(options.temperature > 0) || !(options.delta > 0 && options.delta <= 1) ||
       !(options.row_scale > 0) || !std::isfinite(options.row_scale)) {
     return cudaErrorInvalidValue;

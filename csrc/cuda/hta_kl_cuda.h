@@ -18,6 +18,9 @@ namespace htakl {
 // Storage dtype of student, teacher and the gradients. The loss is float, or double for kFloat64.
 enum class HtaKlCudaDtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
+// The radix select counts a row's classes in 32-bit integers (shared-memory atomics).
+constexpr int64_t kHtaKlCudaMaxClasses = (int64_t(1) << 31) - 1;
+
 struct HtaKlCudaProblem {
   const void* student;  // [steps, rows, classes]
   const void* teacher;  // [rows, classes]
@@ -26,7 +29,7 @@ struct HtaKlCudaProblem {
   void* grad_teacher;   // [rows, classes], or nullptr: not computed
   int64_t steps;        // T >= 1 (2-D students come in as T = 1)
   int64_t rows;         // R >= 0
-  int64_t classes;      // C >= 1
+  int64_t classes;      // 1 <= C <= kHtaKlCudaMaxClasses
   HtaKlOptions options;
 };
 

@@ -47,6 +47,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cuda(
               teacher.sizes(), ", got ", student.sizes());
   TORCH_CHECK(student.size(0) >= 1, "hta_kl_fused (CUDA): student's T must be >= 1");
   TORCH_CHECK(teacher.size(1) >= 1, "hta_kl_fused (CUDA): teacher must have C >= 1 classes");
+  TORCH_CHECK(teacher.size(1) <= htakl::kHtaKlCudaMaxClasses,
+              "hta_kl_fused (CUDA): teacher has C = ", teacher.size(1),
+              " classes; the kernel counts a row's classes in 32 bits and takes at most ",
+              htakl::kHtaKlCudaMaxClasses);
   TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous(),
               "hta_kl_fused (CUDA): student and teacher must be contiguous");
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
