@@ -110,6 +110,17 @@ if [ -n "$DEBUGGER" ]; then
 else
   step binding-error 60 "$PYTHON" tests/cuda/binding_error_case.py
 fi
+# Suspect: the extension's compiler and runtime against torch's. What the extension needs and
+# carries, which compiler built it, and the same case with that compiler's C++ runtime preloaded.
+step extension-runtime 30 bash -c 'so=$(ls htakl_kernels/_C*.so | head -n 1); \
+readelf -d "$so" | grep -E "NEEDED|RUNPATH|RPATH"; \
+echo "runtime symbols defined inside (none expected):"; \
+nm -D --defined-only "$so" | grep -E "__cxa_throw|_Unwind_|__gxx_personality"; \
+echo "newest GLIBCXX needed: $(objdump -T "$so" | grep -o "GLIBCXX_[0-9.]*" | sort -uV | tail -n 1)"; \
+command -v c++ g++ gcc; g++ --version | head -n 1; g++ -print-file-name=libstdc++.so.6; true'
+step binding-error-preload 60 env \
+  LD_PRELOAD="$(g++ -print-file-name=libstdc++.so.6):$(g++ -print-file-name=libgcc_s.so.1)" \
+  "$PYTHON" tests/cuda/binding_error_case.py
 
 # 6. Benchmarks: the quick ones (no torch.compile) first, then the full suites while time lasts
 # (on SIGTERM from timeout a suite writes the cases it finished).
