@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from ._validation import check_choice, check_float_tensor
+from ._validation import check_bool, check_choice, check_float_tensor, check_real
 
 SURROGATES = ("sigmoid", "atan")
 # SpikingJelly's defaults: Sigmoid(alpha=4), ATan(alpha=2).
@@ -37,20 +36,6 @@ class LifConfig(NamedTuple):
         return 0.0 if self.v_reset is None else self.v_reset
 
 
-def _check_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 def check_lif_args(
     x: torch.Tensor,
     tau: float,
@@ -67,18 +52,18 @@ def check_lif_args(
     check_float_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension, the time steps [T, ...]; got a 0-d tensor")
-    tau = _check_real("tau", tau)
+    tau = check_real("tau", tau)
     if not tau > 1:
         raise ValueError(f"tau must be > 1 (the membrane time constant), got {tau}")
-    v_threshold = _check_real("v_threshold", v_threshold)
+    v_threshold = check_real("v_threshold", v_threshold)
     if v_reset is not None:
-        v_reset = _check_real("v_reset", v_reset)
-    decay_input = _check_bool("decay_input", decay_input)
-    detach_reset = _check_bool("detach_reset", detach_reset)
+        v_reset = check_real("v_reset", v_reset)
+    decay_input = check_bool("decay_input", decay_input)
+    detach_reset = check_bool("detach_reset", detach_reset)
     check_choice("surrogate", surrogate, SURROGATES)
     if alpha is None:
         alpha = DEFAULT_ALPHA[surrogate]
-    alpha = _check_real("alpha", alpha)
+    alpha = check_real("alpha", alpha)
     if not alpha > 0:
         raise ValueError(f"alpha (the surrogate's sharpness) must be > 0, got {alpha}")
     if return_v not in RETURN_V:

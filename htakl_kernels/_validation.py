@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -27,11 +28,41 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
-def check_positive_finite(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def check_real(name: str, value: object) -> float:
+    """A finite real number (a Python or NumPy scalar, not a bool), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_positive_finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def check_first_order_backward(function: str) -> None:
+    """Refuse a backward run with create_graph=True: the kernels' gradients are computed, not
+    traced, so their own gradient would silently be missing (PyTorch's once_differentiable
+    refuses it too). The reference backend is differentiable to any order. A traced backward
+    (torch.compile) runs in grad mode without asking for a second order, and passes."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"{function}'s kernel backward is not differentiable: double backward "
+            f"(create_graph=True) is not supported; use backend='reference' for higher-order "
+            f"gradients"
+        )
 
 
 def check_float_tensor(name: str, value: object) -> None:
@@ -44,12 +75,24 @@ def check_float_tensor(name: str, value: object) -> None:
         )
 
 
+def check_hta_kl_options(temperature: float, delta: float, time_reduction: str,
+                         detach_weights: bool, reduction: str) -> None:
+    """Validate hta_kl_div's scalar options (SPEC 1)."""
+    check_positive_finite("temperature", temperature)
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta <= 1:
+        raise ValueError(f"delta must be a number in (0, 1], got {delta!r}")
+    check_choice("time_reduction", time_reduction, TIME_REDUCTIONS)
+    check_bool("detach_weights", detach_weights)
+    check_choice("reduction", reduction, ROW_REDUCTIONS)
+
+
 def check_hta_kl_args(
     student: torch.Tensor,
     teacher: torch.Tensor,
     temperature: float,
     delta: float,
     time_reduction: str,
+    detach_weights: bool,
     reduction: str,
 ) -> HtaKlShape:
     """Validate hta_kl_div's arguments (SPEC 1) and return the row layout."""
@@ -65,11 +108,7 @@ def check_hta_kl_args(
             f"student and teacher must be on the same device, got student on {student.device} "
             f"and teacher on {teacher.device}"
         )
-    check_positive_finite("temperature", temperature)
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta <= 1:
-        raise ValueError(f"delta must be a number in (0, 1], got {delta!r}")
-    check_choice("time_reduction", time_reduction, TIME_REDUCTIONS)
-    check_choice("reduction", reduction, ROW_REDUCTIONS)
+    check_hta_kl_options(temperature, delta, time_reduction, detach_weights, reduction)
     if teacher.dim() < 1:
         raise ValueError("teacher must have at least one dimension (the classes), got a 0-d tensor")
     if student.dim() not in (teacher.dim(), teacher.dim() + 1):

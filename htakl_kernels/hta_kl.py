@@ -28,7 +28,7 @@ import torch
 
 from . import reference
 from ._backends import resolve_backend
-from ._validation import check_hta_kl_args
+from ._validation import check_first_order_backward, check_hta_kl_args
 
 
 
@@ -75,6 +75,7 @@ def _hand_on_saved_gradients(grad_loss_rows: torch.Tensor) -> bool:
 
 
 def _backward(ctx, grad_loss_rows, _grad_d_student, _grad_d_teacher):
+    check_first_order_backward("hta_kl_div")
     if grad_loss_rows is None:  # the loss rows did not reach what was differentiated
         return (None,) * 9
     d_student, d_teacher = ctx.saved_tensors
@@ -136,7 +137,8 @@ def hta_kl_div(
     # `_weight` (internal, > 0) multiplies the result, inside the kernel where one runs, so that a
     # weighted sum of losses (SpikingKDLoss's alpha * HTA-KL) still backpropagates without a pass
     # over the gradient (_backward).
-    shape = check_hta_kl_args(student, teacher, temperature, delta, time_reduction, reduction)
+    shape = check_hta_kl_args(student, teacher, temperature, delta, time_reduction, detach_weights,
+                              reduction)
     chosen = resolve_backend(backend, teacher.device)
     if chosen == "reference" or shape.rows == 0:  # an empty batch launches no kernel
         loss = reference.hta_kl_div(

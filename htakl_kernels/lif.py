@@ -37,7 +37,7 @@ from torch import nn
 from . import reference
 from ._backends import BACKENDS, resolve_backend
 from ._lif_args import DEFAULT_ALPHA, SURROGATES, LifConfig, check_lif_args
-from ._validation import check_choice
+from ._validation import check_choice, check_first_order_backward
 
 
 def _fake_lif_forward(x, v_init, tau, v_threshold, v_reset, soft_reset, decay_input,
@@ -73,6 +73,7 @@ def register_lif_ops(forward_op, backward_op) -> None:
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_spikes, grad_v_last, grad_v_seq):
+        check_first_order_backward("lif_multistep")
         x, v_init = ctx.saved_tensors
         grad_x, grad_v_init = backward_op(
             _gradient_or_empty(grad_spikes, x),
@@ -173,12 +174,17 @@ def _surrogate_name_and_alpha(surrogate_function) -> tuple[str, float | None]:
     )
 
 
+# SpikingJelly's backend names, for code written against its LIFNode.
+SPIKINGJELLY_BACKENDS = {"torch": "reference", "cupy": "cuda"}
+
+
 class MultiStepLIF(nn.Module):
     """Drop-in for SpikingJelly's `LIFNode(step_mode="m")`, running the fused LIF kernels.
 
     Same parameter names and defaults as SpikingJelly's LIFNode (`surrogate_function` takes
     "sigmoid", "atan", a (name, alpha) pair or a SpikingJelly Sigmoid/ATan object; only
-    `step_mode="m"`; `backend` is one of ours). The membrane `v` persists across calls (and so
+    `step_mode="m"`; `backend` is one of ours, or SpikingJelly's "torch" (our "reference") or "cupy"
+    (our "cuda")). The membrane `v` persists across calls (and so
     does the graph through it, as in SpikingJelly) until `reset()`; with `store_v_seq=True` the
     membrane after every step of the last call is kept in `v_seq`.
     """
@@ -196,21 +202,43 @@ class MultiStepLIF(nn.Module):
         store_v_seq: bool = False,
     ):
         super().__init__()
-        if step_mode != "m":
-            raise ValueError(f"step_mode must be 'm' (multi-step, input [T, ...]), got {step_mode!r}")
         surrogate, alpha = _surrogate_name_and_alpha(surrogate_function)
         # Validate the options now rather than at the first call.
         check_lif_args(
             torch.empty(1), tau, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha,
             None, None,
         )
-        check_choice("backend", backend, BACKENDS)
         self.tau, self.decay_input, self.v_threshold, self.v_reset = tau, decay_input, v_threshold, v_reset
         self.surrogate = surrogate
         self.alpha = DEFAULT_ALPHA[surrogate] if alpha is None else float(alpha)
         self.detach_reset, self.step_mode, self.backend = detach_reset, step_mode, backend
         self.store_v_seq = store_v_seq
         self.reset()
+
+    @property
+    def step_mode(self) -> str:
+        return self._step_mode
+
+    @step_mode.setter
+    def step_mode(self, value: str) -> None:
+        # Checked on assignment too: SpikingJelly's functional.set_step_mode assigns it.
+        if value != "m":
+            raise ValueError(f"step_mode must be 'm' (multi-step, input [T, ...]), got {value!r}")
+        self._step_mode = value
+
+    @property
+    def supported_backends(self) -> tuple[str, ...]:
+        """Ours, and SpikingJelly's names for its pure-PyTorch path and its CUDA kernel."""
+        return BACKENDS + tuple(SPIKINGJELLY_BACKENDS)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        check_choice("backend", value, self.supported_backends)
+        self._backend = value
 
     def reset(self) -> None:
         """Forget the membrane: the next call starts from v_reset (or 0 for soft reset)."""
@@ -219,11 +247,19 @@ class MultiStepLIF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v_init = self.v if isinstance(self.v, torch.Tensor) else None
+        if v_init is not None and isinstance(x, torch.Tensor) and x.dim() >= 1:
+            # As SpikingJelly materializes its states: a membrane of another shape (a new batch
+            # size without reset()) starts afresh, and one of another dtype or device follows x.
+            if v_init.shape != x.shape[1:]:
+                v_init = None
+            else:
+                v_init = v_init.to(dtype=x.dtype, device=x.device)
         spikes, membrane = lif_multistep(
             x, tau=self.tau, v_threshold=self.v_threshold, v_reset=self.v_reset,
             decay_input=self.decay_input, detach_reset=self.detach_reset,
             surrogate=self.surrogate, alpha=self.alpha, v_init=v_init,
-            return_v="seq" if self.store_v_seq else "last", backend=self.backend,
+            return_v="seq" if self.store_v_seq else "last",
+            backend=SPIKINGJELLY_BACKENDS.get(self.backend, self.backend),
         )
         if self.store_v_seq:
             self.v_seq = membrane

@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._backends import BACKENDS
+from ._validation import check_choice, check_hta_kl_options
 from .hta_kl import hta_kl_div
 
 
 class HTAKLLoss(nn.Module):
-    """`HTAKLLoss(**options)(student, teacher)` is `hta_kl_div(student, teacher, **options)`."""
+    """`HTAKLLoss(**options)(student, teacher)` is `hta_kl_div(student, teacher, **options)`.
+
+    The options are checked here and kept as attributes of the same names, which the next call
+    reads (e.g. a temperature schedule may assign `loss.temperature`).
+    """
 
     def __init__(self, *, temperature: float = 2.0, delta: float = 0.5,
                  time_reduction: str = "prob_mean", detach_weights: bool = False,
                  reduction: str = "batchmean", backend: str = "auto") -> None:
         super().__init__()
-        self.options = dict(temperature=temperature, delta=delta, time_reduction=time_reduction,
-                            detach_weights=detach_weights, reduction=reduction, backend=backend)
+        check_hta_kl_options(temperature, delta, time_reduction, detach_weights, reduction)
+        check_choice("backend", backend, BACKENDS)
+        self.temperature, self.delta, self.time_reduction = temperature, delta, time_reduction
+        self.detach_weights, self.reduction, self.backend = detach_weights, reduction, backend
+
+    @property
+    def options(self) -> dict:
+        """hta_kl_div's keyword arguments, as the attributes hold them now."""
+        return {name: getattr(self, name) for name in _OPTION_NAMES}
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return hta_kl_div(student, teacher, **self.options)
@@ -26,21 +41,33 @@ class HTAKLLoss(nn.Module):
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
 
 
+_OPTION_NAMES = ("temperature", "delta", "time_reduction", "detach_weights", "reduction", "backend")
+# The cross-entropy's reduction matching each of hta_kl_div's (both terms reduce the same rows).
+_CROSS_ENTROPY_REDUCTION = {"batchmean": "mean", "sum": "sum", "none": "none"}
+
+
+def _check_alpha(alpha: object) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
 class SpikingKDLoss(HTAKLLoss):
     """SPEC 1.7's objective: `(1 - alpha) * CE(mean_t student, labels) + alpha * HTA-KL`.
 
     `student` is `[T, ..., C]` (per-timestep logits, averaged over T for the cross-entropy) or
-    `[..., C]`; `labels` holds class indices of shape `teacher.shape[:-1]`.
+    `[..., C]`; `labels` holds class indices of shape `teacher.shape[:-1]`. `reduction` applies to
+    both terms: "batchmean" averages them over the rows, "sum" adds them up, and "none" gives
+    each row's objective (shape `teacher.shape[:-1]`).
     """
 
     def __init__(self, alpha: float = 0.5, **options) -> None:
         super().__init__(**options)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = _check_alpha(alpha)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
+        alpha = _check_alpha(self.alpha)
         if not isinstance(labels, torch.Tensor) or labels.shape != teacher.shape[:-1]:
             raise ValueError(
                 f"labels must be a tensor of the teacher's row shape {tuple(teacher.shape[:-1])}, "
@@ -49,14 +76,17 @@ class SpikingKDLoss(HTAKLLoss):
         # alpha goes into the kernel with the loss (hta_kl_div's _weight), so that the sum below
         # backpropagates to the kernel's saved gradient without scaling it; alpha = 0 keeps the
         # product, so that a NaN distillation term still shows.
-        if self.alpha > 0:
-            distill = hta_kl_div(student, teacher, **self.options, _weight=self.alpha)
+        if alpha > 0:
+            distill = hta_kl_div(student, teacher, **self.options, _weight=alpha)
         else:
-            distill = self.alpha * super().forward(student, teacher)
+            distill = alpha * super().forward(student, teacher)
         mean_logits = student.mean(dim=0) if student.dim() == teacher.dim() + 1 else student
         classes = teacher.shape[-1]
-        cross_entropy = F.cross_entropy(mean_logits.reshape(-1, classes), labels.reshape(-1))
-        return (1 - self.alpha) * cross_entropy + distill
+        cross_entropy = F.cross_entropy(
+            mean_logits.reshape(-1, classes), labels.reshape(-1),
+            reduction=_CROSS_ENTROPY_REDUCTION[self.reduction],
+        ).reshape(distill.shape)
+        return (1 - alpha) * cross_entropy + distill
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, " + super().extra_repr()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,12 +41,37 @@ def _pair(*shape):
         (*_pair(4, 6), dict(reduction="mean"), ValueError, "reduction"),
         (*_pair(4, 6), dict(time_reduction="max"), ValueError, "time_reduction"),
         (*_pair(4, 6), dict(backend="metal"), ValueError, "backend"),
+        (*_pair(4, 6), dict(detach_weights="yes"), TypeError, "detach_weights"),
+        (*_pair(4, 6), dict(detach_weights=None), TypeError, "detach_weights"),
         (torch.randn(0, 6), torch.randn(0, 6), {}, ValueError, "empty batch"),
     ],
 )
 def test_bad_input_is_rejected_naming_the_argument(student, teacher, kwargs, error, match):
     with pytest.raises(error, match=match):
         hta_kl_div(student, teacher, **kwargs)
+
+
+def test_numpy_scalars_are_numbers():
+    student, teacher = _pair(3, 6)
+    expected = hta_kl_div(student, teacher, temperature=2.0, delta=0.5)
+    assert hta_kl_div(student, teacher, temperature=np.float32(2.0),
+                      delta=np.float64(0.5)) == expected
+    assert SpikingKDLoss(alpha=np.float32(0.5)).alpha == 0.5
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_double_backward_is_refused_by_kernels(backend):
+    """A kernel's gradient is computed, not traced: create_graph=True fails clearly instead of
+    silently dropping the second-order term. The reference stays differentiable to any order."""
+    student, teacher = _pair(3, 6)
+    student.requires_grad_()
+    loss = hta_kl_div(student, teacher, backend=backend) + (student ** 3).sum()
+    if backend == "reference":
+        grad, = torch.autograd.grad(loss, student, create_graph=True)
+        assert grad.requires_grad
+        return
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, student, create_graph=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
@@ -99,11 +125,43 @@ def test_loss_modules_match_the_function():
     options = dict(temperature=3.0, delta=0.7, time_reduction="logit_mean", reduction="sum")
     torch.testing.assert_close(HTAKLLoss(**options)(student, teacher),
                                hta_kl_div(student, teacher, **options))
-    expected = 0.75 * F.cross_entropy(student.mean(0), labels) + 0.25 * hta_kl_div(
-        student, teacher, **options)
+    expected = (0.75 * F.cross_entropy(student.mean(0), labels, reduction="sum")
+                + 0.25 * hta_kl_div(student, teacher, **options))
     torch.testing.assert_close(SpikingKDLoss(alpha=0.25, **options)(student, teacher, labels),
                                expected)
     assert "alpha=0.25" in repr(SpikingKDLoss(alpha=0.25))
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_spiking_kd_loss_reduces_both_terms_alike(reduction):
+    """`reduction` applies to the cross-entropy as to the distillation term: "none" gives each
+    row's own objective, "sum" their sum (additive over a split batch), "batchmean" their mean."""
+    student, teacher = torch.randn(2, 6, 7), torch.randn(6, 7)
+    labels = torch.randint(0, 7, (6,))
+    loss = SpikingKDLoss(alpha=0.5, reduction=reduction)
+    per_row = torch.stack([
+        SpikingKDLoss(alpha=0.5, reduction="sum")(student[:, i:i + 1], teacher[i:i + 1],
+                                                  labels[i:i + 1])
+        for i in range(6)])
+    expected = {"none": per_row, "sum": per_row.sum(), "batchmean": per_row.mean()}[reduction]
+    torch.testing.assert_close(loss(student, teacher, labels), expected)
+
+
+def test_loss_modules_check_options_at_construction_and_read_them_at_each_call():
+    with pytest.raises(ValueError, match="temperature"):
+        HTAKLLoss(temperature=-1.0)
+    with pytest.raises(ValueError, match="backend"):
+        HTAKLLoss(backend="gpu")
+    with pytest.raises(TypeError, match="detach_weights"):
+        HTAKLLoss(detach_weights="yes")
+    student, teacher = torch.randn(2, 3, 10), torch.randn(3, 10)
+    loss = SpikingKDLoss(alpha=1.0)
+    loss.temperature = 4.0  # a temperature schedule
+    torch.testing.assert_close(loss(student, teacher, torch.zeros(3, dtype=torch.long)),
+                               hta_kl_div(student, teacher, temperature=4.0))
+    loss.alpha = 2.0
+    with pytest.raises(ValueError, match="alpha"):
+        loss(student, teacher, torch.zeros(3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])

@@ -320,6 +320,45 @@ def test_module_defaults_and_surrogate_spellings():
         MultiStepLIF(tau=0.5)
 
 
+def test_module_takes_spikingjelly_settings_after_construction():
+    """What SpikingJelly's functional.set_step_mode / set_backend do to every module that has the
+    attribute: a single-step mode is refused (not run as T = batch), SJ's backend names work."""
+    layer = MultiStepLIF()
+    with pytest.raises(ValueError, match="step_mode"):
+        layer.step_mode = "s"
+    assert {"torch", "cupy", "triton"} <= set(layer.supported_backends)
+    layer.backend = "torch"  # SpikingJelly's pure-PyTorch path: our reference
+    x = torch.randn(5, 2, 3) + 1.0
+    assert torch.equal(layer(x), reference.lif_multistep(x))
+    with pytest.raises(ValueError, match="backend"):
+        layer.backend = "gpu"
+
+
+def test_module_state_follows_a_new_batch_shape_or_dtype():
+    """As SpikingJelly materializes its states: a stored membrane of another shape (a smaller last
+    batch without reset) starts afresh; one of another dtype is cast to x's."""
+    layer = MultiStepLIF(backend="cpu")
+    layer(torch.randn(4, 3, 5) + 1.0)
+    smaller = torch.randn(4, 2, 5) + 1.0
+    assert torch.equal(layer(smaller), reference.lif_multistep(smaller))
+    stored = layer.v
+    wider = torch.randn(4, 2, 5, dtype=torch.float64) + 1.0
+    assert torch.equal(layer(wider), reference.lif_multistep(wider, v_init=stored.double()))
+    assert layer.v.dtype == torch.float64
+
+
+def test_double_backward_is_refused_by_the_kernel_not_the_reference():
+    """The kernel's gradient is computed, not traced: create_graph=True fails clearly instead of
+    giving a gradient whose own gradient is silently missing. The reference stays differentiable."""
+    x = (torch.randn(4, 3) + 1.0).requires_grad_()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(lif_multistep(x, backend="cpu").sum(), x, create_graph=True)
+    torch.autograd.grad(lif_multistep(x, backend="cpu").sum(), x)  # a plain backward still runs
+    grad, = torch.autograd.grad((lif_multistep(x, backend="reference") * x).sum(), x,
+                                create_graph=True)
+    assert grad.requires_grad
+
+
 def test_reset_net_resets_every_stateful_module():
     class Counter(torch.nn.Module):
         def __init__(self):

@@ -119,7 +119,8 @@ def hta_kl_div(
     reduction: str = "batchmean",
 ) -> torch.Tensor:
     """Reference HTA-KL divergence; same contract as :func:`htakl_kernels.hta_kl_div`."""
-    shape = check_hta_kl_args(student, teacher, temperature, delta, time_reduction, reduction)
+    shape = check_hta_kl_args(student, teacher, temperature, delta, time_reduction, detach_weights,
+                              reduction)
     compute_dtype = torch.float32 if student.dtype in (torch.float16, torch.bfloat16) else student.dtype
     classes = shape.classes
     student_rows = student.to(compute_dtype).reshape(
