@@ -106,6 +106,20 @@ def _fused_op(backend: str):
 register_hta_kl_op(torch.ops.htakl.hta_kl_fused.default)
 
 
+def _autocast_to_common_dtype(student, teacher):
+    """Under autocast, a student in autocast's dtype and a teacher computed outside it (or the
+    reverse) are both promoted to the wider dtype, as autocast does for PyTorch's own losses.
+    Outside autocast, mixed dtypes stay an error (check_hta_kl_args); same-dtype inputs are left
+    alone either way, so 16-bit pairs keep the 16-bit kernels."""
+    if (isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor)
+            and student.dtype != teacher.dtype
+            and student.is_floating_point() and teacher.is_floating_point()
+            and torch.is_autocast_enabled(teacher.device.type)):
+        common = torch.promote_types(student.dtype, teacher.dtype)
+        return student.to(common), teacher.to(common)
+    return student, teacher
+
+
 def hta_kl_div(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -137,6 +151,7 @@ def hta_kl_div(
     # `_weight` (internal, > 0) multiplies the result, inside the kernel where one runs, so that a
     # weighted sum of losses (SpikingKDLoss's alpha * HTA-KL) still backpropagates without a pass
     # over the gradient (_backward).
+    student, teacher = _autocast_to_common_dtype(student, teacher)
     shape = check_hta_kl_args(student, teacher, temperature, delta, time_reduction, detach_weights,
                               reduction)
     chosen = resolve_backend(backend, teacher.device)

@@ -51,6 +51,21 @@ def test_bad_input_is_rejected_naming_the_argument(student, teacher, kwargs, err
         hta_kl_div(student, teacher, **kwargs)
 
 
+def test_autocast_promotes_a_mixed_pair():
+    """A student under autocast (bfloat16) and a float32 teacher computed outside it: both go in
+    as float32, as autocast treats PyTorch's own losses. Outside autocast that pair is an error."""
+    layer = torch.nn.Linear(6, 6)
+    inputs, teacher = torch.randn(2, 4, 6), torch.randn(4, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        student = layer(inputs)
+        assert student.dtype == torch.bfloat16
+        loss = hta_kl_div(student, teacher)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, hta_kl_div(student.float(), teacher))
+    with pytest.raises(TypeError, match="same dtype"):
+        hta_kl_div(student, teacher)
+
+
 def test_numpy_scalars_are_numbers():
     student, teacher = _pair(3, 6)
     expected = hta_kl_div(student, teacher, temperature=2.0, delta=0.5)
