@@ -166,6 +166,11 @@ def _surrogate_name_and_alpha(surrogate_function) -> tuple[str, float | None]:
     if isinstance(surrogate_function, tuple) and len(surrogate_function) == 2:
         return surrogate_function
     name = type(surrogate_function).__name__.lower()
+    if getattr(surrogate_function, "spiking", True) is False:
+        raise ValueError(
+            "surrogate_function with spiking=False (its smooth primitive in the forward instead of "
+            "the Heaviside) is not supported: the kernels fire with the Heaviside"
+        )
     if name in SURROGATES and hasattr(surrogate_function, "alpha"):
         return name, float(surrogate_function.alpha)
     raise ValueError(
@@ -209,11 +214,23 @@ class MultiStepLIF(nn.Module):
             None, None,
         )
         self.tau, self.decay_input, self.v_threshold, self.v_reset = tau, decay_input, v_threshold, v_reset
-        self.surrogate = surrogate
-        self.alpha = DEFAULT_ALPHA[surrogate] if alpha is None else float(alpha)
+        # Kept as given (a SpikingJelly surrogate object becomes a submodule, as in SpikingJelly),
+        # and read at every call, so that code swapping it later is honoured.
+        self.surrogate_function = surrogate_function
         self.detach_reset, self.step_mode, self.backend = detach_reset, step_mode, backend
         self.store_v_seq = store_v_seq
         self.reset()
+
+    @property
+    def surrogate(self) -> str:
+        """The surrogate's name, from `surrogate_function`."""
+        return _surrogate_name_and_alpha(self.surrogate_function)[0]
+
+    @property
+    def alpha(self) -> float:
+        """The surrogate's sharpness, from `surrogate_function` (its name's default if none)."""
+        surrogate, alpha = _surrogate_name_and_alpha(self.surrogate_function)
+        return DEFAULT_ALPHA[surrogate] if alpha is None else float(alpha)
 
     @property
     def step_mode(self) -> str:
@@ -225,6 +242,17 @@ class MultiStepLIF(nn.Module):
         if value != "m":
             raise ValueError(f"step_mode must be 'm' (multi-step, input [T, ...]), got {value!r}")
         self._step_mode = value
+
+    @property
+    def store_v_seq(self) -> bool:
+        return self._store_v_seq
+
+    @store_v_seq.setter
+    def store_v_seq(self, value: bool) -> None:
+        # As SpikingJelly's setter: turning it off drops the kept sequence.
+        self._store_v_seq = value
+        if not value:
+            self.v_seq = None
 
     @property
     def supported_backends(self) -> tuple[str, ...]:

@@ -334,6 +334,27 @@ def test_module_takes_spikingjelly_settings_after_construction():
         layer.backend = "gpu"
 
 
+def test_module_surrogate_and_v_seq_settings_as_in_spikingjelly():
+    class ATan(torch.nn.Module):  # duck-types SpikingJelly's surrogate.ATan
+        def __init__(self, alpha=2.0, spiking=True):
+            super().__init__()
+            self.alpha, self.spiking = alpha, spiking
+
+    layer = MultiStepLIF(surrogate_function=ATan(3.0), store_v_seq=True)
+    x = (torch.randn(4, 5) + 1.0).requires_grad_()
+    layer.surrogate_function = ATan(5.0)  # swapped after construction: honoured
+    assert (layer.surrogate, layer.alpha) == ("atan", 5.0)
+    grad, = torch.autograd.grad(layer(x).sum(), x)
+    expected, = torch.autograd.grad(
+        reference.lif_multistep(x, surrogate="atan", alpha=5.0).sum(), x)
+    torch.testing.assert_close(grad, expected)
+    assert layer.v_seq.shape == x.shape
+    layer.store_v_seq = False
+    assert layer.v_seq is None
+    with pytest.raises(ValueError, match="spiking=False"):
+        MultiStepLIF(surrogate_function=ATan(spiking=False))
+
+
 def test_module_state_follows_a_new_batch_shape_or_dtype():
     """As SpikingJelly materializes its states: a stored membrane of another shape (a smaller last
     batch without reset) starts afresh; one of another dtype is cast to x's."""
