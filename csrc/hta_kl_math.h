@@ -72,7 +72,7 @@ struct RowStats {
   acc_t lam_h, lam_t;
   acc_t fkl, rkl;        // F and R
   acc_t dl_head;         // d lam_h / d q_i for i in head, before the sign: d_tail / Sg^2
-  acc_t dl_tail;         // likewise for i in tail: -d_head / Sg^2
+  acc_t dl_tail;         // likewise for i in tail: -d_head / Sg^2 (both formed as lam / Sg)
   acc_t row_scale;       // HtaKlOptions::row_scale
   acc_t grad_scale;      // row_scale / tau: the factor in front of every gradient of SPEC 2
 };
@@ -95,9 +95,11 @@ HTAKL_HD RowStats<acc_t> make_row_stats(acc_t d_head, acc_t d_tail, acc_t fkl, a
     st.dl_head = acc_t(0);
     st.dl_tail = acc_t(0);
   } else {
-    const acc_t inv_sq = acc_t(1) / (total * total);
-    st.dl_head = d_tail * inv_sq;
-    st.dl_tail = -d_head * inv_sq;
+    // d_tail / Sg^2 as lam_t / Sg (and likewise for the tail): Sg^2 would underflow for rows
+    // where student and teacher agree closely (Sg below ~1e-19 in float), making 0 * inf = NaN
+    // gradients out of a tiny finite loss. The reference's autograd divides the same way.
+    st.dl_head = w.lam_t / total;
+    st.dl_tail = -w.lam_h / total;
   }
   return st;
 }

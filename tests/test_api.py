@@ -66,6 +66,23 @@ def test_autocast_promotes_a_mixed_pair():
         hta_kl_div(student, teacher)
 
 
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("dtype,gap", [(torch.float32, 65.0), (torch.float64, 405.0)])
+def test_close_agreement_gives_finite_gradients(backend, dtype, gap):
+    """Student and teacher agreeing on a confident class: the head/tail distances sum to ~1e-28
+    (float32), whose square underflows. The gradient of lam_h must still be finite and match
+    the reference's autograd (it divides lam by the sum, never by its square)."""
+    student = torch.tensor([[0.0, -gap, -gap]], dtype=dtype).requires_grad_()
+    teacher = torch.tensor([[0.0, 5.0 - gap, 5.0 - gap]], dtype=dtype).requires_grad_()
+    grads = torch.autograd.grad(hta_kl_div(student, teacher, temperature=1.0, backend=backend),
+                                (student, teacher))
+    expected = torch.autograd.grad(
+        hta_kl_div(student, teacher, temperature=1.0, backend="reference"), (student, teacher))
+    for got, want in zip(grads, expected):
+        assert torch.isfinite(got).all() and want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+
+
 def test_numpy_scalars_are_numbers():
     student, teacher = _pair(3, 6)
     expected = hta_kl_div(student, teacher, temperature=2.0, delta=0.5)

@@ -316,6 +316,21 @@ def test_gradients_only_when_asked(device):
     assert d_student.numel() == 0 and torch.equal(loss, full_loss)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_close_agreement_gives_finite_gradients(device):
+    """The head/tail distances sum to ~1e-28, whose square underflows in float32: the kernel's
+    gradients must stay finite and match the reference's autograd (tests/test_api.py has the
+    other backends)."""
+    student = torch.tensor([[[0.0, -65.0, -65.0]]], device=device)
+    teacher = torch.tensor([[0.0, -60.0, -60.0]], device=device)
+    _, d_student, d_teacher = launch_hta_kl(student, teacher, 1.0, 0.5, False, False, True, True)
+    s, t = student[0].clone().requires_grad_(), teacher.clone().requires_grad_()
+    want_s, want_t = torch.autograd.grad(
+        reference.hta_kl_div(s, t, temperature=1.0, reduction="sum"), (s, t))
+    torch.testing.assert_close(d_student[0], want_s, rtol=1e-4, atol=0)
+    torch.testing.assert_close(d_teacher, want_t, rtol=1e-4, atol=0)
+
+
 def test_rejects_bad_layout():
     teacher = torch.zeros(2, 5)
     with pytest.raises(ValueError, match="student \\[T, R, C\\]"):

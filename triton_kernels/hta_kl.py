@@ -426,9 +426,10 @@ def _hta_kl_kernel(
         dl_head = zero
         dl_tail = zero
     else:
-        inv_square = 1.0 / (safe_sum * safe_sum)
-        dl_head = tl.where(vanished, 0.0, d_tail * inv_square)
-        dl_tail = tl.where(vanished, 0.0, -d_head * inv_square)
+        # d_tail / Sg^2 as lam_t / Sg (csrc/hta_kl_math.h, make_row_stats): Sg^2 underflows for
+        # rows where student and teacher agree closely.
+        dl_head = tl.where(vanished, 0.0, lam_t / safe_sum)
+        dl_tail = tl.where(vanished, 0.0, -lam_h / safe_sum)
 
     # ---- Pass 4, SPEC 2: the gradients of the row's loss. -------------------------------------
     if GRAD_S or GRAD_T:
