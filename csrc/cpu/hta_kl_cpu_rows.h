@@ -197,18 +197,29 @@ acc_t shifted_exp(const scalar_t* x, int64_t n, acc_t max, acc_t inv_tau, acc_t*
   return acc_t(std::log(mass_t(sums.total(0))));
 }
 
-// Scratch for the rows one thread runs, sized for the largest mode. The storage persists per
-// thread across calls: long rows would otherwise pay for fresh pages (faults, zeroing) every call.
+// Scratch for the rows one thread runs, sized for the largest mode. Up to kKeptWorkspaceBytes
+// the storage persists per thread across calls: long rows would otherwise pay for fresh pages
+// (faults, zeroing) every call. A larger one (C in the millions, or a long T) lives for the call
+// only, so that one such call does not pin its scratch on every thread for the process's life.
+constexpr size_t kKeptWorkspaceBytes = size_t(32) << 20;
+
 template <typename acc_t>
 struct Workspace {
   acc_t *log_p, *p, *log_q, *q, *head;  // [C] each; head: SPEC 1.3 membership as 1 / 0
   acc_t *ratio, *step_max, *step_log_sum;  // [T, C], [T], [T]: prob_mean only
   int64_t* candidates;                     // [C]
+  std::vector<acc_t> call_values;          // the storage when it is too large to keep
+  std::vector<int64_t> call_indices;
   Workspace(int64_t steps, int64_t classes, bool prob_mean) {
-    thread_local std::vector<acc_t> values;
-    thread_local std::vector<int64_t> indices;
+    thread_local std::vector<acc_t> kept_values;
+    thread_local std::vector<int64_t> kept_indices;
     const int64_t steps_used = prob_mean ? steps : 0;
     const auto value_count = static_cast<size_t>(5 * classes + steps_used * (classes + 2));
+    const size_t bytes =
+        value_count * sizeof(acc_t) + static_cast<size_t>(classes) * sizeof(int64_t);
+    const bool keep = bytes <= kKeptWorkspaceBytes;
+    std::vector<acc_t>& values = keep ? kept_values : call_values;
+    std::vector<int64_t>& indices = keep ? kept_indices : call_indices;
     if (values.size() < value_count) values.resize(value_count);
     if (indices.size() < static_cast<size_t>(classes)) indices.resize(classes);
     acc_t* next = values.data();
