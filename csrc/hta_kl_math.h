@@ -195,19 +195,27 @@ HTAKL_HD acc_t grad_teacher(const RowStats<acc_t>& st, acc_t p, acc_t log_p, acc
 // "mass at or above" reaches delta. Then
 //   head = { p > w }  plus the first r tied members at w (ascending class index), where
 //   r = #{ k in 1..n_w : mass_above_w + k * w < delta },
-// which is exactly the prefix a stable descending sort followed by a cumulative sum would mark.
+// which is the prefix a stable descending sort followed by a cumulative sum would mark (up to the
+// rounding at the boundary that SPEC 1.3 allows).
 // If the whole row's mass stays below delta, every class is in the head.
 template <typename acc_t>
 HTAKL_HD int64_t tied_head_count(acc_t mass_above, acc_t boundary_value, int64_t tied_count,
                                  acc_t delta) {
-  // The cumulative sums mass_above + k * w increase with k, so count while they stay below delta.
-  int64_t r = 0;
-  acc_t cumulative = mass_above;
-  while (r < tied_count) {
-    cumulative += boundary_value;
-    if (!(cumulative < delta)) break;
-    ++r;
+  // The cumulative sums mass_above + k w grow with k, so r is the closed form
+  // ceil((delta - mass_above) / w) - 1, clamped to [0, n] and corrected by one either way for the
+  // division's rounding: O(1) for any number of ties (a uniform row ties all C classes; counting
+  // them one by one cost milliseconds per row on a GPU). The Triton kernel does the same.
+  using std::ceil;
+  if (tied_count <= 0) return 0;
+  const acc_t estimate = ceil((delta - mass_above) / boundary_value) - acc_t(1);
+  int64_t r = 0;  // also for a NaN estimate
+  if (estimate >= static_cast<acc_t>(tied_count)) {
+    r = tied_count;
+  } else if (estimate > acc_t(0)) {
+    r = static_cast<int64_t>(estimate);
   }
+  if (r < tied_count && mass_above + static_cast<acc_t>(r + 1) * boundary_value < delta) ++r;
+  if (r > 0 && !(mass_above + static_cast<acc_t>(r) * boundary_value < delta)) --r;
   return r;
 }
 
