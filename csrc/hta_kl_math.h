@@ -206,7 +206,6 @@ HTAKL_HD int64_t tied_head_count(acc_t mass_above, acc_t boundary_value, int64_t
   // division's rounding: O(1) for any number of ties (a uniform row ties all C classes; counting
   // them one by one cost milliseconds per row on a GPU). The Triton kernel does the same.
   using std::ceil;
-  if (tied_count <= 0) return 0;
   const acc_t estimate = ceil((delta - mass_above) / boundary_value) - acc_t(1);
   int64_t r = 0;  // also for a NaN estimate
   if (estimate >= static_cast<acc_t>(tied_count)) {

@@ -28,9 +28,14 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def is_real_number(value: object) -> bool:
+    """A Python or NumPy real scalar, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_real(name: str, value: object) -> float:
     """A finite real number (a Python or NumPy scalar, not a bool), as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
@@ -45,7 +50,7 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def check_positive_finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
@@ -79,7 +84,7 @@ def check_hta_kl_options(temperature: float, delta: float, time_reduction: str,
                          detach_weights: bool, reduction: str) -> None:
     """Validate hta_kl_div's scalar options (SPEC 1)."""
     check_positive_finite("temperature", temperature)
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta <= 1:
+    if not is_real_number(delta) or not 0 < delta <= 1:
         raise ValueError(f"delta must be a number in (0, 1], got {delta!r}")
     check_choice("time_reduction", time_reduction, TIME_REDUCTIONS)
     check_bool("detach_weights", detach_weights)

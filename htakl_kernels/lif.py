@@ -221,16 +221,19 @@ class MultiStepLIF(nn.Module):
         self.store_v_seq = store_v_seq
         self.reset()
 
+    def _surrogate_and_alpha(self) -> tuple[str, float]:
+        """The surrogate's name and sharpness from `surrogate_function` (its name's default
+        sharpness if it gives none)."""
+        surrogate, alpha = _surrogate_name_and_alpha(self.surrogate_function)
+        return surrogate, DEFAULT_ALPHA[surrogate] if alpha is None else float(alpha)
+
     @property
     def surrogate(self) -> str:
-        """The surrogate's name, from `surrogate_function`."""
-        return _surrogate_name_and_alpha(self.surrogate_function)[0]
+        return self._surrogate_and_alpha()[0]
 
     @property
     def alpha(self) -> float:
-        """The surrogate's sharpness, from `surrogate_function` (its name's default if none)."""
-        surrogate, alpha = _surrogate_name_and_alpha(self.surrogate_function)
-        return DEFAULT_ALPHA[surrogate] if alpha is None else float(alpha)
+        return self._surrogate_and_alpha()[1]
 
     @property
     def step_mode(self) -> str:
@@ -282,10 +285,11 @@ class MultiStepLIF(nn.Module):
                 v_init = None
             else:
                 v_init = v_init.to(dtype=x.dtype, device=x.device)
+        surrogate, alpha = self._surrogate_and_alpha()
         spikes, membrane = lif_multistep(
             x, tau=self.tau, v_threshold=self.v_threshold, v_reset=self.v_reset,
             decay_input=self.decay_input, detach_reset=self.detach_reset,
-            surrogate=self.surrogate, alpha=self.alpha, v_init=v_init,
+            surrogate=surrogate, alpha=alpha, v_init=v_init,
             return_v="seq" if self.store_v_seq else "last",
             backend=SPIKINGJELLY_BACKENDS.get(self.backend, self.backend),
         )

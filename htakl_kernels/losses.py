@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._backends import BACKENDS
-from ._validation import check_choice, check_hta_kl_options
+from ._validation import check_choice, check_hta_kl_options, is_real_number
 from .hta_kl import hta_kl_div
 
 
@@ -47,7 +45,7 @@ _CROSS_ENTROPY_REDUCTION = {"batchmean": "mean", "sum": "sum", "none": "none"}
 
 
 def _check_alpha(alpha: object) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
+    if not is_real_number(alpha) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     return float(alpha)
 
