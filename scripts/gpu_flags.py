@@ -1,0 +1,53 @@
+"""The one place that names the GPU architectures and nvcc flags the CUDA kernels are built with.
+
+setup.py (the real build), scripts/nvcc_check.sh (CI's compile check) and the cost census
+(bench/census) all read these, so a kernel is checked and measured exactly as it is built.
+
+As a command: `python scripts/gpu_flags.py [--arch 90 ...] [--check]` prints the nvcc flags,
+one per line, for shell scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# Ampere (A100) and Hopper (H100/H200): the cards this project targets.
+GPU_ARCHS = ("80", "90")
+
+# What torch's CUDAExtension passes to nvcc besides our flags (no implicit half/bfloat16
+# conversions), so a compile check with these flags sees what the real build sees.
+TORCH_NVCC_DEFINES = (
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+)
+
+# -lineinfo maps SASS back to source lines (the census attributes instructions to passes with
+# it); it changes no generated instruction.
+NVCC_FLAGS = (
+    "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+    "--Werror=all-warnings", "-Xcompiler=-Wall,-Wextra",
+)
+
+
+def gencode_flags(archs=GPU_ARCHS) -> list[str]:
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in archs]
+
+
+def nvcc_flags(archs=GPU_ARCHS, *, with_torch_defines: bool = False) -> list[str]:
+    """Flags for compiling our .cu files; with_torch_defines adds what CUDAExtension adds."""
+    extra = list(TORCH_NVCC_DEFINES) if with_torch_defines else []
+    return list(NVCC_FLAGS) + gencode_flags(archs) + extra
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", action="append", help="architecture (default: all built)")
+    parser.add_argument("--check", action="store_true",
+                        help="add the defines torch's CUDAExtension passes (for compile checks)")
+    args = parser.parse_args()
+    print(*nvcc_flags(tuple(args.arch) if args.arch else GPU_ARCHS,
+                      with_torch_defines=args.check), sep="\n")
+
+
+if __name__ == "__main__":
+    main()
