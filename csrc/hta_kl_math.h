@@ -2,7 +2,7 @@
 //
 // Torch-free on purpose: the CUDA translation units include it without torch headers, and the
 // CPU kernel includes it too, so the CPU test suite exercises every formula the GPU code uses.
-// Section numbers refer to shared/SPEC.md ("SPEC 1.6" = section 1, step 6).
+// Section numbers refer to docs/SPEC.md ("SPEC 1.6" = section 1, step 6).
 //
 // Conventions (all backends agree on them):
 //   * `acc_t` is the accumulation type: float for float/bfloat16/float16 storage, double for double.

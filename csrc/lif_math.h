@@ -1,4 +1,4 @@
-// Per-element multi-step LIF math (shared/SPEC.md section 3) shared by the CPU and CUDA kernels.
+// Per-element multi-step LIF math (docs/SPEC.md section 3) shared by the CPU and CUDA kernels.
 //
 // Torch-free on purpose: the CUDA translation units include it without torch headers, and the
 // CPU kernel includes it too, so the CPU test suite exercises every formula the GPU code runs.

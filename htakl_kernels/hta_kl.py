@@ -132,7 +132,7 @@ def hta_kl_div(
     backend: str = "auto",
     _weight: float = 1.0,
 ) -> torch.Tensor:
-    """Head-tail-aware KL divergence between a student and a teacher (shared/SPEC.md section 1).
+    """Head-tail-aware KL divergence between a student and a teacher (docs/SPEC.md section 1).
 
     Args:
         student: logits `[..., C]`, or `[T, ..., C]` (one extra leading time dimension, e.g. an

@@ -124,7 +124,7 @@ def lif_multistep(
     return_v: str | None = None,
     backend: str = "auto",
 ):
-    """Multi-step leaky integrate-and-fire neuron (shared/SPEC.md section 3), fused over time.
+    """Multi-step leaky integrate-and-fire neuron (docs/SPEC.md section 3), fused over time.
 
     Args:
         x: input current `[T, ...]`, one slice per time step.

@@ -1,6 +1,6 @@
 """Triton HTA-KL: the fused forward + gradient op `htakl::hta_kl_fused_triton`.
 
-Contract: `htakl_kernels/hta_kl.py` (docstring); math: shared/SPEC.md ("SPEC 1.3" = section 1,
+Contract: `htakl_kernels/hta_kl.py` (docstring); math: docs/SPEC.md ("SPEC 1.3" = section 1,
 step 3). One program per row, one launch per call. The per-element formulas mirror
 `csrc/hta_kl_math.h` function for function (same names), so the CPU, CUDA and Triton kernels share
 one decomposition: softmax normalisers, a sort-free head boundary, one statistics pass gathering

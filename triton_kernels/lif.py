@@ -1,6 +1,6 @@
 """Triton multi-step LIF: `htakl::lif_forward_triton` and `htakl::lif_backward_triton`.
 
-Contract: `htakl_kernels/lif.py` (docstring); math: shared/SPEC.md section 3. One lane per neuron,
+Contract: `htakl_kernels/lif.py` (docstring); math: docs/SPEC.md section 3. One lane per neuron,
 each program a block of neurons looping over time. The per-element helpers mirror
 `csrc/lif_math.h` function for function (same names, same roundings), so spikes agree bit for bit
 with the CPU and CUDA kernels and the reference:

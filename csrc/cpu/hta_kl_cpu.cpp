@@ -1,4 +1,4 @@
-// Fused CPU kernel for htakl::hta_kl_fused (contract: htakl_kernels/hta_kl.py; math: shared/SPEC.md
+// Fused CPU kernel for htakl::hta_kl_fused (contract: htakl_kernels/hta_kl.py; math: docs/SPEC.md
 // sections 1 and 2, per element in csrc/hta_kl_math.h).
 //
 // One row at a time, rows in parallel. Each row takes a fixed number of passes:

@@ -1,6 +1,6 @@
 """Pure-PyTorch HTA-KL: the correctness oracle for every kernel.
 
-Mirrors shared/SPEC.md section 1 step by step and is differentiated by autograd. Half and
+Mirrors docs/SPEC.md section 1 step by step and is differentiated by autograd. Half and
 bfloat16 inputs are computed in float32 and the result cast back; float32 and float64 are
 computed in their own dtype.
 """

@@ -1,6 +1,6 @@
 """Pure-PyTorch multi-step LIF neuron: the correctness oracle for every LIF kernel.
 
-A step-by-step loop over time that mirrors shared/SPEC.md section 3 line by line; the Heaviside
+A step-by-step loop over time that mirrors docs/SPEC.md section 3 line by line; the Heaviside
 spike uses a surrogate derivative in the backward and everything else is differentiated by
 autograd. The state is float32 for float16/bfloat16/float32 inputs and float64 for float64, the
 outputs are cast back to x's dtype (the kernels follow the same convention).
