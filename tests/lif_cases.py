@@ -14,13 +14,13 @@ import torch
 import htakl_kernels
 from htakl_kernels import reference
 
-# The issue's matrix. v_reset None is soft reset.
+# The option matrix every LIF backend is tested on. v_reset None is soft reset.
 RESETS = (None, 0.0, -0.2)
 THRESHOLDS = (0.5, 1.0)
 STEPS = (1, 2, 8, 33)
 SURROGATES = ("sigmoid", "atan")
 
-GRAD_TOLERANCE = {  # (rtol, atol), the issue's tolerances
+GRAD_TOLERANCE = {  # (rtol, atol) against the reference, per dtype
     torch.float64: (1e-10, 1e-10),
     torch.float32: (1e-5, 1e-5),
     # 16-bit: kernel and reference both keep float32 state; only the final roundings differ.
@@ -90,7 +90,7 @@ def run_with_grads(fn, x, v_init, return_v, weight_seed=1):
 
 
 def assert_matches_reference(backend, x, v_init, *, return_v="seq", **options):
-    """Spikes identical, membrane and gradients close to the reference (issue 5's criteria)."""
+    """Spikes identical, membrane and gradients close to the reference (GRAD_TOLERANCE)."""
     def kernel(x_, v_):
         return htakl_kernels.lif_multistep(x_, v_init=v_, return_v=return_v, backend=backend, **options)
 
@@ -110,13 +110,13 @@ def assert_matches_reference(backend, x, v_init, *, return_v="seq", **options):
 
 
 def option_matrix(steps=STEPS, thresholds=THRESHOLDS, resets=RESETS):
-    """(v_reset, v_threshold, T) combinations of the issue's matrix."""
+    """(v_reset, v_threshold, T) combinations of the option matrix."""
     return list(itertools.product(resets, thresholds, steps))
 
 
 def check_full_matrix(backend, dtype, detach_reset, decay_input, surrogate, device="cpu",
                       steps=STEPS, step_shape=(3, 13)):
-    """Every (v_reset, v_threshold, T) of the issue's matrix for one backend and option set,
+    """Every (v_reset, v_threshold, T) of the option matrix for one backend and option set,
     including neurons driven exactly onto the threshold."""
     for index, (v_reset, v_threshold, t) in enumerate(option_matrix(steps)):
         x, v_init = make_inputs(
