@@ -8,7 +8,8 @@ and the pure-PyTorch oracle :mod:`htakl_kernels.reference`.
 from . import reference
 from ._backends import available_backends
 from .hta_kl import hta_kl_div
-from .lif import MultiStepLIF, lif_multistep, reset_net
+from .lif import lif_multistep
+from .neurons import MultiStepLIF, reset_net
 from .losses import HTAKLLoss, SpikingKDLoss
 
 __all__ = [

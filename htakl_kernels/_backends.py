@@ -1,39 +1,81 @@
-"""Which kernel backends are built and usable here, and which one a call runs on."""
+"""The backend table: for each backend, its kernels, where they run, and the automatic order.
+
+Adding a backend is one `Backend` entry here (and its name in `_AUTO_ORDER` if `backend="auto"`
+should pick it); the op glue (`_ops/`) and the public API take everything from this table.
+The reference backend has no kernels: the public functions call `htakl_kernels.reference`.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
-BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+from ._library import EXTENSION, EXTENSION_ERROR, extension_built_with_cuda
+
 BACKEND_ENV = "HTAKL_BACKEND"
 
 
-from ._ops import EXTENSION as _EXTENSION
-from ._ops import EXTENSION_ERROR as _EXTENSION_ERROR
+class KernelOps(NamedTuple):
+    """One backend's implementations of the ops in `_library` (same schemas)."""
+
+    hta_kl_fused: object
+    lif_forward: object
+    lif_backward: object
 
 
-# Read once: torch.compile cannot trace the extension's plain C function, and it never changes.
-_BUILT_WITH_CUDA = _EXTENSION is not None and bool(_EXTENSION.built_with_cuda())
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    # device type -> None if the backend runs on tensors of that device type here, else what is
+    # missing and how to get it
+    unavailable_reason: Callable[[str], str | None]
+    # imports the kernels (lazily: importing Triton costs seconds); None for the reference
+    load_ops: Callable[[], KernelOps] | None
 
 
-def extension_built_with_cuda() -> bool:
-    return _BUILT_WITH_CUDA
+def _always_available(_device_type: str) -> None:
+    return None
+
+
+def _extension_missing() -> str | None:
+    if EXTENSION is None:
+        return (
+            f"the C++ extension htakl_kernels._C is not built ({EXTENSION_ERROR}); build it with "
+            f"`pip install --no-build-isolation -e .` from the repository root"
+        )
+    return None
+
+
+def _cpu_unavailable(device_type: str) -> str | None:
+    if device_type != "cpu":
+        return f"backend 'cpu' runs on CPU tensors, got {device_type}"
+    return _extension_missing()
+
+
+def _cuda_unavailable(device_type: str) -> str | None:
+    if device_type != "cuda":
+        return f"backend 'cuda' runs on CUDA tensors, got {device_type}"
+    missing = _extension_missing()
+    if missing is None and not extension_built_with_cuda():
+        return (
+            "htakl_kernels._C was built without CUDA; rebuild on a machine with nvcc and a CUDA "
+            "build of torch (and HTAKL_NO_CUDA unset)"
+        )
+    return missing
 
 
 # Looked up once: torch.compile cannot trace importlib, and resolve_backend runs in traced code.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def _triton_usable_on(device_type: str) -> str | None:
-    """None if Triton kernels can run on tensors of this device type, else the reason."""
+def _triton_unavailable(device_type: str) -> str | None:
     if not _TRITON_INSTALLED:
         return "Triton is not installed (pip install triton)"
-    if device_type == "cuda":
-        return None
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return (
         f"Triton kernels run on CUDA tensors, or on CPU tensors only under Triton's interpreter "
@@ -41,28 +83,40 @@ def _triton_usable_on(device_type: str) -> str | None:
     )
 
 
+# Importing a kernel module registers its ops' fake implementations and autograd (`_ops`).
+def _compiled_ops() -> KernelOps:
+    from ._ops import hta_kl, lif  # noqa: F401  (the compiled ops' registrations)
+
+    ops = torch.ops.htakl
+    return KernelOps(ops.hta_kl_fused.default, ops.lif_forward.default, ops.lif_backward.default)
+
+
+def _triton_ops() -> KernelOps:
+    # Import statements, not importlib: torch.compile traces this call.
+    from .triton_kernels import hta_kl, lif
+
+    return KernelOps(hta_kl.hta_kl_fused_triton, lif.lif_forward_triton, lif.lif_backward_triton)
+
+
+_TABLE = {
+    backend.name: backend
+    for backend in (
+        Backend("reference", _always_available, None),
+        Backend("cpu", _cpu_unavailable, _compiled_ops),
+        Backend("triton", _triton_unavailable, _triton_ops),
+        # The CPU and CUDA kernels register under the same ops; the dispatcher picks by device.
+        Backend("cuda", _cuda_unavailable, _compiled_ops),
+    )
+}
+BACKENDS = ("auto", *_TABLE)
+
+# Fastest first. Triton on CPU tensors means its interpreter: a test vehicle, never picked by auto.
+_AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+
 def unavailable_reason(backend: str, device_type: str) -> str | None:
     """None if `backend` can run on tensors of `device_type`, else what is missing and how to get it."""
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        return _triton_usable_on(device_type)
-    if _EXTENSION is None:
-        return (
-            f"the C++ extension htakl_kernels._C is not built ({_EXTENSION_ERROR}); build it with "
-            f"`pip install --no-build-isolation -e .` from the repository root"
-        )
-    if backend == "cpu":
-        return None if device_type == "cpu" else f"backend 'cpu' runs on CPU tensors, got {device_type}"
-    # backend == "cuda"
-    if device_type != "cuda":
-        return f"backend 'cuda' runs on CUDA tensors, got {device_type}"
-    if not extension_built_with_cuda():
-        return (
-            "htakl_kernels._C was built without CUDA; rebuild on a machine with nvcc and a CUDA "
-            "build of torch (and HTAKL_NO_CUDA unset)"
-        )
-    return None
+    return _TABLE[backend].unavailable_reason(device_type)
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
@@ -72,14 +126,9 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     else:
         device_types = [torch.device(device).type]
     return [
-        name
-        for name in BACKENDS[1:]
+        name for name in _TABLE
         if any(unavailable_reason(name, device_type) is None for device_type in device_types)
     ]
-
-
-# Fastest first. Triton on CPU tensors means its interpreter: a test vehicle, never picked by auto.
-_AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -104,3 +153,11 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"backend {requested!r} is not available: {reason}")
     return requested
+
+
+def kernel_ops(backend: str) -> KernelOps:
+    """The kernels of a resolved, non-reference backend (imported on first use)."""
+    loader = _TABLE[backend].load_ops
+    if loader is None:
+        raise ValueError(f"backend {backend!r} has no kernels; call htakl_kernels.reference")
+    return loader()

@@ -8,7 +8,7 @@ from torch import nn
 
 from ._backends import BACKENDS
 from ._validation import check_choice, check_hta_kl_options, is_real_number
-from .hta_kl import hta_kl_div
+from .hta_kl import hta_kl_div, weighted_hta_kl_div
 
 
 class HTAKLLoss(nn.Module):
@@ -71,11 +71,11 @@ class SpikingKDLoss(HTAKLLoss):
                 f"labels must be a tensor of the teacher's row shape {tuple(teacher.shape[:-1])}, "
                 f"got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)}"
             )
-        # alpha goes into the kernel with the loss (hta_kl_div's _weight), so that the sum below
+        # alpha goes into the kernel with the loss (weighted_hta_kl_div), so that the sum below
         # backpropagates to the kernel's saved gradient without scaling it; alpha = 0 keeps the
         # product, so that a NaN distillation term still shows.
         if alpha > 0:
-            distill = hta_kl_div(student, teacher, **self.options, _weight=alpha)
+            distill = weighted_hta_kl_div(student, teacher, weight=alpha, **self.options)
         else:
             distill = alpha * super().forward(student, teacher)
         mean_logits = student.mean(dim=0) if student.dim() == teacher.dim() + 1 else student

@@ -379,8 +379,8 @@ def test_compile_fullgraph(device):
 
 
 def test_schema_is_the_shared_one():
-    """triton_op infers the schema from the Python signature; it must be _ops.HTA_KL_SCHEMA."""
-    from htakl_kernels._ops import HTA_KL_SCHEMA
+    """triton_op infers the schema from the Python signature; it must be _library.HTA_KL_SCHEMA."""
+    from htakl_kernels._library import HTA_KL_SCHEMA
 
     schema = str(torch.ops.htakl.hta_kl_fused_triton.default._schema)
     # Parsed and printed again, as the op's schema is (a default of 1.0 prints as "1.").

@@ -141,8 +141,8 @@ def test_compiles_for_sm90_without_a_gpu():
         "from htakl_kernels.triton_kernels.aot import resource_usage\n"
         "from htakl_kernels.triton_kernels.lif_aot import compile_variants\n"
         "for storage in ('bfloat16', 'float16', 'float32', 'float64'):\n"
-        "    for soft_reset, atan in ((False, False), (True, True)):\n"
-        "        for kernel in compile_variants(storage, soft_reset=soft_reset, atan=atan):\n"
+        "    for soft_reset, surrogate in ((False, 'sigmoid'), (True, 'atan')):\n"
+        "        for kernel in compile_variants(storage, soft_reset=soft_reset, surrogate=surrogate):\n"
         "            print(*resource_usage(kernel))\n"
     )
     usage = parse_usage(run_compiler_script(script))
@@ -157,8 +157,8 @@ def test_float32_divisions_round_to_nearest_when_compiled():
     script = (
         "import re\n"
         "from htakl_kernels.triton_kernels.lif_aot import compile_variants\n"
-        "for soft_reset, atan in ((False, False), (True, True)):\n"
-        "    for kernel in compile_variants('float32', soft_reset=soft_reset, atan=atan):\n"
+        "for soft_reset, surrogate in ((False, 'sigmoid'), (True, 'atan')):\n"
+        "    for kernel in compile_variants('float32', soft_reset=soft_reset, surrogate=surrogate):\n"
         "        ptx = kernel.asm['ptx']\n"
         "        print(len(re.findall(r'div\\.rn\\.f32', ptx)),\n"
         "              len(re.findall(r'div\\.(?:full|approx)[.a-z]*\\.f32', ptx)))\n"

@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._ops import HTA_KL_SCHEMA
-from ..hta_kl import accumulation_dtype, register_hta_kl_op
+from .._library import HTA_KL_SCHEMA, accumulation_dtype
+from .._ops.hta_kl import register_hta_kl_op
 
 # Rows up to this many classes are held on chip (a power of two). A parameter of `launch_hta_kl`
 # so tests can force the chunked path with small rows. Sized by ptxas' register report for sm_90

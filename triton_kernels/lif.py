@@ -25,19 +25,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .._ops import LIF_BACKWARD_SCHEMA, LIF_FORWARD_SCHEMA
-from ..lif import register_lif_ops
+from .._library import LIF_BACKWARD_SCHEMA, LIF_FORWARD_SCHEMA, accumulation_dtype
+from .._ops.lif import register_lif_ops
 
 BLOCK = 512  # neurons per program
 NUM_WARPS = 4
 
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# The backward's surrogate, as the kernels' SURROGATE constexpr: csrc/lif_math.h's LifSurrogate
+# values, and the op's `surrogate` names (htakl_kernels/_lif_args.py's SURROGATES) mapped to them.
+SURROGATE_SIGMOID = tl.constexpr(0)
+SURROGATE_ATAN = tl.constexpr(1)
+SURROGATE_IDS = {"sigmoid": SURROGATE_SIGMOID.value, "atan": SURROGATE_ATAN.value}
 
 
 def _tl_state_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,11 +88,12 @@ def _lif_reset(h, spike, v_threshold, v_reset, SOFT_RESET: tl.constexpr):
 
 
 @triton.jit
-def _lif_surrogate_grad(u, alpha, half_pi, ATAN: tl.constexpr):
+def _lif_surrogate_grad(u, alpha, half_pi, SURROGATE: tl.constexpr):
     """SPEC 3: sg at u = H - v_threshold (half_pi comes in ACC: a literal would be float32)."""
-    if ATAN:
+    if SURROGATE == SURROGATE_ATAN:
         scaled = half_pi * alpha * u
         return _div_rn(alpha * 0.5, 1 + scaled * scaled)  # alpha / 2 is exact
+    tl.static_assert(SURROGATE == SURROGATE_SIGMOID, "unknown SURROGATE")
     # alpha e / (1 + e)^2 with e = exp(-alpha |u|), as lif_math.h writes alpha sig (1 - sig): in
     # float32 1 - sig rounds to 0 once alpha u passes ~17, where this form keeps alpha e^(-alpha u).
     e = tl.exp(-alpha * tl.abs(u))
@@ -101,10 +104,10 @@ def _lif_surrogate_grad(u, alpha, half_pi, ATAN: tl.constexpr):
 @triton.jit
 def _lif_step_grad(g_spike, g_v, h, tau, v_threshold, v_reset, alpha, half_pi,
                    SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
-                   DETACH_RESET: tl.constexpr, ATAN: tl.constexpr):
+                   DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr):
     """SPEC 3's table: (gradient on X[t], gradient reaching V[t-1] through H[t])."""
     spike = _lif_fire(h, v_threshold)
-    sg = _lif_surrogate_grad(h - v_threshold, alpha, half_pi, ATAN)
+    sg = _lif_surrogate_grad(h - v_threshold, alpha, half_pi, SURROGATE)
     if SOFT_RESET:
         if DETACH_RESET:
             g_h = g_spike * sg + g_v
@@ -171,7 +174,7 @@ def _lif_backward_kernel(
     alpha_in: tl.float64, half_pi_in: tl.float64,
     steps, neurons,
     ACC: tl.constexpr, SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
-    DETACH_RESET: tl.constexpr, ATAN: tl.constexpr, HAS_GRAD_SPIKES: tl.constexpr,
+    DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, HAS_GRAD_SPIKES: tl.constexpr,
     HAS_GRAD_V_LAST: tl.constexpr, HAS_GRAD_V_SEQ: tl.constexpr, H_IN_GRAD_X: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -209,7 +212,7 @@ def _lif_backward_kernel(
         if HAS_GRAD_SPIKES:
             g_spike = tl.load(grad_spikes_ptr + index, mask=mask, other=0).to(ACC)
         g_x, g_v_next = _lif_step_grad(g_spike, g_v, h, tau, v_threshold, v_reset, alpha, half_pi,
-                                       SOFT_RESET, DECAY_INPUT, DETACH_RESET, ATAN)
+                                       SOFT_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE)
         tl.store(grad_x_ptr + index, g_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
     tl.store(grad_v_init_ptr + offs, g_v_next.to(grad_v_init_ptr.dtype.element_ty), mask=mask)
 
@@ -229,8 +232,9 @@ def _check_layout(x: torch.Tensor, v_init: torch.Tensor) -> None:
 def _check_options(tau: float, surrogate: str, alpha: float) -> None:
     if not (math.isfinite(tau) and tau > 1):
         raise ValueError(f"lif: tau must be a finite number > 1, got {tau}")
-    if surrogate not in ("sigmoid", "atan"):
-        raise ValueError(f"lif: surrogate must be 'sigmoid' or 'atan', got {surrogate!r}")
+    if surrogate not in SURROGATE_IDS:
+        raise ValueError(f"lif: surrogate must be one of {', '.join(map(repr, SURROGATE_IDS))}, "
+                         f"got {surrogate!r}")
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"lif: alpha must be a finite number > 0, got {alpha}")
 
@@ -273,7 +277,7 @@ def lif_backward_triton(grad_spikes: torch.Tensor, grad_v_last: torch.Tensor,
     x, v_init = x.contiguous(), v_init.contiguous()
     grad_x = torch.empty_like(x)
     grad_v_init = torch.empty_like(v_init)
-    h_in_grad_x = x.dtype == _state_dtype(x.dtype)
+    h_in_grad_x = x.dtype == accumulation_dtype(x.dtype)
     scratch = None if h_in_grad_x else torch.empty(x.shape, dtype=torch.float32, device=x.device)
     neurons = v_init.numel()
     grad_spikes, grad_v_last, grad_v_seq = (
@@ -285,7 +289,7 @@ def lif_backward_triton(grad_spikes: torch.Tensor, grad_v_last: torch.Tensor,
             tau, v_threshold, 0.0 if soft_reset else v_reset, alpha, math.pi / 2,
             x.shape[0], neurons,
             ACC=_tl_state_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
-            DETACH_RESET=detach_reset, ATAN=surrogate == "atan",
+            DETACH_RESET=detach_reset, SURROGATE=SURROGATE_IDS[surrogate],
             HAS_GRAD_SPIKES=grad_spikes is not None, HAS_GRAD_V_LAST=grad_v_last is not None,
             HAS_GRAD_V_SEQ=grad_v_seq is not None, H_IN_GRAD_X=h_in_grad_x, BLOCK=BLOCK,
             num_warps=NUM_WARPS,

@@ -12,15 +12,30 @@ import math
 
 import torch
 
+from .._library import accumulation_dtype
 from .._lif_args import LifConfig, check_lif_args
+
+
+def _sigmoid_grad(u: torch.Tensor, alpha: float) -> torch.Tensor:
+    sig = torch.sigmoid(alpha * u)
+    return alpha * sig * (1 - sig)
+
+
+def _atan_grad(u: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (alpha / 2) / (1 + (math.pi / 2 * alpha * u) ** 2)
+
+
+# SPEC 3's surrogate derivatives by name: the names are _lif_args.SURROGATES.
+_SURROGATE_GRADS = {"sigmoid": _sigmoid_grad, "atan": _atan_grad}
 
 
 def surrogate_grad(u: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
     """SPEC 3: the surrogate derivative sg at u = H - v_threshold."""
-    if surrogate == "sigmoid":
-        sig = torch.sigmoid(alpha * u)
-        return alpha * sig * (1 - sig)
-    return (alpha / 2) / (1 + (math.pi / 2 * alpha * u) ** 2)
+    grad = _SURROGATE_GRADS.get(surrogate)
+    if grad is None:
+        raise ValueError(f"surrogate must be one of {', '.join(map(repr, _SURROGATE_GRADS))}, "
+                         f"got {surrogate!r}")
+    return grad(u, alpha)
 
 
 class SurrogateSpike(torch.autograd.Function):
@@ -36,10 +51,6 @@ class SurrogateSpike(torch.autograd.Function):
     def backward(ctx, grad_spike: torch.Tensor):
         (u,) = ctx.saved_tensors
         return grad_spike * surrogate_grad(u, ctx.surrogate, ctx.alpha), None, None
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def lif_steps(x: torch.Tensor, v: torch.Tensor, cfg: LifConfig) -> tuple[list, list]:
@@ -79,7 +90,7 @@ def lif_multistep(
     cfg = check_lif_args(
         x, tau, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha, v_init, return_v
     )
-    compute = state_dtype(x.dtype)
+    compute = accumulation_dtype(x.dtype)
     if v_init is None:
         v = torch.full(x.shape[1:], cfg.reset_value, dtype=compute, device=x.device)
     else:

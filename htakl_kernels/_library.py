@@ -1,8 +1,10 @@
-"""The `htakl` operator library: every op schema, defined once, then the compiled kernels.
+"""The bottom layer: the `htakl` operator library (every op schema, defined once), the compiled
+C++ extension, and the dtype rule every backend shares.
 
 The schemas are defined here, before htakl_kernels._C is imported, so that the C++ files only
 register implementations (TORCH_LIBRARY_IMPL) and the Triton ops reuse the very same schema
-strings (torch.library.triton_op(..., schema=...)).
+strings (torch.library.triton_op(..., schema=...)). Everything in the package may import this
+module; it imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ import importlib
 
 import torch
 
-# hta_kl_fused: see htakl_kernels/hta_kl.py for the contract.
+# hta_kl_fused: see htakl_kernels/_ops/hta_kl.py for the contract.
 HTA_KL_SCHEMA = (
     "(Tensor student, Tensor teacher, float temperature, float delta, bool logit_mean, "
     "bool detach_weights, bool grad_student, bool grad_teacher, float row_scale=1.0) "
     "-> (Tensor, Tensor, Tensor)"
 )
 
-# lif_forward / lif_backward: see htakl_kernels/lif.py for the contract.
+# lif_forward / lif_backward: see htakl_kernels/_ops/lif.py for the contract.
 LIF_FORWARD_SCHEMA = (
     "(Tensor x, Tensor v_init, float tau, float v_threshold, float v_reset, bool soft_reset, "
     "bool decay_input, bool detach_reset, str surrogate, float alpha, bool return_v_seq) "
@@ -44,3 +46,17 @@ def _load_extension():
 
 
 EXTENSION, EXTENSION_ERROR = _load_extension()
+
+
+def extension_built_with_cuda() -> bool:
+    return _BUILT_WITH_CUDA
+
+
+# Read once: torch.compile cannot trace the extension's plain C function, and it never changes.
+_BUILT_WITH_CUDA = EXTENSION is not None and bool(EXTENSION.built_with_cuda())
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend accumulates in for inputs of `dtype` (docs/SPEC.md section 1):
+    float64 stays float64; float32 and the 16-bit types accumulate in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,104 @@
+"""Glue of the LIF ops: their fake implementations, the autograd formula, and the call.
+
+Below the kernels: every kernel module registers its ops here (`register_lif_ops`).
+
+Every kernel backend implements two ops with these contracts (schemas `_library.LIF_FORWARD_SCHEMA`
+and `_library.LIF_BACKWARD_SCHEMA`; the C++ kernels implement `htakl::lif_forward` and
+`htakl::lif_backward` for CPU and CUDA, Triton `htakl::lif_forward_triton` and
+`htakl::lif_backward_triton`):
+
+    lif_forward(x [T, ...], v_init [...], tau, v_threshold, v_reset, soft_reset, decay_input,
+                detach_reset, surrogate, alpha, return_v_seq)
+        -> (spikes [T, ...], v_last [...], v_seq [T, ...] or an empty tensor), all in x's dtype
+
+    lif_backward(grad_spikes, grad_v_last, grad_v_seq, x, v_init, <the same options>)
+        -> (grad_x [T, ...], grad_v_init [...]), in x's dtype
+
+`v_init` has x's dtype; `v_reset` is ignored (pass 0) for soft reset. The state is float32
+(float64 for float64 inputs). `detach_reset`, `surrogate` ("sigmoid" or "atan") and `alpha` only
+matter to the backward; the forward takes them so that its autograd formula can pass them on.
+An empty gradient tensor (numel 0) stands for a zero gradient (an output nobody used).
+
+What the backward keeps: nothing beyond the forward's own inputs x and v_init. The backward
+recomputes H[t] from x in a first sweep over time (into a scratch buffer, on GPU the grad_x
+buffer itself when x is float32/float64), then sweeps t from T-1 down to 0 (SPEC 3's table),
+recovering each spike exactly from the recomputed H. Storing H in the storage dtype plus one
+spike bit would keep `b + 1/8` bytes per element (b = bytes of x's dtype: 4.125 for float32,
+2.125 for bfloat16) alive from forward to backward in addition to x; recomputation keeps 0, and
+moves the same number of bytes in all (forward: read x, write spikes; backward: read x, gS,
+write gX, plus the scratch H written and read back, instead of H written by the forward and H
+plus spike bits read by the backward). It also keeps the spikes exact for 16-bit inputs, where
+an H rounded to the storage dtype could land on the other side of the threshold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._lif_args import LifConfig
+from .._validation import check_first_order_backward
+
+
+def _fake_lif_forward(x, v_init, tau, v_threshold, v_reset, soft_reset, decay_input,
+                      detach_reset, surrogate, alpha, return_v_seq):
+    v_seq = torch.empty_like(x) if return_v_seq else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(v_init), v_seq
+
+
+def _fake_lif_backward(grad_spikes, grad_v_last, grad_v_seq, x, v_init, tau, v_threshold, v_reset,
+                       soft_reset, decay_input, detach_reset, surrogate, alpha):
+    return torch.empty_like(x), torch.empty_like(v_init)
+
+
+def _gradient_or_empty(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The gradient on one output in x's dtype, contiguous; empty (= zero) if it did not arrive."""
+    if grad is None or grad.numel() == 0 or like.numel() == 0:
+        return like.new_empty(0)
+    return grad.to(like.dtype).contiguous()
+
+
+def register_lif_ops(forward_op, backward_op) -> None:
+    """Give one backend's forward op its fake implementation and its autograd formula (which runs
+    the same backend's backward op), and the backward op its fake implementation."""
+    torch.library.register_fake(forward_op, _fake_lif_forward)
+    torch.library.register_fake(backward_op, _fake_lif_backward)
+
+    def setup_context(ctx, inputs, output):
+        x, v_init, *options = inputs
+        ctx.save_for_backward(x, v_init)
+        ctx.options = options[:-1]  # all but return_v_seq
+        # An output nobody differentiated arrives as None (an empty gradient for the kernel)
+        # instead of a zero-filled tensor of its size.
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_spikes, grad_v_last, grad_v_seq):
+        check_first_order_backward("lif_multistep")
+        x, v_init = ctx.saved_tensors
+        grad_x, grad_v_init = backward_op(
+            _gradient_or_empty(grad_spikes, x),
+            _gradient_or_empty(grad_v_last, v_init),
+            _gradient_or_empty(grad_v_seq, x),
+            x, v_init, *ctx.options,
+        )
+        return (grad_x, grad_v_init) + (None,) * 9
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+
+
+# The compiled kernels' ops (CPU and CUDA register their implementations under them in C++).
+register_lif_ops(torch.ops.htakl.lif_forward.default, torch.ops.htakl.lif_backward.default)
+
+
+def run_lif_kernel(forward_op, x: torch.Tensor, v_init: torch.Tensor | None, cfg: LifConfig):
+    if v_init is None:
+        v_init = torch.full(x.shape[1:], cfg.reset_value, dtype=x.dtype, device=x.device)
+    spikes, v_last, v_seq = forward_op(
+        x.contiguous(), v_init.contiguous(), cfg.tau, cfg.v_threshold, cfg.reset_value,
+        cfg.soft_reset, cfg.decay_input, cfg.detach_reset, cfg.surrogate, cfg.alpha,
+        cfg.return_v == "seq",
+    )
+    if cfg.return_v is None:
+        return spikes
+    return spikes, (v_last if cfg.return_v == "last" else v_seq)
