@@ -65,6 +65,21 @@ def test_teacher_shapes_forward_backward(arch, size, classes):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("arch, size, expected", [
+    ("small", 8, ["conv1", "conv2", "fc1"]),
+    # Shortcut convolutions are not numbered: a block's output neuron follows its second conv.
+    ("resnet19", 16, [f"conv{index}" for index in range(1, 18)] + ["fc1"]),
+    ("resnet20", 16, [f"conv{index}" for index in range(1, 20)]),
+    ("vgg16", 32, [f"conv{index}" for index in range(1, 14)] + ["fc1", "fc2"]),
+])
+def test_spiking_layers_are_named_after_the_layer_feeding_them(arch, size, expected):
+    model = build_model(arch, (3, size, size), 10, timesteps=2, neuron=NEURON)
+    labels = model.neuron_labels()
+    assert list(labels) == list(model.neurons())
+    assert list(labels.values()) == expected
+    assert build_model(arch, (3, size, size), 10).neuron_labels() == {}
+
+
 def test_spiking_layers_emit_spikes_and_state_is_reset_between_batches():
     torch.manual_seed(0)
     model = build_model("small", (1, 8, 8), 10, timesteps=3, neuron=NEURON).eval()

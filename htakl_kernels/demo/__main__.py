@@ -1,12 +1,15 @@
 """`python -m htakl_kernels.demo`: distil spiking students from an ANN teacher with HTA-KL.
 
-Trains an ANN teacher, then three spiking students (MultiStepLIF, T steps) from the same seed
-with (a) cross-entropy only, (b) CE + standard KL distillation, (c) CE + HTA-KL
-(`htakl_kernels.SpikingKDLoss`), and reports for each: test accuracy, per-layer firing rates, the
-45 nm energy estimate (energy.py) and the time spent in the loss. Writes `config.json`,
-checkpoints (`teacher.pt`, `student-<method>.pt`), `results.json` and `summary.png` to `--out`
-(default `runs/<UTC timestamp>/`). `--resume DIR` continues an interrupted run in DIR with the
-options saved there.
+For each of --seeds seeds, trains an ANN teacher, then three spiking students (MultiStepLIF,
+T steps) from the same initial weights with (a) cross-entropy only, (b) CE + standard KL
+distillation, (c) CE + HTA-KL (`htakl_kernels.SpikingKDLoss`), and reports for each, as mean ±
+std over the seeds: test accuracy, per-layer firing rates, the 45 nm energy estimate (energy.py)
+and the time spent in the loss, plus the paired accuracy differences between the methods. Seeds
+are --seed, --seed + 1, ...; they change the initial weights and the data order, while the
+train/test split stays the one drawn with --seed. Writes `config.json`, per-seed checkpoints
+(`seed-<s>/teacher.pt`, `seed-<s>/student-<method>.pt`), `results.json` and `summary.png` to
+`--out` (default `runs/<UTC timestamp>/`). `--resume DIR` continues an interrupted run in DIR
+with the options saved there.
 
 The default dataset is scikit-learn's bundled 8x8 digits (no download).
 """
@@ -28,16 +31,17 @@ from .data import DATASETS, DatasetError, load_dataset
 from .models import ARCHITECTURES, build_model, lif_neuron
 from .plotting import plot_results
 from .training import (
-    METHOD_TITLES, METHODS, TEACHER_TITLE, TrainSettings, make_objective, predict, titled_runs, train_run,
+    METHOD_TITLES, METHODS, TEACHER_TITLE, TrainSettings, make_objective, predict, train_run,
 )
+from .summary import format_table, summarise
 
 DEFAULTS = dict(
     dataset="digits", data_dir=None, arch="small", epochs=6, timesteps=4, alpha=0.5,
-    temperature=2.0, delta=0.5, seed=0, batch_size=64, lr=1e-3, subset=None, quick=False,
+    temperature=2.0, delta=0.5, seed=0, seeds=5, batch_size=64, lr=1e-3, subset=None, quick=False,
     device="auto", backend="auto", threads=1, out=None, progress=True,
 )
 # --quick: what it changes, unless given explicitly.
-QUICK = dict(epochs=2, subset=400, batch_size=32)
+QUICK = dict(epochs=2, subset=400, batch_size=32, seeds=3)
 # Options that only say where or how to run: they may differ when a run is resumed.
 RUNTIME_OPTIONS = ("device", "backend", "threads", "progress")
 
@@ -72,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"distillation temperature (default {DEFAULTS['temperature']})")
     add("--delta", type=_number(float, 0, 1, low_open=True),
         help=f"HTA-KL head mass (default {DEFAULTS['delta']})")
-    add("--seed", type=int, help=f"default {DEFAULTS['seed']}")
+    add("--seed", type=int, help=f"the first seed; also draws the train/test split (default {DEFAULTS['seed']})")
+    add("--seeds", type=_number(int, 1),
+        help=f"train every run with this many seeds, --seed, --seed + 1, ... (default {DEFAULTS['seeds']})")
     add("--batch-size", type=_number(int, 1), help=f"default {DEFAULTS['batch_size']}")
     add("--lr", type=_number(float, 0, low_open=True), help=f"Adam learning rate (default {DEFAULTS['lr']})")
     add("--subset", type=_number(int, 1), help="use at most this many training and test images")
@@ -124,28 +130,33 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _summary_table(results: dict) -> str:
-    header = ("run", "test acc", "firing rate", "energy/image", "SOPs/image", "MACs/image",
-              "loss time", "loss/step")
-    rows = []
-    for title, run in titled_runs(results).items():
-        spiking = bool(run["firing_rates"])
-        rows.append((
-            title,
-            f"{100 * run['test_accuracy']:.2f} %",
-            f"{100 * run['overall_firing_rate']:.2f} %" if spiking else "-",
-            f"{run['energy_uj_per_image']:.3f} uJ",
-            f"{run['synaptic_ops_per_image'] / 1e6:.3f} M",
-            f"{run['macs_per_image'] / 1e6:.3f} M",
-            f"{run['loss_seconds']:.2f} s",
-            f"{run['loss_ms_per_step']:.2f} ms",
-        ))
-    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                       for i, (cell, width) in enumerate(zip(row, widths)))
-             for row in [header] + rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+def train_seed(seed: int, config: dict, data, neuron, device: torch.device) -> dict:
+    """The teacher and the three students of one seed, checkpointed in `<out>/seed-<seed>/`."""
+    folder = os.path.join(config["out"], f"seed-{seed}")
+    os.makedirs(folder, exist_ok=True)
+    prefix = f"[seed {seed}] " if config["seeds"] > 1 else ""
+    settings = TrainSettings(config["epochs"], config["batch_size"], config["lr"], seed, config["progress"])
+    options = dict(alpha=config["alpha"], temperature=config["temperature"], delta=config["delta"],
+                   backend=config["backend"])
+
+    def checkpoint(name: str) -> str:
+        return os.path.join(folder, f"{name}.pt")
+
+    torch.manual_seed(seed)
+    teacher = build_model(config["arch"], data.image_shape, data.num_classes).to(device)
+    teacher_result = train_run(prefix + TEACHER_TITLE, teacher, data, make_objective("ce", **options), None,
+                               settings, checkpoint("teacher"))
+    teacher_logits = predict(teacher, data.train_images, settings.batch_size)
+
+    students = {}
+    for method in METHODS:
+        torch.manual_seed(seed)  # the same initial weights for every student
+        student = build_model(config["arch"], data.image_shape, data.num_classes,
+                              timesteps=config["timesteps"], neuron=neuron).to(device)
+        students[method] = train_run(f"{prefix}SNN {METHOD_TITLES[method]}", student, data,
+                                     make_objective(method, **options), teacher_logits, settings,
+                                     checkpoint(f"student-{method}"))
+    return {"seed": seed, "teacher": teacher_result, "students": students}
 
 
 def run(config: dict) -> dict:
@@ -160,35 +171,19 @@ def run(config: dict) -> dict:
     with open(os.path.join(out, "config.json"), "w") as handle:
         json.dump(config, handle, indent=2)
     started = time.perf_counter()
-    seed = config["seed"]
 
-    data = load_dataset(config["dataset"], config["data_dir"], seed)
+    # One split for every seed, so that the seeds measure the training's noise on the same test set.
+    data = load_dataset(config["dataset"], config["data_dir"], config["seed"])
     if config["subset"] is not None:
-        data = data.subset(config["subset"], seed)
+        data = data.subset(config["subset"], config["seed"])
     data = data.to(device)
-    settings = TrainSettings(config["epochs"], config["batch_size"], config["lr"], seed, config["progress"])
-    options = dict(alpha=config["alpha"], temperature=config["temperature"], delta=config["delta"],
-                   backend=config["backend"])
-
-    def checkpoint(name: str) -> str:
-        return os.path.join(out, f"{name}.pt")
-
-    torch.manual_seed(seed)
-    teacher = build_model(config["arch"], data.image_shape, data.num_classes).to(device)
-    teacher_result = train_run(TEACHER_TITLE, teacher, data, make_objective("ce", **options), None,
-                               settings, checkpoint("teacher"))
-    teacher_logits = predict(teacher, data.train_images, settings.batch_size)
-
     neuron = functools.partial(lif_neuron, backend=config["backend"])
-    students = {}
-    for method in METHODS:
-        torch.manual_seed(seed)  # the same initial weights for every student
-        student = build_model(config["arch"], data.image_shape, data.num_classes,
-                              timesteps=config["timesteps"], neuron=neuron).to(device)
-        students[method] = train_run(f"SNN {METHOD_TITLES[method]}", student, data,
-                                     make_objective(method, **options), teacher_logits, settings,
-                                     checkpoint(f"student-{method}"))
-
+    seed_runs = [
+        train_seed(seed, config, data, neuron, device)
+        for seed in range(config["seed"], config["seed"] + config["seeds"])
+    ]
+    layers = build_model(config["arch"], data.image_shape, data.num_classes,
+                         timesteps=config["timesteps"], neuron=neuron).neuron_labels()
     results = {
         "config": config,
         "environment": {
@@ -199,8 +194,9 @@ def run(config: dict) -> dict:
             "name": data.name, "train_images": len(data.train_labels), "test_images": len(data.test_labels),
             "image_shape": list(data.image_shape), "classes": data.num_classes,
         },
-        "teacher": teacher_result,
-        "students": students,
+        "spiking_layers": layers,
+        "summary": summarise(seed_runs),
+        "seeds": seed_runs,
         "wall_seconds": time.perf_counter() - started,
         "plot": "summary.png",
     }
@@ -218,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print()
-    print(_summary_table(results))
+    print(format_table(results["summary"]))
     print(f"\n{results['dataset']['name']}, arch {config['arch']}, T={config['timesteps']}, "
-          f"{config['epochs']} epochs, kernel backend {results['environment']['kernel_backend']}, "
+          f"{config['epochs']} epochs, {config['seeds']} seed(s), "
+          f"kernel backend {results['environment']['kernel_backend']}, "
           f"{results['wall_seconds']:.0f} s. Results, checkpoints and plot in {config['out']}/")
     return 0
 

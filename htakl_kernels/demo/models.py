@@ -86,6 +86,28 @@ class Network(nn.Module):
         """The spiking layers by module path, in forward order."""
         return {name: module for name, module in self.named_modules() if isinstance(module, MultiStepNeuron)}
 
+    def neuron_labels(self) -> dict[str, str]:
+        """Readable names of the spiking layers, by module path: each is named after the
+        synaptic layer that feeds it, convolutions and linear layers numbered in forward order
+        ("conv1", "conv2", ..., "fc1"). The ResNets' 1x1 shortcut convolutions are not numbered,
+        so a basic block's output neuron carries the name of its residual branch's second
+        convolution, and ResNet-20's convolutions are conv1 ... conv19 as in the literature."""
+        shortcuts = {
+            id(module) for block in self.modules() if isinstance(block, BasicBlock)
+            for module in block.shortcut.modules()
+        }
+        counts, feeding, labels = {"conv": 0, "fc": 0}, None, {}
+        # Registration order is forward order in every architecture here (models.py builds
+        # each one in the order it runs).
+        for name, module in self.named_modules():
+            kind = "conv" if isinstance(module, nn.Conv2d) else "fc" if isinstance(module, nn.Linear) else None
+            if kind is not None and id(module) not in shortcuts:
+                counts[kind] += 1
+                feeding = f"{kind}{counts[kind]}"
+            elif isinstance(module, MultiStepNeuron):
+                labels[name] = feeding
+        return labels
+
 
 def _conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(

@@ -76,7 +76,8 @@ def make_objective(method: str, *, alpha: float, temperature: float, delta: floa
 
 
 def titled_runs(results: dict) -> dict[str, dict]:
-    """The teacher's and the students' results from a results.json, by display title."""
+    """The teacher's and the students' results, by display title, from a record with "teacher"
+    and "students": one seed's in results.json, or their summary."""
     return {TEACHER_TITLE: results["teacher"]} | {
         METHOD_TITLES[method]: run for method, run in results["students"].items()
     }
