@@ -2,7 +2,8 @@
 
 Run from the repository root. Writes `<suite>.json`, `<suite>.md` and `<suite>-time.png`,
 `<suite>-bandwidth.png` (stem `<suite>-quick` with --quick) into --out, default
-`bench/results/<device-name>/`, and prints the tables. Exits 1 when an implementation failed
+`runs/bench/<device-name>/` (git-ignored: the committed results in `bench/results/<device-name>/`
+are replaced only when --out names that folder), and prints the tables. Exits 1 when an implementation failed
 (one that is missing or not implemented yet is only noted), 130 when interrupted (Ctrl-C or
 SIGTERM, e.g. from `timeout`) after writing the cases measured so far.
 """
@@ -54,7 +55,9 @@ def parse_arguments(argv):
                         + " (default: float32 on CPU, bfloat16,float32 on CUDA)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice)")
-    parser.add_argument("--out", default=None, help="output folder (default bench/results/<device>/)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default runs/bench/<device>/; name bench/results/<device> "
+                             "to replace the committed results)")
     arguments = parser.parse_args(argv)
     if arguments.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
@@ -68,6 +71,11 @@ def parse_arguments(argv):
     if arguments.threads is not None and arguments.threads < 1:
         parser.error("--threads must be at least 1")
     return arguments
+
+
+def output_folder(out: str | None, device: torch.device) -> str:
+    """--out, or `runs/bench/<device-name>`: a plain run never overwrites the committed results."""
+    return out or os.path.join("runs", "bench", measure.device_folder_name(device))
 
 
 def _distribution_version(name: str) -> str | None:
@@ -124,7 +132,7 @@ def main(argv=None) -> int:
     # Every shape and dtype compiles its own graph: no silent fallback to eager after a few.
     torch._dynamo.config.recompile_limit = 256
     torch._dynamo.config.accumulated_recompile_limit = 4096
-    folder = arguments.out or os.path.join("bench", "results", measure.device_folder_name(device))
+    folder = output_folder(arguments.out, device)
     timer = measure.make_timer(device, arguments.quick)
     cache = measure.cache_bytes(device)
     _log(f"measuring the copy bandwidth of {measure.device_description(device)}")

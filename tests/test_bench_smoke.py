@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `bench` is run from the repository root, not installed
     sys.path.insert(0, ROOT)
 from bench import measure  # noqa: E402
+from bench.__main__ import output_folder, parse_arguments  # noqa: E402
 STATUSES = {"ok", "skipped", "not implemented", "out of memory"}
 
 
@@ -152,3 +153,14 @@ def test_rotation_count_pushes_inputs_out_of_cache():
     assert measure.rotation_count(bytes_per_call=1 << 20, cache=32 << 20) == 32  # capped
     assert measure.rotation_count(bytes_per_call=16 << 20, cache=32 << 20) == 8
     assert measure.rotation_count(bytes_per_call=1 << 30, cache=32 << 20) == 1
+
+
+def test_default_output_is_git_ignored_and_never_the_committed_results():
+    cpu = torch.device("cpu")
+    folder = output_folder(parse_arguments(["--device", "cpu", "--quick"]).out, cpu)
+    assert folder == os.path.join("runs", "bench", measure.device_folder_name(cpu))
+    with open(os.path.join(ROOT, ".gitignore")) as handle:
+        assert "runs/" in handle.read().split()
+    # Committed results are written only when --out names their folder.
+    committed = os.path.join("bench", "results", measure.device_folder_name(cpu))
+    assert output_folder(parse_arguments(["--device", "cpu", "--out", committed]).out, cpu) == committed
