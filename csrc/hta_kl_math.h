@@ -5,7 +5,7 @@
 // Section numbers refer to docs/SPEC.md ("SPEC 1.6" = section 1, step 6).
 //
 // Conventions (all backends agree on them):
-//   * `acc_t` is the accumulation type: float for float/bfloat16/float16 storage, double for double.
+//   * `acc_t` is the accumulation type of the storage type (common.h: double for double, else float).
 //   * 0 * log 0 = 0: a probability that is exactly zero contributes nothing, whatever the log of
 //     the other distribution is (this is also what makes masked classes, logit = -inf, finite).
 //   * No epsilon anywhere; an infinite KL term stays infinite.
@@ -14,11 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define HTAKL_HD __host__ __device__ __forceinline__
-#else
-#define HTAKL_HD inline
-#endif
+#include "common.h"
 
 namespace htakl {
 

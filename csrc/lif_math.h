@@ -5,7 +5,7 @@
 //
 // Conventions every backend (and the reference, htakl_kernels/reference/lif.py) follows, so that
 // spikes agree bit for bit:
-//   * the state (V, H) lives in `acc_t`: float for float/bfloat16/float16 storage, double for double;
+//   * the state (V, H) lives in the storage type's `acc_t` (common.h: double for double, else float);
 //   * H is formed exactly as SPEC 3 writes it, with a true division by tau (not a multiplication
 //     by 1/tau, which rounds differently);
 //   * a spike is `H - v_threshold >= 0` (SPEC 3, note the >=);
@@ -17,18 +17,19 @@
 #include <cmath>
 #include <cstdint>
 
-#ifndef HTAKL_HD
-#if defined(__CUDACC__)
-#define HTAKL_HD __host__ __device__ __forceinline__
-#else
-#define HTAKL_HD inline
-#endif
-#endif
+#include "common.h"
 
 namespace htakl {
 
-// The surrogate whose derivative replaces the Heaviside's in the backward (SPEC 3).
-enum class LifSurrogate : int32_t { sigmoid = 0, atan = 1 };
+// The surrogate whose derivative replaces the Heaviside's in the backward (SPEC 3). Adding one:
+// a value here, its name below, a case in lif_surrogate_grad (the compilers warn about a missing
+// case), and the same in the Python reference and the Triton kernel.
+enum class LifSurrogate : int32_t { sigmoid, atan };
+
+// Each surrogate's name as the ops' `surrogate` argument spells it, in the enum's order.
+constexpr const char* kLifSurrogateNames[] = {"sigmoid", "atan"};
+constexpr int32_t kLifSurrogateCount =
+    static_cast<int32_t>(sizeof(kLifSurrogateNames) / sizeof(kLifSurrogateNames[0]));
 
 // Scalar options of one call, identical across backends.
 template <typename acc_t>
@@ -87,13 +88,19 @@ struct StdExp {
 // overflows and a fast exp for that range serves.
 template <typename acc_t, typename Exp = StdExp>
 HTAKL_HD acc_t lif_surrogate_grad(acc_t u, const LifParams<acc_t>& p, Exp exp_nonpositive = {}) {
-  if (p.surrogate == LifSurrogate::sigmoid) {
-    const acc_t e = exp_nonpositive(-p.alpha * (u < acc_t(0) ? -u : u));
-    const acc_t one_plus_e = acc_t(1) + e;
-    return p.alpha * e / (one_plus_e * one_plus_e);
+  switch (p.surrogate) {
+    case LifSurrogate::sigmoid: {
+      const acc_t e = exp_nonpositive(-p.alpha * (u < acc_t(0) ? -u : u));
+      const acc_t one_plus_e = acc_t(1) + e;
+      return p.alpha * e / (one_plus_e * one_plus_e);
+    }
+    case LifSurrogate::atan: {
+      const acc_t scaled = acc_t(1.57079632679489661923) * p.alpha * u;  // (pi / 2) alpha u
+      return p.alpha / acc_t(2) / (acc_t(1) + scaled * scaled);
+    }
   }
-  const acc_t scaled = acc_t(1.57079632679489661923) * p.alpha * u;  // (pi / 2) alpha u
-  return p.alpha / acc_t(2) / (acc_t(1) + scaled * scaled);
+  // Not reached: the ops turn the surrogate's name into a LifSurrogate and refuse unknown names.
+  return acc_t(NAN);
 }
 
 // One backward step (SPEC 3's table): the gradient reaching X[t], and the part of the gradient

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "lif_math.h"
 
@@ -73,6 +74,16 @@ inline LifBackwardInputs prepare_lif_backward(const at::Tensor& grad_spikes,
           grad_v_seq.contiguous(), x.contiguous(),    v_init.contiguous()};
 }
 
+// The op's `surrogate` name as a LifSurrogate (lif_math.h's table); an unknown name raises.
+inline LifSurrogate parse_lif_surrogate(c10::string_view name) {
+  std::string known;
+  for (int32_t i = 0; i < kLifSurrogateCount; ++i) {
+    if (name == kLifSurrogateNames[i]) return static_cast<LifSurrogate>(i);
+    known += (i == 0 ? "'" : ", '") + std::string(kLifSurrogateNames[i]) + "'";
+  }
+  TORCH_CHECK(false, "lif: surrogate must be one of ", known, ", got '", name, "'");
+}
+
 template <typename acc_t>
 LifParams<acc_t> make_lif_params(double tau, double v_threshold, double v_reset, bool soft_reset,
                                  bool decay_input, bool detach_reset, c10::string_view surrogate,
@@ -80,8 +91,7 @@ LifParams<acc_t> make_lif_params(double tau, double v_threshold, double v_reset,
   TORCH_CHECK(std::isfinite(tau) && tau > 1, "lif: tau must be a finite number > 1, got ", tau);
   TORCH_CHECK(std::isfinite(v_threshold), "lif: v_threshold must be finite, got ", v_threshold);
   TORCH_CHECK(std::isfinite(v_reset), "lif: v_reset must be finite, got ", v_reset);
-  TORCH_CHECK(surrogate == "sigmoid" || surrogate == "atan",
-              "lif: surrogate must be 'sigmoid' or 'atan', got '", surrogate, "'");
+  const LifSurrogate surrogate_id = parse_lif_surrogate(surrogate);
   TORCH_CHECK(std::isfinite(alpha) && alpha > 0, "lif: alpha must be a finite number > 0, got ",
               alpha);
   return {acc_t(tau),
@@ -90,7 +100,7 @@ LifParams<acc_t> make_lif_params(double tau, double v_threshold, double v_reset,
           soft_reset,
           decay_input,
           detach_reset,
-          surrogate == "atan" ? LifSurrogate::atan : LifSurrogate::sigmoid,
+          surrogate_id,
           acc_t(alpha)};
 }
 

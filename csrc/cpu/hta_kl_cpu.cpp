@@ -13,7 +13,6 @@
 // Reductions accumulate in kLanes interleaved partial sums combined in a fixed order: the loops
 // vectorize without reassociation, and the result does not depend on alignment or thread count.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -34,6 +33,7 @@
 #include "cpu_isa.h"
 #include "huge_pages.h"
 #include "hta_kl_math.h"
+#include "hta_kl_op.h"
 
 namespace htakl {
 namespace {
@@ -46,7 +46,7 @@ template <template <typename> class Kernel, typename scalar_t>
 Kernel<scalar_t> make_kernel(const at::Tensor& student, const at::Tensor& teacher,
                              at::Tensor& loss, at::Tensor& d_student, at::Tensor& d_teacher,
                              bool grad_student, bool grad_teacher, const HtaKlOptions& options) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = htakl::acc_t<scalar_t>;
   return {student.const_data_ptr<scalar_t>(),
           teacher.const_data_ptr<scalar_t>(),
           loss.mutable_data_ptr<acc_t>(),
@@ -58,39 +58,19 @@ Kernel<scalar_t> make_kernel(const at::Tensor& student, const at::Tensor& teache
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cpu(
     const at::Tensor& student, const at::Tensor& teacher, double temperature, double delta,
     bool logit_mean, bool detach_weights, bool grad_student, bool grad_teacher, double row_scale) {
-  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(),
-              "hta_kl_fused (CPU): student and teacher must be CPU tensors");
-  TORCH_CHECK(student.dim() == 3, "hta_kl_fused: student must be [T, R, C], got ", student.sizes());
-  TORCH_CHECK(teacher.dim() == 2, "hta_kl_fused: teacher must be [R, C], got ", teacher.sizes());
-  TORCH_CHECK(student.size(1) == teacher.size(0) && student.size(2) == teacher.size(1),
-              "hta_kl_fused: student ", student.sizes(), " does not match teacher ",
-              teacher.sizes());
-  TORCH_CHECK(student.size(0) >= 1, "hta_kl_fused: student needs T >= 1 time steps");
-  TORCH_CHECK(teacher.size(1) >= 1, "hta_kl_fused: C must be >= 1");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "hta_kl_fused: student and teacher must have the same dtype, got ",
-              student.scalar_type(), " and ", teacher.scalar_type());
-  TORCH_CHECK(at::isFloatingType(teacher.scalar_type()),
-              "hta_kl_fused: expected floating-point tensors, got ", teacher.scalar_type());
-  TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous(),
-              "hta_kl_fused: student and teacher must be contiguous");
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "hta_kl_fused: temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK(delta > 0 && delta <= 1, "hta_kl_fused: delta must be in (0, 1], got ", delta);
-  TORCH_CHECK(std::isfinite(row_scale) && row_scale > 0,
-              "hta_kl_fused: row_scale must be finite and > 0, got ", row_scale);
+  const HtaKlLayout layout = check_hta_kl_tensors(student, teacher, c10::DeviceType::CPU);
+  const HtaKlOptions options =
+      make_hta_kl_options(temperature, delta, logit_mean, detach_weights, row_scale);
 
-  const int64_t rows = teacher.size(0);
-  const auto acc_dtype =
-      teacher.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor loss = at::empty({rows}, teacher.options().dtype(acc_dtype));
+  // One loss per row, in the accumulation type.
+  at::Tensor loss =
+      at::empty({layout.rows}, teacher.options().dtype(acc_dtype(teacher.scalar_type())));
   at::Tensor d_student =
       grad_student ? empty_like_huge_pages(student) : at::empty({0}, student.options());
   at::Tensor d_teacher =
       grad_teacher ? empty_like_huge_pages(teacher) : at::empty({0}, teacher.options());
-  if (rows == 0) return {loss, d_student, d_teacher};
+  if (layout.rows == 0) return {loss, d_student, d_teacher};
 
-  const HtaKlOptions options{temperature, delta, logit_mean, detach_weights, row_scale};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, teacher.scalar_type(), "hta_kl_fused_cpu", [&] {
 #ifdef HTAKL_CPU_AVX2
     if (use_avx2()) {

@@ -170,7 +170,7 @@ acc_t row_max(const scalar_t* x, int64_t n) {
   acc_t lane[kLanes];
   std::fill_n(lane, kLanes, -std::numeric_limits<acc_t>::infinity());
   for_each_lane(n, [&](int64_t i, int l) {
-    const acc_t v = acc_t(x[i]);
+    const acc_t v = to_acc(x[i]);
     lane[l] = v > lane[l] ? v : lane[l];
   });
   acc_t result = lane[0];
@@ -188,7 +188,7 @@ acc_t shifted_exp(const scalar_t* x, int64_t n, acc_t max, acc_t inv_tau, acc_t*
   using lane_t = std::conditional_t<std::is_same_v<acc_t, float>, double, acc_t>;
   LaneSums<lane_t, 1> sums;
   for_each_lane(n, [&](int64_t i, int l) {
-    const acc_t s = (acc_t(x[i]) - max) * inv_tau;
+    const acc_t s = (to_acc(x[i]) - max) * inv_tau;
     const acc_t v = exp_nonpositive(s);
     shifted[i] = s;
     e[i] = v;
@@ -236,7 +236,7 @@ struct Workspace {
 
 template <typename scalar_t>
 struct RowKernel {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = htakl::acc_t<scalar_t>;
   const scalar_t* student;  // [T, R, C]
   const scalar_t* teacher;  // [R, C]
   acc_t* loss;              // [R]
@@ -312,7 +312,7 @@ struct RowKernel {
   // log q_tk = (z_tk - max_t) / tau - log sum_t, as SPEC 1.2's log_softmax(z_t / tau).
   acc_t log_q_step(const Workspace<acc_t>& ws, int64_t row, int64_t t, int64_t i,
                    acc_t inv_tau) const {
-    const acc_t z = acc_t(student[(t * rows + row) * classes + i]);
+    const acc_t z = to_acc(student[(t * rows + row) * classes + i]);
     return (z - ws.step_max[t]) * inv_tau - ws.step_log_sum[t];
   }
 
@@ -345,7 +345,7 @@ struct RowKernel {
         std::fill_n(mean, C, acc_t(0));
         for (int64_t t = 0; t < steps; ++t) {
           const scalar_t* z = student + (t * rows + row) * C;
-          for (int64_t i = 0; i < C; ++i) mean[i] += acc_t(z[i]);
+          for (int64_t i = 0; i < C; ++i) mean[i] += to_acc(z[i]);
         }
         for (int64_t i = 0; i < C; ++i) mean[i] /= acc_t(steps);
         log_sum_q = shifted_exp<acc_t, acc_t>(mean, C, row_max<acc_t, acc_t>(mean, C), inv_tau,
@@ -403,7 +403,8 @@ struct RowKernel {
       const acc_t sum_p_dl = weighted_dl_sum(st, sums.total(kPHead), sums.total(kPTail));
       scalar_t* out = grad_teacher + row * C;
       for_each_element(C, [&](int64_t i) {
-        out[i] = scalar_t(htakl::grad_teacher(st, p[i], log_p[i], q[i], log_q[i], dl_of(i), sum_p_dl));
+        out[i] = from_acc<scalar_t>(
+            htakl::grad_teacher(st, p[i], log_p[i], q[i], log_q[i], dl_of(i), sum_p_dl));
       });
     }
     if (grad_student == nullptr) return;
@@ -414,8 +415,8 @@ struct RowKernel {
       const acc_t scale = steps == 1 ? acc_t(1) : inv_steps;
       scalar_t* out0 = grad_student + row * C;
       for_each_element(C, [&](int64_t i) {
-        out0[i] = scalar_t(scale * grad_student_softmax(st, p[i], log_p[i], q[i], log_q[i],
-                                                         dl_of(i), sum_q_dl));
+        out0[i] = from_acc<scalar_t>(scale * grad_student_softmax(st, p[i], log_p[i], q[i], log_q[i],
+                                                                   dl_of(i), sum_q_dl));
       });
       for (int64_t t = 1; t < steps; ++t)
         std::copy_n(out0, C, grad_student + (t * rows + row) * C);
@@ -444,7 +445,7 @@ struct RowKernel {
         const acc_t q_t = ratio[i] * q[i];
         const acc_t q_t_g = q_t_times_g(st, p[i], ratio[i], q_t,
                                         q_t_log_ratio(q_t, log_q[i], log_p[i]), dl_of(i));
-        out[i] = scalar_t(grad_student_prob_mean(st, q_t_g, q_t, g_sum, inv_steps));
+        out[i] = from_acc<scalar_t>(grad_student_prob_mean(st, q_t_g, q_t, g_sum, inv_steps));
       });
     }
   }
@@ -453,7 +454,7 @@ struct RowKernel {
 // Runs every row of one call: rows in parallel, one workspace per task.
 template <typename scalar_t>
 void run_rows(const RowKernel<scalar_t>& kernel) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = htakl::acc_t<scalar_t>;
   // Enough rows per task to amortise the workspace (about 64k elements of work).
   const int64_t grain =
       std::max<int64_t>(1, (int64_t(1) << 16) / (kernel.classes * (kernel.steps + 1)));

@@ -2,7 +2,6 @@
 // via lif_math.h). The kernels live in lif_cpu_kernels.h, compiled once per instruction set
 // (cpu_isa.h); this file checks the arguments, allocates the outputs and picks the copy.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,6 +14,7 @@
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -28,14 +28,14 @@ namespace {
 // The option flags of LifParams as compile-time constants. A kernel instantiated with them
 // overwrites the run-time flags of its local copy of the options, so lif_math.h's branches on
 // them fold away: GCC does not vectorize a loop that selects on a run-time flag.
-template <bool kSoftReset, bool kDecayInput, bool kDetachReset, bool kSigmoid>
+template <bool kSoftReset, bool kDecayInput, bool kDetachReset, LifSurrogate kSurrogate>
 struct LifFlags {
   template <typename acc_t>
   static LifParams<acc_t> fix(LifParams<acc_t> p) {
     p.soft_reset = kSoftReset;
     p.decay_input = kDecayInput;
     p.detach_reset = kDetachReset;
-    p.surrogate = kSigmoid ? LifSurrogate::sigmoid : LifSurrogate::atan;
+    p.surrogate = kSurrogate;
     return p;
   }
 };
@@ -53,8 +53,20 @@ void with_constant(bool flag, Body&& body) {
   }
 }
 
+// Calls body(std::integral_constant<LifSurrogate, surrogate>{}): one instantiation per surrogate
+// of lif_math.h's table.
+template <typename Body>
+void with_surrogate(LifSurrogate surrogate, Body&& body) {
+  [&]<int32_t... kIds>(std::integer_sequence<int32_t, kIds...>) {
+    ((surrogate == static_cast<LifSurrogate>(kIds)
+          ? (body(std::integral_constant<LifSurrogate, static_cast<LifSurrogate>(kIds)>{}), true)
+          : false) ||
+     ...);
+  }(std::make_integer_sequence<int32_t, kLifSurrogateCount>{});
+}
+
 // Calls body(LifFlags<...>{}) with p's flags. The forward reads only the first two, so
-// `backward_flags` false fixes the others and instantiates a quarter of the kernels.
+// `backward_flags` false fixes the others: the forward needs no copy per backward-only option.
 template <typename acc_t, typename Body>
 void with_lif_flags(const LifParams<acc_t>& p, bool backward_flags, Body&& body) {
   with_constant(p.soft_reset, [&](auto soft_reset) {
@@ -62,13 +74,13 @@ void with_lif_flags(const LifParams<acc_t>& p, bool backward_flags, Body&& body)
       constexpr bool kSoftReset = decltype(soft_reset)::value;
       constexpr bool kDecayInput = decltype(decay_input)::value;
       if (!backward_flags) {
-        body(LifFlags<kSoftReset, kDecayInput, false, true>{});
+        body(LifFlags<kSoftReset, kDecayInput, false, LifSurrogate::sigmoid>{});
         return;
       }
       with_constant(p.detach_reset, [&](auto detach_reset) {
-        with_constant(p.surrogate == LifSurrogate::sigmoid, [&](auto sigmoid) {
+        with_surrogate(p.surrogate, [&](auto surrogate) {
           body(LifFlags<kSoftReset, kDecayInput, decltype(detach_reset)::value,
-                        decltype(sigmoid)::value>{});
+                        decltype(surrogate)::value>{});
         });
       });
     });
@@ -89,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
   at::Tensor v_last = at::empty_like(v_init);
   at::Tensor v_seq = return_v_seq ? empty_like_huge_pages(x) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = htakl::acc_t<scalar_t>;
     const auto p = make_lif_params<acc_t>(tau, v_threshold, v_reset, soft_reset, decay_input,
                                           detach_reset, surrogate, alpha);
     const auto run = [&](auto kernel) {
@@ -118,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> lif_backward_cpu(
   at::Tensor grad_x = empty_like_huge_pages(in.x);
   at::Tensor grad_v_init = at::empty_like(in.v_init);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "lif_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = htakl::acc_t<scalar_t>;
     const auto p = make_lif_params<acc_t>(tau, v_threshold, v_reset, soft_reset, decay_input,
                                           detach_reset, surrogate, alpha);
     const auto run = [&](auto kernel) {

@@ -36,13 +36,13 @@ inline void load_or_zero(const scalar_t* src, int64_t count, acc_t* dst) {
     return;
   }
 #pragma omp simd
-  for (int64_t i = 0; i < count; ++i) dst[i] = acc_t(src[i]);
+  for (int64_t i = 0; i < count; ++i) dst[i] = to_acc(src[i]);
 }
 
 template <typename scalar_t, typename acc_t>
 inline void store(const acc_t* src, int64_t count, scalar_t* dst) {
 #pragma omp simd
-  for (int64_t i = 0; i < count; ++i) dst[i] = scalar_t(src[i]);
+  for (int64_t i = 0; i < count; ++i) dst[i] = from_acc<scalar_t>(src[i]);
 }
 
 // `Flags` is a LifFlags (lif_cpu.cpp) holding the flags of `options` as constants; the forward
@@ -63,10 +63,10 @@ void forward_kernel(const scalar_t* x, const scalar_t* v_init, scalar_t* spikes,
         scalar_t* spikes_t = spikes + row;
 #pragma omp simd
         for (int64_t i = 0; i < count; ++i) {
-          const acc_t h = lif_charge(v[i], acc_t(x_t[i]), p);  // SPEC 3
+          const acc_t h = lif_charge(v[i], to_acc(x_t[i]), p);  // SPEC 3
           const acc_t spike = lif_fire(h, p);
           v[i] = lif_reset(h, spike, p);
-          spikes_t[i] = scalar_t(spike);
+          spikes_t[i] = from_acc<scalar_t>(spike);
         }
         if (v_seq != nullptr) store(v, count, v_seq + row);
       }
@@ -98,7 +98,7 @@ void backward_kernel(const scalar_t* grad_spikes, const scalar_t* grad_v_last,
         acc_t* h_t = h.data() + t * block;
 #pragma omp simd
         for (int64_t i = 0; i < count; ++i) {
-          h_t[i] = lif_charge(v[i], acc_t(x_t[i]), p);
+          h_t[i] = lif_charge(v[i], to_acc(x_t[i]), p);
           v[i] = lif_reset(h_t[i], lif_fire(h_t[i], p), p);
         }
       }
@@ -108,14 +108,14 @@ void backward_kernel(const scalar_t* grad_spikes, const scalar_t* grad_v_last,
         const acc_t* h_t = h.data() + t * block;
         if (grad_v_seq != nullptr) {
 #pragma omp simd
-          for (int64_t i = 0; i < count; ++i) v[i] += acc_t(grad_v_seq[row + i]);
+          for (int64_t i = 0; i < count; ++i) v[i] += to_acc(grad_v_seq[row + i]);
         }
         load_or_zero(grad_spikes == nullptr ? nullptr : grad_spikes + row, count, grad_spike);
         scalar_t* grad_x_t = grad_x + row;
 #pragma omp simd
         for (int64_t i = 0; i < count; ++i) {
           const LifStepGrad<acc_t> g = lif_step_grad(grad_spike[i], v[i], h_t[i], p, fast_exp);
-          grad_x_t[i] = scalar_t(g.x);
+          grad_x_t[i] = from_acc<scalar_t>(g.x);
           v[i] = g.v_prev;
         }
       }

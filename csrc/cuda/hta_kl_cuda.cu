@@ -40,6 +40,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 
 #include "hta_kl_cuda.h"
@@ -61,36 +62,11 @@ constexpr int kMaxSums = kStepGroup * kSumsPerStep;
 constexpr int kVectorBytes = 16;
 
 // ---------------------------------------------------------------------------------------------
-// Types: storage -> accumulation (float, double for double) and the key type of radix select.
+// Types: storage -> accumulation is common.h's acc_t (to_acc / from_acc convert); the key type of
+// radix select is the unsigned integer as wide as acc_t.
 
 template <typename scalar_t>
-struct Types {
-  using acc_t = float;
-  using key_t = uint32_t;
-};
-template <>
-struct Types<double> {
-  using acc_t = double;
-  using key_t = uint64_t;
-};
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_acc(typename Types<scalar_t>::acc_t x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+using radix_key_t = std::conditional_t<sizeof(acc_t<scalar_t>) == 8, uint64_t, uint32_t>;
 
 __device__ __forceinline__ float fused_multiply_add(float a, float b, float c) {
   return fmaf(a, b, c);
@@ -128,7 +104,7 @@ __device__ __forceinline__ unsigned long long fixed_mass(double p) {
 template <typename scalar_t>
 struct Chunk {
   static constexpr int kWidth = kVectorBytes / static_cast<int>(sizeof(scalar_t));
-  using acc_t = typename Types<scalar_t>::acc_t;
+  using acc_t = htakl::acc_t<scalar_t>;
 
   __device__ __forceinline__ static bool vector_ok(const void* row, int64_t first,
                                                    int64_t classes) {
@@ -296,7 +272,7 @@ __device__ __forceinline__ acc_t block_logsumexp(LogSumExp<acc_t> mine,
 
 template <typename scalar_t>
 struct KernelParams {
-  using acc_t = typename Types<scalar_t>::acc_t;
+  using acc_t = htakl::acc_t<scalar_t>;
   const scalar_t* student;
   const scalar_t* teacher;
   acc_t* loss_rows;
@@ -314,8 +290,8 @@ struct KernelParams {
 
 template <typename scalar_t>
 struct RowView {
-  using acc_t = typename Types<scalar_t>::acc_t;
-  using key_t = typename Types<scalar_t>::key_t;
+  using acc_t = htakl::acc_t<scalar_t>;
+  using key_t = radix_key_t<scalar_t>;
   static constexpr int kWidth = Chunk<scalar_t>::kWidth;
 
   const scalar_t* teacher;  // global row or its shared-memory copy
@@ -400,9 +376,9 @@ __device__ __forceinline__ int64_t chunk_stride() {
 // Passes 1 and 2: the log-sum-exps of SPEC 1.1 and 1.2.
 
 template <typename scalar_t>
-__device__ void compute_log_sum_exps(RowView<scalar_t>& row, typename Types<scalar_t>::acc_t* step_lse,
-                                     BlockScratch<typename Types<scalar_t>::acc_t>& scratch) {
-  using acc_t = typename Types<scalar_t>::acc_t;
+__device__ void compute_log_sum_exps(RowView<scalar_t>& row, htakl::acc_t<scalar_t>* step_lse,
+                                     BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
+  using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   const int64_t classes = row.classes;
   acc_t values[kWidth];
@@ -501,7 +477,7 @@ __device__ void select_digit(BlockScratch<acc_t>& scratch, unsigned long long ma
 // value: the tied classes below it are the head's tied members (SPEC 1.3's stable order).
 template <typename scalar_t>
 __device__ int64_t tie_limit_of(const RowView<scalar_t>& row, int64_t head_ties,
-                                BlockScratch<typename Types<scalar_t>::acc_t>& scratch) {
+                                BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
@@ -533,9 +509,9 @@ __device__ int64_t tie_limit_of(const RowView<scalar_t>& row, int64_t head_ties,
 
 template <typename scalar_t>
 __device__ void find_head_boundary(RowView<scalar_t>& row, const KernelParams<scalar_t>& params,
-                                   BlockScratch<typename Types<scalar_t>::acc_t>& scratch) {
-  using acc_t = typename Types<scalar_t>::acc_t;
-  using key_t = typename Types<scalar_t>::key_t;
+                                   BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
+  using acc_t = htakl::acc_t<scalar_t>;
+  using key_t = radix_key_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   constexpr int kKeyBits = static_cast<int>(sizeof(key_t)) * 8;
   const int64_t classes = row.classes;
@@ -622,7 +598,7 @@ __device__ void find_head_boundary(RowView<scalar_t>& row, const KernelParams<sc
 // classes first .. first + kWidth - 1 (entries past the row's end are padding).
 template <typename scalar_t, typename Visit>
 __device__ __forceinline__ void for_each_chunk(const RowView<scalar_t>& row, Visit visit) {
-  using acc_t = typename Types<scalar_t>::acc_t;
+  using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   acc_t log_p[kWidth], log_q[kWidth];
   for (int64_t first = first_chunk_start<scalar_t>(); first < row.classes;
@@ -650,9 +626,9 @@ enum RowSum {
 
 template <typename scalar_t>
 __device__ void compute_row_sums(const RowView<scalar_t>& row,
-                                 typename Types<scalar_t>::acc_t (&sums)[kRowSums],
-                                 BlockScratch<typename Types<scalar_t>::acc_t>& scratch) {
-  using acc_t = typename Types<scalar_t>::acc_t;
+                                 htakl::acc_t<scalar_t> (&sums)[kRowSums],
+                                 BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
+  using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
 #pragma unroll
   for (int k = 0; k < kRowSums; ++k) sums[k] = acc_t(0);
@@ -686,12 +662,12 @@ __device__ void compute_row_sums(const RowView<scalar_t>& row,
 // logit_mean, whose gradient is the same for every step, divided by T).
 template <typename scalar_t>
 __device__ void write_softmax_gradients(const RowView<scalar_t>& row,
-                                        const RowStats<typename Types<scalar_t>::acc_t>& stats,
-                                        typename Types<scalar_t>::acc_t sum_q_dl,
-                                        typename Types<scalar_t>::acc_t sum_p_dl,
+                                        const RowStats<htakl::acc_t<scalar_t>>& stats,
+                                        htakl::acc_t<scalar_t> sum_q_dl,
+                                        htakl::acc_t<scalar_t> sum_p_dl,
                                         scalar_t* grad_teacher_row, scalar_t* grad_student_row,
                                         int64_t grad_step_stride) {
-  using acc_t = typename Types<scalar_t>::acc_t;
+  using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   acc_t teacher_grad[kWidth], student_grad[kWidth];
   for_each_chunk(row, [&](int64_t first, const acc_t(&log_p)[kWidth], const acc_t(&log_q)[kWidth]) {
@@ -720,10 +696,10 @@ __device__ void write_softmax_gradients(const RowView<scalar_t>& row,
 // the sums stay in registers), then dL/dz_tk (SPEC 2).
 template <typename scalar_t>
 __device__ void write_prob_mean_student_gradient(
-    const RowView<scalar_t>& row, const RowStats<typename Types<scalar_t>::acc_t>& stats,
-    typename Types<scalar_t>::acc_t* step_g_sums, scalar_t* grad_student_row,
-    int64_t grad_step_stride, BlockScratch<typename Types<scalar_t>::acc_t>& scratch) {
-  using acc_t = typename Types<scalar_t>::acc_t;
+    const RowView<scalar_t>& row, const RowStats<htakl::acc_t<scalar_t>>& stats,
+    htakl::acc_t<scalar_t>* step_g_sums, scalar_t* grad_student_row,
+    int64_t grad_step_stride, BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
+  using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   acc_t logits[kWidth], grad[kWidth];
   for (int64_t group = 0; group < row.steps; group += kStepGroup) {
@@ -794,7 +770,7 @@ __device__ void write_prob_mean_student_gradient(
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreads)
     hta_kl_fused_kernel(const KernelParams<scalar_t> params) {
-  using acc_t = typename Types<scalar_t>::acc_t;
+  using acc_t = htakl::acc_t<scalar_t>;
   __shared__ BlockScratch<acc_t> scratch;
   // Dynamic shared memory: step_lse[steps], step_g_sums[steps], then (when cache_rows) the
   // teacher row and the T student rows, each cache_row_stride elements (16-byte aligned).
@@ -873,7 +849,7 @@ int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1
 
 template <typename scalar_t>
 size_t step_values_bytes(int64_t steps) {
-  using acc_t = typename Types<scalar_t>::acc_t;
+  using acc_t = htakl::acc_t<scalar_t>;
   return static_cast<size_t>(round_up(2 * steps * static_cast<int64_t>(sizeof(acc_t)), kVectorBytes));
 }
 
@@ -915,7 +891,7 @@ cudaError_t dynamic_shared_limit(size_t* limit) {
 
 template <typename scalar_t>
 cudaError_t launch(const HtaKlCudaProblem& problem, cudaStream_t stream) {
-  using acc_t = typename Types<scalar_t>::acc_t;
+  using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   const HtaKlOptions& options = problem.options;
   if (problem.steps < 1 || problem.rows < 0 || problem.classes < 1 ||
@@ -976,29 +952,29 @@ int64_t max_steps(cudaError_t* error) {
   size_t limit = 0;
   *error = dynamic_shared_limit<scalar_t>(&limit);
   if (*error != cudaSuccess) return -1;
-  using acc_t = typename Types<scalar_t>::acc_t;
+  using acc_t = htakl::acc_t<scalar_t>;
   return static_cast<int64_t>(limit / (2 * sizeof(acc_t)));
 }
 
 }  // namespace
 
-cudaError_t hta_kl_fused_cuda(HtaKlCudaDtype dtype, const HtaKlCudaProblem& problem,
+cudaError_t hta_kl_fused_cuda(Storage dtype, const HtaKlCudaProblem& problem,
                               cudaStream_t stream) {
   switch (dtype) {
-    case HtaKlCudaDtype::kFloat32: return launch<float>(problem, stream);
-    case HtaKlCudaDtype::kFloat64: return launch<double>(problem, stream);
-    case HtaKlCudaDtype::kFloat16: return launch<__half>(problem, stream);
-    case HtaKlCudaDtype::kBFloat16: return launch<__nv_bfloat16>(problem, stream);
+    case Storage::kFloat32: return launch<float>(problem, stream);
+    case Storage::kFloat64: return launch<double>(problem, stream);
+    case Storage::kFloat16: return launch<__half>(problem, stream);
+    case Storage::kBFloat16: return launch<__nv_bfloat16>(problem, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-int64_t hta_kl_cuda_max_steps(HtaKlCudaDtype dtype, cudaError_t* error) {
+int64_t hta_kl_cuda_max_steps(Storage dtype, cudaError_t* error) {
   switch (dtype) {
-    case HtaKlCudaDtype::kFloat32: return max_steps<float>(error);
-    case HtaKlCudaDtype::kFloat64: return max_steps<double>(error);
-    case HtaKlCudaDtype::kFloat16: return max_steps<__half>(error);
-    case HtaKlCudaDtype::kBFloat16: return max_steps<__nv_bfloat16>(error);
+    case Storage::kFloat32: return max_steps<float>(error);
+    case Storage::kFloat64: return max_steps<double>(error);
+    case Storage::kFloat16: return max_steps<__half>(error);
+    case Storage::kBFloat16: return max_steps<__nv_bfloat16>(error);
   }
   *error = cudaErrorInvalidValue;
   return -1;

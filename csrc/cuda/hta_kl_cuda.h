@@ -15,16 +15,13 @@
 
 namespace htakl {
 
-// Storage dtype of student, teacher and the gradients. The loss is float, or double for kFloat64.
-enum class HtaKlCudaDtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
-
 // The radix select counts a row's classes in 32-bit integers (shared-memory atomics).
 constexpr int64_t kHtaKlCudaMaxClasses = (int64_t(1) << 31) - 1;
 
 struct HtaKlCudaProblem {
   const void* student;  // [steps, rows, classes]
   const void* teacher;  // [rows, classes]
-  void* loss_rows;      // [rows], float (double for kFloat64)
+  void* loss_rows;      // [rows], in the storage type's acc_t (common.h)
   void* grad_student;   // [steps, rows, classes], or nullptr: not computed
   void* grad_teacher;   // [rows, classes], or nullptr: not computed
   int64_t steps;        // T >= 1 (2-D students come in as T = 1)
@@ -36,11 +33,12 @@ struct HtaKlCudaProblem {
 // Enqueues the fused forward (+ gradients) on `stream`. Returns cudaErrorInvalidValue for sizes
 // outside the contract, or when `steps` is too large for the per-step values kept in shared memory
 // (hta_kl_cuda_max_steps); otherwise the launch's error, if any.
-cudaError_t hta_kl_fused_cuda(HtaKlCudaDtype dtype, const HtaKlCudaProblem& problem,
+// `dtype` is the storage type of student, teacher and the gradients.
+cudaError_t hta_kl_fused_cuda(Storage dtype, const HtaKlCudaProblem& problem,
                               cudaStream_t stream);
 
 // The largest T the kernel accepts for this dtype on the current device (tens of thousands on
 // sm_80 and later), or -1 with the CUDA error in *error when the device cannot be queried.
-int64_t hta_kl_cuda_max_steps(HtaKlCudaDtype dtype, cudaError_t* error);
+int64_t hta_kl_cuda_max_steps(Storage dtype, cudaError_t* error);
 
 }  // namespace htakl

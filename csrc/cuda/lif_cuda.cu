@@ -16,34 +16,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Storage <-> state conversions (round to nearest even on the way down).
-__device__ __forceinline__ float to_state(__half value) { return __half2float(value); }
-__device__ __forceinline__ float to_state(__nv_bfloat16 value) { return __bfloat162float(value); }
-__device__ __forceinline__ float to_state(float value) { return value; }
-__device__ __forceinline__ double to_state(double value) { return value; }
-
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t to_storage(float value);
-template <>
-__device__ __forceinline__ __half to_storage<__half>(float value) { return __float2half_rn(value); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 to_storage<__nv_bfloat16>(float value) {
-  return __float2bfloat16_rn(value);
-}
-template <>
-__device__ __forceinline__ float to_storage<float>(float value) { return value; }
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t to_storage(double value) { return value; }
-
-template <typename scalar_t>
-struct StateOf {
-  using type = float;
-};
-template <>
-struct StateOf<double> {
-  using type = double;
-};
-
 // Each thread walks time in chunks of kChunk steps and issues all loads of a chunk before it
 // computes: one neuron per thread leaves too few bytes in flight to cover memory latency
 // otherwise (the recurrence serializes the steps, not the loads).
@@ -60,7 +32,7 @@ __device__ __forceinline__ acc_t lif_forward_sweep(const scalar_t* __restrict__ 
     acc_t x_chunk[kChunk];
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
-      if (first + k < steps) x_chunk[k] = to_state(x[(first + k) * neurons + n]);
+      if (first + k < steps) x_chunk[k] = to_acc(x[(first + k) * neurons + n]);
     }
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
@@ -83,12 +55,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (n >= neurons) return;
   const acc_t v = lif_forward_sweep(
-      x, to_state(v_init[n]), steps, neurons, n, p,
+      x, to_acc(v_init[n]), steps, neurons, n, p,
       [&](int64_t index, acc_t /*h*/, acc_t spike, acc_t v_t) {
-        spikes[index] = to_storage<scalar_t>(spike);
-        if (v_seq != nullptr) v_seq[index] = to_storage<scalar_t>(v_t);
+        spikes[index] = from_acc<scalar_t>(spike);
+        if (v_seq != nullptr) v_seq[index] = from_acc<scalar_t>(v_t);
       });
-  v_last[n] = to_storage<scalar_t>(v);
+  v_last[n] = from_acc<scalar_t>(v);
 }
 
 // `h_scratch` may alias `grad_x` (same type): each thread reads H[t] back before it writes
@@ -105,12 +77,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (n >= neurons) return;
   // Sweep 1: recompute H[t] (SPEC 3 forward).
-  lif_forward_sweep(x, to_state(v_init[n]), steps, neurons, n, p,
+  lif_forward_sweep(x, to_acc(v_init[n]), steps, neurons, n, p,
                     [&](int64_t index, acc_t h, acc_t /*spike*/, acc_t /*v*/) {
                       h_scratch[index] = h;
                     });
   // Sweep 2: SPEC 3's table from t = T-1 down to 0; g_v_next is the gradient reaching V[t].
-  acc_t g_v_next = grad_v_last != nullptr ? to_state(grad_v_last[n]) : acc_t(0);
+  acc_t g_v_next = grad_v_last != nullptr ? to_acc(grad_v_last[n]) : acc_t(0);
   for (int64_t last = steps - 1; last >= 0; last -= kChunk) {
     acc_t h_chunk[kChunk], g_spike_chunk[kChunk], g_v_chunk[kChunk];
 #pragma unroll
@@ -118,19 +90,19 @@ __global__ void __launch_bounds__(kThreads)
       if (last - k < 0) break;
       const int64_t index = (last - k) * neurons + n;
       h_chunk[k] = h_scratch[index];
-      g_spike_chunk[k] = grad_spikes != nullptr ? to_state(grad_spikes[index]) : acc_t(0);
-      g_v_chunk[k] = grad_v_seq != nullptr ? to_state(grad_v_seq[index]) : acc_t(0);
+      g_spike_chunk[k] = grad_spikes != nullptr ? to_acc(grad_spikes[index]) : acc_t(0);
+      g_v_chunk[k] = grad_v_seq != nullptr ? to_acc(grad_v_seq[index]) : acc_t(0);
     }
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
       if (last - k < 0) break;
       const LifStepGrad<acc_t> g =
           lif_step_grad(g_spike_chunk[k], g_v_next + g_v_chunk[k], h_chunk[k], p);
-      grad_x[(last - k) * neurons + n] = to_storage<scalar_t>(g.x);
+      grad_x[(last - k) * neurons + n] = from_acc<scalar_t>(g.x);
       g_v_next = g.v_prev;
     }
   }
-  grad_v_init[n] = to_storage<scalar_t>(g_v_next);
+  grad_v_init[n] = from_acc<scalar_t>(g_v_next);
 }
 
 unsigned int blocks_for(int64_t neurons) {
@@ -140,7 +112,7 @@ unsigned int blocks_for(int64_t neurons) {
 template <typename scalar_t>
 cudaError_t launch_forward(const LifForwardArgs& a, const LifParams<double>& params,
                            cudaStream_t stream) {
-  using acc_t = typename StateOf<scalar_t>::type;
+  using acc_t = htakl::acc_t<scalar_t>;
   lif_forward_kernel<scalar_t, acc_t><<<blocks_for(a.neurons), kThreads, 0, stream>>>(
       static_cast<const scalar_t*>(a.x), static_cast<const scalar_t*>(a.v_init),
       static_cast<scalar_t*>(a.spikes), static_cast<scalar_t*>(a.v_last),
@@ -151,7 +123,7 @@ cudaError_t launch_forward(const LifForwardArgs& a, const LifParams<double>& par
 template <typename scalar_t>
 cudaError_t launch_backward(const LifBackwardArgs& a, const LifParams<double>& params,
                             cudaStream_t stream) {
-  using acc_t = typename StateOf<scalar_t>::type;
+  using acc_t = htakl::acc_t<scalar_t>;
   lif_backward_kernel<scalar_t, acc_t><<<blocks_for(a.neurons), kThreads, 0, stream>>>(
       static_cast<const scalar_t*>(a.grad_spikes), static_cast<const scalar_t*>(a.grad_v_last),
       static_cast<const scalar_t*>(a.grad_v_seq), static_cast<const scalar_t*>(a.x),
@@ -163,26 +135,26 @@ cudaError_t launch_backward(const LifBackwardArgs& a, const LifParams<double>& p
 
 }  // namespace
 
-cudaError_t lif_forward_cuda(LifStorage storage, const LifForwardArgs& args,
+cudaError_t lif_forward_cuda(Storage storage, const LifForwardArgs& args,
                              const LifParams<double>& params, cudaStream_t stream) {
   if (args.neurons == 0) return cudaSuccess;
   switch (storage) {
-    case LifStorage::float16: return launch_forward<__half>(args, params, stream);
-    case LifStorage::bfloat16: return launch_forward<__nv_bfloat16>(args, params, stream);
-    case LifStorage::float32: return launch_forward<float>(args, params, stream);
-    case LifStorage::float64: return launch_forward<double>(args, params, stream);
+    case Storage::kFloat16: return launch_forward<__half>(args, params, stream);
+    case Storage::kBFloat16: return launch_forward<__nv_bfloat16>(args, params, stream);
+    case Storage::kFloat32: return launch_forward<float>(args, params, stream);
+    case Storage::kFloat64: return launch_forward<double>(args, params, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t lif_backward_cuda(LifStorage storage, const LifBackwardArgs& args,
+cudaError_t lif_backward_cuda(Storage storage, const LifBackwardArgs& args,
                               const LifParams<double>& params, cudaStream_t stream) {
   if (args.neurons == 0) return cudaSuccess;
   switch (storage) {
-    case LifStorage::float16: return launch_backward<__half>(args, params, stream);
-    case LifStorage::bfloat16: return launch_backward<__nv_bfloat16>(args, params, stream);
-    case LifStorage::float32: return launch_backward<float>(args, params, stream);
-    case LifStorage::float64: return launch_backward<double>(args, params, stream);
+    case Storage::kFloat16: return launch_backward<__half>(args, params, stream);
+    case Storage::kBFloat16: return launch_backward<__nv_bfloat16>(args, params, stream);
+    case Storage::kFloat32: return launch_backward<float>(args, params, stream);
+    case Storage::kFloat64: return launch_backward<double>(args, params, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,5 +1,6 @@
 // Launchers of the CUDA multi-step LIF kernels (lif_cuda.cu). Torch-free: the binding
-// (lif_cuda_binding.cpp) passes raw pointers, the storage type and the current stream.
+// (lif_cuda_binding.cpp) passes raw pointers, the storage type of every tensor of the call
+// (common.h; the state is its acc_t) and the current stream.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -9,10 +10,6 @@
 #include "lif_math.h"
 
 namespace htakl {
-
-// The dtype x and every other tensor of one call are stored in. The state is float (double for
-// float64), as in every backend.
-enum class LifStorage : int32_t { float16, bfloat16, float32, float64 };
 
 // All tensors are contiguous: x, spikes, v_seq [steps, neurons]; v_init, v_last [neurons].
 struct LifForwardArgs {
@@ -41,9 +38,9 @@ struct LifBackwardArgs {
 };
 
 // Both return the launch's error code (cudaSuccess when nothing had to run).
-cudaError_t lif_forward_cuda(LifStorage storage, const LifForwardArgs& args,
+cudaError_t lif_forward_cuda(Storage storage, const LifForwardArgs& args,
                              const LifParams<double>& params, cudaStream_t stream);
-cudaError_t lif_backward_cuda(LifStorage storage, const LifBackwardArgs& args,
+cudaError_t lif_backward_cuda(Storage storage, const LifBackwardArgs& args,
                               const LifParams<double>& params, cudaStream_t stream);
 
 }  // namespace htakl

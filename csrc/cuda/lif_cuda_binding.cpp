@@ -12,21 +12,10 @@
 
 #include "lif_cuda.h"
 #include "lif_op.h"
+#include "torch_storage.h"
 
 namespace htakl {
 namespace {
-
-LifStorage storage_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kHalf: return LifStorage::float16;
-    case at::kBFloat16: return LifStorage::bfloat16;
-    case at::kFloat: return LifStorage::float32;
-    case at::kDouble: return LifStorage::float64;
-    default:
-      TORCH_CHECK(false, "lif (CUDA): x must be float16, bfloat16, float32 or float64, got ",
-                  x.scalar_type());
-  }
-}
 
 const void* data_or_null(const at::Tensor& t) { return t.numel() == 0 ? nullptr : t.const_data_ptr(); }
 
@@ -38,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward_cuda_op(
                                               detach_reset, surrogate, alpha);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const auto [layout, x, v_init] = prepare_lif_forward(x_in, v_init_in);
-  const LifStorage storage = storage_of(x);
+  const Storage storage = storage_of(x.scalar_type(), "lif: x");
   at::Tensor spikes = at::empty_like(x);
   at::Tensor v_last = at::empty_like(v_init);
   at::Tensor v_seq = return_v_seq ? at::empty_like(x) : at::empty({0}, x.options());
@@ -60,11 +49,11 @@ std::tuple<at::Tensor, at::Tensor> lif_backward_cuda_op(
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const LifBackwardInputs in =
       prepare_lif_backward(grad_spikes_in, grad_v_last_in, grad_v_seq_in, x_in, v_init_in);
-  const LifStorage storage = storage_of(in.x);
+  const Storage storage = storage_of(in.x.scalar_type(), "lif: x");
   at::Tensor grad_x = at::empty_like(in.x);
   at::Tensor grad_v_init = at::empty_like(in.v_init);
   // H[t] of the first sweep: in grad_x itself when x's dtype is the state's (float32, float64).
-  const at::ScalarType state = in.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType state = acc_dtype(in.x.scalar_type());
   at::Tensor scratch = in.x.scalar_type() == state
                            ? grad_x
                            : at::empty(in.x.sizes(), in.x.options().dtype(state));
