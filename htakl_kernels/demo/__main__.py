@@ -36,8 +36,8 @@ from .training import (
 from .summary import format_table, summarise
 
 DEFAULTS = dict(
-    dataset="digits", data_dir=None, arch="small", epochs=6, timesteps=4, alpha=0.5,
-    temperature=2.0, delta=0.5, seed=0, seeds=5, batch_size=64, lr=1e-3, subset=None, quick=False,
+    dataset="digits", data_dir=None, arch="small", epochs=5, timesteps=4, alpha=0.5,
+    temperature=2.0, delta=0.5, seed=0, seeds=8, batch_size=64, lr=1e-3, subset=None, quick=False,
     device="auto", backend="auto", threads=1, out=None, progress=True,
 )
 # --quick: what it changes, unless given explicitly.
