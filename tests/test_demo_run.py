@@ -197,6 +197,18 @@ def test_resume_refuses_changed_options(finished_run, capsys):
     assert "--epochs 3 (the run used 2)" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_run_of_an_older_demo(finished_run, tmp_path, capsys):
+    """A config.json without options that the demo has since gained (here `seeds`) is refused
+    with a message naming them, not a KeyError halfway through."""
+    config = json.loads((finished_run / "config.json").read_text())
+    del config["seeds"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "config.json lacks seeds" in capsys.readouterr().err
+
+
 def test_unavailable_backend_fails_before_training(tmp_path):
     with pytest.raises(SystemExit, match="--backend cuda: backend 'cuda' is not available"):
         main([*TINY, "--backend", "cuda", "--device", "cpu", "--out", str(tmp_path / "run")])

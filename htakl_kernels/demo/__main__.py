@@ -108,6 +108,10 @@ def resolve_config(argv: list[str] | None) -> dict:
         parser.error(f"--resume {resume}: no config.json there; is it the --out folder of a run?")
     with open(saved_path) as handle:
         saved = json.load(handle)
+    missing = sorted(set(DEFAULTS) - set(saved))
+    if missing:
+        parser.error(f"--resume {resume}: its config.json lacks {', '.join(missing)}; it was written "
+                     f"by an older version of the demo, whose runs cannot be continued")
     given["out"] = os.path.normpath(given.get("out", resume))
     if given["out"] != os.path.normpath(resume):
         parser.error("--out and --resume name different folders; a run resumes in its own folder")
