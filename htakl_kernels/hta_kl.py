@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .distributed import is_parallel, vocab_parallel_hta_kl_div
 from ._backends import kernel_ops, resolve_backend
 from ._ops.hta_kl import hta_kl_rows
 from ._validation import check_hta_kl_args
@@ -38,6 +39,7 @@ def hta_kl_div(
     detach_weights: bool = False,
     reduction: str = "batchmean",
     backend: str = "auto",
+    group=None,
 ) -> torch.Tensor:
     """Head-tail-aware KL divergence between a student and a teacher (docs/SPEC.md section 1).
 
@@ -52,6 +54,12 @@ def hta_kl_div(
         detach_weights: treat the head/tail weights as constants in the backward.
         reduction: "batchmean" (mean over rows), "sum", or "none" (shape `teacher.shape[:-1]`).
         backend: "auto", "reference", "cpu", "triton" or "cuda" (env HTAKL_BACKEND overrides auto).
+        group: a torch.distributed process group whose ranks each hold a contiguous slice of the
+            classes (vocab parallelism, ranks in group order, slices of any size including 0):
+            every rank passes its slices of the same rows and the same options, and gets the
+            loss of the whole rows and, in the backward, the gradient of its own slices
+            (`htakl_kernels.distributed` says which collectives run). None, or a group of one
+            rank, is the single-device call.
 
     Returns a 0-d tensor for "batchmean" and "sum", and a tensor of shape `teacher.shape[:-1]`
     (one value per row, also for a `[T, ...]` student) for "none", in the student's dtype. The
@@ -63,17 +71,23 @@ def hta_kl_div(
     return weighted_hta_kl_div(
         student, teacher, weight=1.0, temperature=temperature, delta=delta,
         time_reduction=time_reduction, detach_weights=detach_weights, reduction=reduction,
-        backend=backend,
+        backend=backend, group=group,
     )
 
 
 def weighted_hta_kl_div(student: torch.Tensor, teacher: torch.Tensor, *, weight: float,
                         temperature: float, delta: float, time_reduction: str,
-                        detach_weights: bool, reduction: str, backend: str) -> torch.Tensor:
+                        detach_weights: bool, reduction: str, backend: str,
+                        group=None) -> torch.Tensor:
     """`weight * hta_kl_div(...)`, the weight (> 0) applied inside the kernel where one runs, so
     that a weighted sum of losses (SpikingKDLoss's alpha * HTA-KL) still backpropagates without
     a pass over the gradient (`_ops/hta_kl.py`)."""
     student, teacher = _autocast_to_common_dtype(student, teacher)
+    if is_parallel(group):
+        return vocab_parallel_hta_kl_div(
+            student, teacher, group=group, weight=weight, temperature=temperature, delta=delta,
+            time_reduction=time_reduction, detach_weights=detach_weights, reduction=reduction,
+            backend=backend)
     shape = check_hta_kl_args(student, teacher, temperature, delta, time_reduction, detach_weights,
                               reduction)
     chosen = resolve_backend(backend, teacher.device)

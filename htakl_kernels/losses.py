@@ -8,6 +8,7 @@ from torch import nn
 
 from ._backends import BACKENDS
 from ._validation import check_choice, check_hta_kl_options, is_real_number
+from .distributed import is_parallel, vocab_parallel_cross_entropy
 from .hta_kl import hta_kl_div, weighted_hta_kl_div
 
 
@@ -15,17 +16,20 @@ class HTAKLLoss(nn.Module):
     """`HTAKLLoss(**options)(student, teacher)` is `hta_kl_div(student, teacher, **options)`.
 
     The options are checked here and kept as attributes of the same names, which the next call
-    reads (e.g. a temperature schedule may assign `loss.temperature`).
+    reads (e.g. a temperature schedule may assign `loss.temperature`). `group` (a process group
+    whose ranks each hold a slice of the classes) makes it the vocab-parallel loss of
+    `htakl_kernels.distributed`.
     """
 
     def __init__(self, *, temperature: float = 2.0, delta: float = 0.5,
                  time_reduction: str = "prob_mean", detach_weights: bool = False,
-                 reduction: str = "batchmean", backend: str = "auto") -> None:
+                 reduction: str = "batchmean", backend: str = "auto", group=None) -> None:
         super().__init__()
         check_hta_kl_options(temperature, delta, time_reduction, detach_weights, reduction)
         check_choice("backend", backend, BACKENDS)
         self.temperature, self.delta, self.time_reduction = temperature, delta, time_reduction
         self.detach_weights, self.reduction, self.backend = detach_weights, reduction, backend
+        self.group = group
 
     @property
     def options(self) -> dict:
@@ -39,7 +43,8 @@ class HTAKLLoss(nn.Module):
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
 
 
-_OPTION_NAMES = ("temperature", "delta", "time_reduction", "detach_weights", "reduction", "backend")
+_OPTION_NAMES = ("temperature", "delta", "time_reduction", "detach_weights", "reduction", "backend",
+                 "group")
 # The cross-entropy's reduction matching each of hta_kl_div's (both terms reduce the same rows).
 _CROSS_ENTROPY_REDUCTION = {"batchmean": "mean", "sum": "sum", "none": "none"}
 
@@ -56,7 +61,9 @@ class SpikingKDLoss(HTAKLLoss):
     `student` is `[T, ..., C]` (per-timestep logits, averaged over T for the cross-entropy) or
     `[..., C]`; `labels` holds class indices of shape `teacher.shape[:-1]`. `reduction` applies to
     both terms: "batchmean" averages them over the rows, "sum" adds them up, and "none" gives
-    each row's objective (shape `teacher.shape[:-1]`).
+    each row's objective (shape `teacher.shape[:-1]`). With `group`, each rank holds a slice of
+    the classes and the same labels (global class indices); the cross-entropy is then computed
+    over the whole rows too (`htakl_kernels.distributed.vocab_parallel_cross_entropy`).
     """
 
     def __init__(self, alpha: float = 0.5, **options) -> None:
@@ -80,10 +87,15 @@ class SpikingKDLoss(HTAKLLoss):
             distill = alpha * super().forward(student, teacher)
         mean_logits = student.mean(dim=0) if student.dim() == teacher.dim() + 1 else student
         classes = teacher.shape[-1]
-        cross_entropy = F.cross_entropy(
-            mean_logits.reshape(-1, classes), labels.reshape(-1),
-            reduction=_CROSS_ENTROPY_REDUCTION[self.reduction],
-        ).reshape(distill.shape)
+        if is_parallel(self.group):
+            cross_entropy = vocab_parallel_cross_entropy(
+                mean_logits, labels, group=self.group,
+                reduction=_CROSS_ENTROPY_REDUCTION[self.reduction])
+        else:
+            cross_entropy = F.cross_entropy(
+                mean_logits.reshape(-1, classes), labels.reshape(-1),
+                reduction=_CROSS_ENTROPY_REDUCTION[self.reduction],
+            ).reshape(distill.shape)
         return (1 - alpha) * cross_entropy + distill
 
     def extra_repr(self) -> str:

@@ -1,0 +1,545 @@
+"""Vocab-parallel HTA-KL: the class dimension split across the ranks of a process group.
+
+With tensor parallelism (Megatron-LM's vocab-parallel classifier head), every rank holds a
+contiguous slice of every row's classes, ranks in group order (rank 0 the first classes); slices
+may differ in size and a rank may hold none. `hta_kl_div(..., group=g)` then returns on every rank
+the loss of the whole rows, and each rank's backward writes the gradient of its own slices. No
+rank ever sees a whole row: the ranks exchange per-row statistics only.
+
+**The phases of one call** (docs/SPEC.md sections 1-2 on the slices; `R` rows, `T` student steps,
+`S` student softmaxes: `T` for a `prob_mean` time input with `T > 1`, else 1):
+
+0. Agreement: every rank contributes one fixed vector (its row count, steps, dtype, options, class
+   count, and whether its own arguments passed the checks). A rank whose arguments fail, or
+   options that differ between ranks, raise on *every* rank (the failing rank's own error, the
+   others an error naming it); nothing waits on a rank that gave up.
+1. Log-sum-exp (SPEC 1.1-1.2): the row maxima of the teacher and of each student softmax, then
+   the sums of the shifted exponentials (in float64).
+2. Head selection (SPEC 1.3) without a sort: a radix select over the bits of `p` (8-bit digits,
+   most significant first), whose bucket masses are exact fixed-point integers (`p * 2**62`
+   truncated), so that their sum over the ranks is exact and independent of how the classes are
+   split. The boundary's ties are resolved by global class index: each rank learns how many tied
+   classes the ranks before it hold.
+3. Row sums (SPEC 1.4-1.6 and the class sums of SPEC 2): the head and tail distances, `F`, `R`,
+   the signed sums behind `sum_j q_j dl_j` and `sum_j p_j dl_j`, and for `prob_mean` four sums
+   per step.
+4. Gradients (SPEC 2) of the local slices, from the row scalars: no communication; computed in
+   the forward, as the fused kernels do, and scaled by the incoming gradient in the backward.
+
+**Collectives per call** and the bytes each rank contributes per row (`b` = 8 for float64 inputs,
+4 otherwise; the selection's digits run over the 31 bits of a float32 `p`, or the 63 of a float64
+one):
+
+| phase | collective | per row |
+|---|---|---|
+| 0 | all_gather, int64 (per call, not per row) | 13 x 8 bytes in all |
+| 1 | all_reduce MAX | `(1 + S) b` |
+| 1 | all_reduce SUM, float64 | `(1 + S) 8` |
+| 2 | all_reduce SUM, int64, once per digit: 4 (float32 p) or 8 (float64 p) | `256 x 8` (last digit `128 x 8`) |
+| 2 | all_gather, int64 (tie count) | 8 |
+| 3 | all_reduce SUM | `(8 + 4 T') b`, `T'` = T for `prob_mean` with T > 1, else 0 |
+
+That is 9 collectives for float32/16-bit inputs and 13 for float64, whatever `C`; one
+float32 row moves about 7.9 KB in the selection and under 100 bytes elsewhere. (An all_reduce
+of `n` bytes sends about `2 n (P - 1) / P` per rank in a ring; an all_gather sends `n (P - 1)`.)
+A group of one rank, or `group=None`, is the plain single-device call.
+
+**Backends.** On a group of two or more ranks every phase runs as PyTorch tensor ops on the
+inputs' device (CPU or CUDA), vectorized over rows and classes: the fused kernels compute a whole
+row in one pass and have no entry point for the split phases. `backend` is still checked (it must
+be available for the inputs' device) but selects no kernel there. Gloo (CPU tensors; CUDA tensors
+are moved to the CPU for the collectives) and NCCL (CUDA tensors) both work.
+
+**Agreement with one device.** The head is the same set of classes as the single-device kernels'
+on the concatenated rows (ties by global class index) wherever SPEC 1, *Rounding at the head
+boundary* leaves no doubt; the loss and gradients agree to rounding (the log-sum-exp's sums are
+added in another order).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+import torch.distributed as dist
+
+from ._backends import resolve_backend
+from ._library import accumulation_dtype
+from .reference.hta_kl import head_mask
+from ._validation import (ROW_REDUCTIONS, TIME_REDUCTIONS, HtaKlShape, check_first_order_backward,
+                          check_hta_kl_args)
+
+# Fixed-point scale of the selection's masses: p <= 1 (up to rounding), so a row's total stays
+# far below 2**63 even after float32 rounding of every p.
+_MASS_BITS = 62
+_DIGIT_BITS = 8
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+_AGREEMENT_FIELDS = ("rows", "rows shape", "steps", "time input", "dtype", "temperature", "delta",
+                     "time_reduction", "detach_weights", "reduction", "weight")
+
+
+def is_parallel(group) -> bool:
+    """Whether `group` asks for the vocab-parallel path: a process group of two or more ranks.
+    None, or a group of one rank, is the single-device call."""
+    if group is None:
+        return False
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "group was given but torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group first (or pass group=None)")
+    return dist.get_world_size(group) > 1
+
+
+class Traffic:
+    """Counts the collectives this module issues in this process and the bytes this rank
+    contributes to them (the tensor it passes in), while one is active:
+
+        with Traffic() as traffic:
+            loss = hta_kl_div(..., group=group)
+        traffic.collectives, traffic.bytes
+    """
+
+    _active: list["Traffic"] = []
+
+    def __init__(self) -> None:
+        self.collectives = 0
+        self.bytes = 0
+
+    def __enter__(self) -> "Traffic":
+        Traffic._active.append(self)
+        return self
+
+    def __exit__(self, *_exception) -> None:
+        Traffic._active.remove(self)
+
+    @classmethod
+    def record(cls, tensor: torch.Tensor) -> None:
+        for traffic in cls._active:
+            traffic.collectives += 1
+            traffic.bytes += tensor.numel() * tensor.element_size()
+
+
+class _Group:
+    """A process group and the device its collectives take tensors on."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        uses_nccl = "nccl" in str(dist.get_backend(group)).lower()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
+
+    def all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        moved = tensor.to(self.device).contiguous()
+        Traffic.record(moved)
+        dist.all_reduce(moved, op=op, group=self.group)
+        return moved.to(tensor.device)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[size, *tensor.shape], rank order."""
+        moved = tensor.to(self.device).contiguous()
+        Traffic.record(moved)
+        gathered = moved.new_empty(self.size * moved.numel())
+        dist.all_gather_single(gathered, moved.reshape(-1), group=self.group)
+        return gathered.reshape(self.size, *moved.shape).to(tensor.device)
+
+
+def _float_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def _shape_code(shape) -> int:
+    """A fingerprint of the rows' shape (reduction="none" returns it)."""
+    code = len(shape)
+    for size in shape:
+        code = (code * 1000003 + int(size)) % (1 << 61)
+    return code
+
+
+def agree(group: _Group, check) -> tuple[object, torch.Tensor]:
+    """Run `check()` (argument checks, returning (result, fields, classes)) on this rank and make
+    every rank agree: a failure on any rank raises on all of them, as does a field that differs
+    from rank 0's. Returns `check`'s result and the class count of every rank, in rank order."""
+    error = None
+    try:
+        result, fields, classes = check()
+        vector = [0, classes, *fields]
+    except (TypeError, ValueError, RuntimeError) as caught:
+        error, result = caught, None
+        vector = [1, 0] + [0] * len(_AGREEMENT_FIELDS)
+    table = group.all_gather(torch.tensor(vector, dtype=torch.int64)).cpu()
+    failed = [rank for rank in range(group.size) if table[rank, 0] != 0]
+    if failed:
+        # Every rank knows that some rank failed, so every rank joins this exchange of messages.
+        messages = [None] * group.size
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}",
+                               group=group.group)
+        if error is not None:
+            raise error
+        first = failed[0]
+        raise ValueError(f"rank {first} of the group rejected its arguments to the vocab-parallel "
+                         f"hta_kl_div: {messages[first]}")
+    for column, name in enumerate(_AGREEMENT_FIELDS, start=2):
+        differing = [rank for rank in range(group.size) if table[rank, column] != table[0, column]]
+        if differing:
+            raise ValueError(
+                f"the vocab-parallel hta_kl_div needs the same {name} on every rank of the group: "
+                f"rank {differing[0]} differs from rank 0 (every rank passes the same rows and "
+                f"options, and its own slice of the classes)")
+    classes = table[:, 1]
+    if int(classes.sum()) < 1:
+        raise ValueError("the vocab-parallel hta_kl_div needs at least one class over the group: "
+                         "every rank passed C=0")
+    return result, classes
+
+
+def _softmaxes(streams: torch.Tensor, group: _Group, inv_tau: float):
+    """SPEC 1.1-1.2 for `streams` [K, R, c] (the teacher and the student softmaxes) over the whole
+    rows: log softmax and softmax of the local slices, and each row's log-sum-exp [K, R]."""
+    if streams.shape[-1] > 0:
+        # NaN stays out of the MAX (reductions need not propagate it); it reaches every rank
+        # through the sum below instead.
+        local_max = torch.where(streams.isnan(), -math.inf, streams).amax(dim=-1)
+    else:
+        local_max = streams.new_full(streams.shape[:-1], -math.inf)
+    row_max = group.all_reduce(local_max, dist.ReduceOp.MAX)
+    shifted = (streams - row_max.unsqueeze(-1)) * inv_tau
+    exponentials = torch.exp(shifted)
+    sums = group.all_reduce(exponentials.sum(dim=-1, dtype=torch.float64), dist.ReduceOp.SUM)
+    log_sum = torch.log(sums).to(streams.dtype)
+    return shifted - log_sum.unsqueeze(-1), exponentials * torch.exp(-log_sum).unsqueeze(-1), log_sum
+
+
+def _head(p: torch.Tensor, invalid_rows: torch.Tensor, delta: float, group: _Group) -> torch.Tensor:
+    """SPEC 1.3 membership [R, c] of the local classes, by a radix select over the whole rows.
+
+    Keys are the bit patterns of p (non-negative floats order like their bits); masses are p in
+    fixed point, so the histograms add up exactly over the ranks. `invalid_rows` (NaN rows) get an
+    empty head, as in the kernels."""
+    key_bits = 31 if p.dtype == torch.float32 else 63
+    integer = torch.int32 if p.dtype == torch.float32 else torch.int64
+    valid = ~p.isnan()
+    keys = torch.where(valid, p.view(integer).to(torch.int64), 0)
+    scale = float(2 ** _MASS_BITS)
+    masses = torch.where(valid, torch.floor(p.to(torch.float64) * scale), 0).to(torch.int64)
+    # mass < delta  <=>  fixed-point mass < ceil(delta * 2**62), exactly
+    threshold = math.ceil(float(delta) * scale)
+    rows = p.shape[0]
+    prefix = keys.new_zeros(rows)
+    mass_above = keys.new_zeros(rows)
+    whole_row_in_head = None
+    remaining = key_bits
+    while remaining > 0:
+        width = min(_DIGIT_BITS, remaining)
+        shift = remaining - width
+        candidate = (keys >> remaining) == prefix.unsqueeze(1)
+        digits = (keys >> shift) & ((1 << width) - 1)
+        histogram = keys.new_zeros(rows, 1 << width).scatter_add_(
+            1, digits, torch.where(candidate, masses, 0))
+        histogram = group.all_reduce(histogram, dist.ReduceOp.SUM)
+        # mass at or above each digit; the boundary digit is the highest whose mass reaches delta
+        at_or_above = histogram.flip(1).cumsum(1).flip(1) + mass_above.unsqueeze(1)
+        reached = (at_or_above >= threshold).sum(dim=1)
+        if whole_row_in_head is None:
+            whole_row_in_head = reached == 0
+        # Later digits always reach it: the chosen bucket's exact mass is split among them.
+        chosen = (reached - 1).clamp(min=0).unsqueeze(1)
+        mass_above = (at_or_above.gather(1, chosen) - histogram.gather(1, chosen)).squeeze(1)
+        prefix = (prefix << width) | chosen.squeeze(1)
+        remaining = shift
+    boundary = prefix.unsqueeze(1)
+    tied = (keys == boundary) & valid
+    tie_counts = group.all_gather(tied.sum(dim=1))  # [ranks, R]
+    tied_before = tie_counts[:group.rank].sum(dim=0)
+    boundary_value = prefix.to(integer).view(p.dtype).to(torch.float64)
+    boundary_mass = torch.floor(boundary_value * scale).to(torch.int64).clamp(min=1)
+    # SPEC 1.3's r = #{k >= 1 : mass_above + k w < delta} = ceil((delta - mass_above) / w) - 1,
+    # in exact integers (no product k w that could overflow)
+    room = threshold - mass_above
+    tied_in_head = (-torch.div(-room, boundary_mass, rounding_mode="floor") - 1).clamp(min=0)
+    tied_in_head = torch.minimum(tied_in_head, tie_counts.sum(dim=0))
+    tie_position = tied.cumsum(dim=1) - 1 + tied_before.unsqueeze(1)
+    head = (keys > boundary) | (tied & (tie_position < tied_in_head.unsqueeze(1)))
+    head = head | whole_row_in_head.unsqueeze(1)
+    return head & ~invalid_rows.unsqueeze(1)
+
+
+def _where_positive(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` where x > 0, else 0 (SPEC 1.6: a term whose leading factor is zero is zero)."""
+    return torch.where(x > 0, value, torch.zeros_like(value))
+
+
+def _rows(student: torch.Tensor, teacher: torch.Tensor, group: _Group, *, temperature: float,
+          delta: float, logit_mean: bool, detach_weights: bool, row_scale: float,
+          grad_student: bool, grad_teacher: bool):
+    """The fused op's contract (htakl_kernels/_ops/hta_kl.py) over the group: student [T, R, c],
+    teacher [R, c] (local slices) -> (row_scale * loss_row [R] of the whole rows, gradients of the
+    local slices or None)."""
+    steps = student.shape[0]
+    acc = accumulation_dtype(teacher.dtype)
+    inv_tau = 1.0 / temperature
+    prob_mean = steps > 1 and not logit_mean
+    student_acc = student.to(acc)
+    if steps > 1 and logit_mean:
+        student_acc = student_acc.mean(dim=0, keepdim=True)
+    streams = torch.cat([teacher.to(acc).unsqueeze(0), student_acc])
+    log_probs, probs, log_sums = _softmaxes(streams, group, inv_tau)
+    p, log_p = probs[0], log_probs[0]
+    q_steps, log_q_steps = probs[1:], log_probs[1:]
+    if prob_mean:
+        # SPEC 1.2: log q = logsumexp_t(log q_t) - log T; a class at -inf at every step has q = 0.
+        q = q_steps.mean(dim=0)
+        never = torch.isneginf(log_q_steps).all(dim=0)
+        log_q = torch.where(never, -math.inf,
+                            torch.logsumexp(torch.where(never, 0.0, log_q_steps), dim=0)
+                            - math.log(steps))
+        # q_tk / q_k in [0, T], as a ratio of exponentials, never a division by a tiny q_k
+        ratio = _where_positive(q_steps, torch.exp(log_q_steps - log_q))
+    else:
+        q, log_q = q_steps[0], log_q_steps[0]
+
+    head = _head(p, log_sums[0].isnan(), delta, group)
+    distance = (p - q).abs()
+    sign = torch.sign(q - p)
+    zero = torch.zeros_like(distance)
+    sums = [
+        torch.where(head, distance, zero).sum(-1), torch.where(head, zero, distance).sum(-1),
+        _where_positive(p, p * (log_p - log_q)).sum(-1), _where_positive(q, q * (log_q - log_p)).sum(-1),
+        torch.where(head, q * sign, zero).sum(-1), torch.where(head, zero, q * sign).sum(-1),
+        torch.where(head, p * sign, zero).sum(-1), torch.where(head, zero, p * sign).sum(-1),
+    ]
+    if prob_mean:
+        signed_steps = q_steps * sign
+        sums += [(p * ratio).sum(-1), _where_positive(q_steps, q_steps * (log_q - log_p + 1)).sum(-1),
+                 torch.where(head, signed_steps, zero).sum(-1),
+                 torch.where(head, zero, signed_steps).sum(-1)]
+    totals = group.all_reduce(torch.cat([s.reshape(-1, p.shape[0]) for s in sums]).T.contiguous(),
+                              dist.ReduceOp.SUM).T
+    d_head, d_tail, fkl, rkl, q_head, q_tail, p_head, p_tail = totals[:8]
+
+    # SPEC 1.5-1.6
+    total = d_head + d_tail
+    vanished = total == 0
+    safe_total = torch.where(vanished, 1.0, total)
+    lam_h = torch.where(vanished, 0.5, d_head / safe_total)
+    lam_t = torch.where(vanished, 0.5, d_tail / safe_total)
+    loss_rows = row_scale * (lam_h * fkl + lam_t * rkl)
+    if not (grad_student or grad_teacher):
+        return loss_rows, None, None
+
+    # SPEC 2, with d_tail / Sg^2 formed as lam_t / Sg (Sg^2 may underflow)
+    if detach_weights:
+        dl_head = dl_tail = torch.zeros_like(total)
+    else:
+        dl_head = torch.where(vanished, 0.0, lam_t / safe_total)
+        dl_tail = torch.where(vanished, 0.0, -lam_h / safe_total)
+    column = lambda row_values: row_values.unsqueeze(-1)  # noqa: E731  [R] -> [R, 1]
+    dl = sign * torch.where(head, column(dl_head), column(dl_tail))
+    scale = row_scale * inv_tau
+    gap = column(fkl - rkl)
+    lam_h_, lam_t_, fkl_, rkl_ = column(lam_h), column(lam_t), column(fkl), column(rkl)
+    d_teacher = None
+    if grad_teacher:
+        sum_p_dl = column(dl_head * p_head + dl_tail * p_tail)
+        d_teacher = scale * (lam_h_ * _where_positive(p, p * (log_p - log_q - fkl_))
+                             + lam_t_ * (p - q) - gap * p * (dl - sum_p_dl))
+        d_teacher = d_teacher.to(teacher.dtype)
+    d_student = None
+    if grad_student:
+        if prob_mean:
+            step_sums = totals[8:].reshape(4, steps, -1)
+            g_sum = (-lam_h * step_sums[0] + lam_t * step_sums[1]
+                     + (fkl - rkl) * (dl_head * step_sums[2] + dl_tail * step_sums[3]))
+            q_t_g = (-lam_h_ * p * ratio
+                     + lam_t_ * _where_positive(q_steps, q_steps * (log_q - log_p + 1))
+                     + gap * q_steps * dl)
+            d_student = (scale / steps) * (q_t_g - q_steps * g_sum.unsqueeze(-1))
+        else:
+            sum_q_dl = column(dl_head * q_head + dl_tail * q_tail)
+            d_student = (scale / steps) * (lam_h_ * (q - p)
+                                           + lam_t_ * _where_positive(q, q * (log_q - log_p - rkl_))
+                                           + gap * q * (dl - sum_q_dl))
+            d_student = d_student.unsqueeze(0).expand(steps, -1, -1)
+        d_student = d_student.to(student.dtype)
+    return loss_rows, d_student, d_teacher
+
+
+class _VocabParallelHtaKl(torch.autograd.Function):
+    """Loss rows of the whole rows; the backward scales the local gradients computed in the
+    forward (no communication in the backward)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, group, options, row_scale, grad_student, grad_teacher):
+        loss_rows, d_student, d_teacher = _rows(
+            student, teacher, group, row_scale=row_scale, grad_student=grad_student,
+            grad_teacher=grad_teacher, **options)
+        ctx.save_for_backward(d_student, d_teacher)
+        return loss_rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        check_first_order_backward("hta_kl_div")
+        d_student, d_teacher = ctx.saved_tensors
+        grad_student = None if d_student is None else d_student * grad_rows.to(d_student.dtype).view(1, -1, 1)
+        grad_teacher = None if d_teacher is None else d_teacher * grad_rows.to(d_teacher.dtype).view(-1, 1)
+        return grad_student, grad_teacher, None, None, None, None, None
+
+
+def _check_slice(student, teacher, temperature, delta, time_reduction, detach_weights, reduction,
+                 backend) -> HtaKlShape:
+    """check_hta_kl_args for a slice that may hold no class (C = 0 on this rank)."""
+    no_classes = [isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == 0
+                  for x in (student, teacher)]
+    if all(no_classes):
+        # The checks on one-class stand-ins of the same leading shapes: only C differs.
+        shape = check_hta_kl_args(student.new_empty((*student.shape[:-1], 1)),
+                                  teacher.new_empty((*teacher.shape[:-1], 1)), temperature, delta,
+                                  time_reduction, detach_weights, reduction)
+        shape = shape._replace(classes=0)
+    else:
+        shape = check_hta_kl_args(student, teacher, temperature, delta, time_reduction,
+                                  detach_weights, reduction)
+    resolve_backend(backend, teacher.device)
+    return shape
+
+
+def vocab_parallel_hta_kl_div(student, teacher, *, group, weight: float, temperature: float,
+                              delta: float, time_reduction: str, detach_weights: bool,
+                              reduction: str, backend: str) -> torch.Tensor:
+    """`weight * hta_kl_div(...)` over a process group of two or more ranks, each passing its own
+    slice of the classes (see the module docstring)."""
+    comm = _Group(group)
+
+    def check():
+        shape = _check_slice(student, teacher, temperature, delta, time_reduction, detach_weights,
+                             reduction, backend)
+        fields = [shape.rows, _shape_code(shape.rows_shape), shape.steps, int(shape.time_input),
+                  _DTYPE_CODES[teacher.dtype], _float_bits(temperature), _float_bits(delta),
+                  TIME_REDUCTIONS.index(time_reduction), int(detach_weights),
+                  ROW_REDUCTIONS.index(reduction), _float_bits(weight)]
+        return shape, fields, shape.classes
+
+    shape, _classes = agree(comm, check)
+    logit_mean = shape.time_input and time_reduction == "logit_mean"
+    if shape.rows == 0:  # every rank agrees: no row, no collective
+        loss_rows = teacher.new_zeros(0, dtype=accumulation_dtype(teacher.dtype)) + 0 * student.sum()
+    else:
+        row_scale = (1.0 / shape.rows if reduction == "batchmean" else 1.0) * weight
+        grad_enabled = torch.is_grad_enabled()
+        loss_rows = _VocabParallelHtaKl.apply(
+            student.reshape(shape.steps, shape.rows, shape.classes),
+            teacher.reshape(shape.rows, shape.classes), comm,
+            dict(temperature=float(temperature), delta=float(delta), logit_mean=logit_mean,
+                 detach_weights=detach_weights),
+            row_scale, grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad)
+    loss = loss_rows.reshape(shape.rows_shape) if reduction == "none" else loss_rows.sum()
+    return loss.to(student.dtype)
+
+
+def vocab_parallel_head_mask(teacher: torch.Tensor, *, temperature: float, delta: float,
+                             group) -> torch.Tensor:
+    """SPEC 1.3's head membership of this rank's classes (a bool tensor shaped like `teacher`,
+    this rank's slice of the classes), the same classes a single device finds on the whole rows.
+    Costs the log-sum-exp's two all_reduces and the selection's collectives (module docstring);
+    with group=None or a group of one rank, the single device's membership."""
+    if not is_parallel(group):
+        probabilities = torch.softmax(teacher.to(accumulation_dtype(teacher.dtype)) / temperature, -1)
+        return head_mask(probabilities, delta)
+    comm = _Group(group)
+
+    def check():
+        shape = _check_slice(teacher, teacher, temperature, delta, "prob_mean", False, "sum", "auto")
+        fields = [shape.rows, _shape_code(shape.rows_shape), 1, 0, _DTYPE_CODES[teacher.dtype],
+                  _float_bits(temperature), _float_bits(delta), 0, 0, 0, 0]
+        return shape, fields, shape.classes
+
+    shape, _classes = agree(comm, check)
+    rows = teacher.reshape(1, shape.rows, shape.classes).to(accumulation_dtype(teacher.dtype))
+    _log_probs, probs, log_sums = _softmaxes(rows, comm, 1.0 / temperature)
+    return _head(probs[0], log_sums[0].isnan(), delta, comm).reshape(teacher.shape)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy rows of logits split over the classes: `log sum_j exp(x_j) - x_label`, with
+    the label's logit found on the rank that holds it. Two all_reduces: the row maxima, then the
+    sums of exponentials and the picked logits together."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, group, first_class, ignore_index, row_scale):
+        acc = accumulation_dtype(logits.dtype)
+        x = logits.to(acc)
+        if x.shape[-1] > 0:
+            local_max = torch.where(x.isnan(), -math.inf, x).amax(dim=-1)
+        else:
+            local_max = x.new_full(x.shape[:-1], -math.inf)
+        row_max = group.all_reduce(local_max, dist.ReduceOp.MAX)
+        local_label = labels - first_class
+        here = (local_label >= 0) & (local_label < x.shape[-1])
+        picked = torch.where(
+            here, x.gather(1, local_label.clamp(0, max(x.shape[-1] - 1, 0)).unsqueeze(1)).squeeze(1)
+            if x.shape[-1] > 0 else torch.zeros_like(row_max), 0.0)
+        exponentials = torch.exp(x - row_max.unsqueeze(1))
+        sums = group.all_reduce(torch.stack([exponentials.sum(-1, dtype=torch.float64),
+                                             picked.to(torch.float64)], dim=1), dist.ReduceOp.SUM)
+        log_sum = torch.log(sums[:, 0]).to(acc)
+        counted = labels != ignore_index
+        loss_rows = torch.where(counted, row_scale * (log_sum + row_max - sums[:, 1].to(acc)), 0.0)
+        # d loss_row / d x = softmax - one_hot(label), zero for an ignored row
+        gradient = exponentials * torch.exp(-log_sum).unsqueeze(1)
+        if x.shape[-1] > 0:
+            gradient.scatter_add_(1, local_label.clamp(0, x.shape[-1] - 1).unsqueeze(1),
+                                  -here.to(acc).unsqueeze(1))
+        gradient = torch.where(counted.unsqueeze(1), row_scale * gradient, 0.0)
+        ctx.save_for_backward(gradient.to(logits.dtype))
+        return loss_rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        check_first_order_backward("vocab_parallel_cross_entropy")
+        (gradient,) = ctx.saved_tensors
+        return gradient * grad_rows.to(gradient.dtype).unsqueeze(1), None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, group,
+                                 reduction: str = "mean", ignore_index: int = -100) -> torch.Tensor:
+    """`F.cross_entropy(whole_logits, labels, reduction=..., ignore_index=...)` where each rank of
+    `group` holds a contiguous slice of the classes of `logits` [..., c] (rank order) and the same
+    `labels` (global class indices, shape `logits.shape[:-1]`). Every rank gets the loss; each
+    backward writes the gradient of its own slice. Three collectives: a small agreement
+    all_gather, then two all_reduces of 8 and 16 bytes per row (float64 and 16-bit inputs: 8 and
+    16 too, the maxima in the accumulation dtype, 4 bytes for float32)."""
+    comm = _Group(group)
+
+    def check():
+        if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+            raise TypeError("logits must be a tensor with a class dimension")
+        if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:-1]:
+            raise ValueError(f"labels must be a tensor of the logits' row shape "
+                             f"{tuple(logits.shape[:-1])}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        flat = labels.reshape(-1).to(torch.int64)
+        # Cheap fingerprint of the labels: every rank must pass the same ones.
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device)
+        fingerprint = int(((flat % 1000003) * weights).sum()) if flat.numel() else 0
+        fields = [flat.numel(), _shape_code(labels.shape), 1, 0, _DTYPE_CODES[logits.dtype], 0, 0,
+                  0, 0, ("mean", "sum", "none").index(reduction), fingerprint]
+        return flat, fields, logits.shape[-1]
+
+    flat, classes = agree(comm, check)
+    total = int(classes.sum())
+    counted = flat != ignore_index
+    if bool(((flat[counted] < 0) | (flat[counted] >= total)).any()):
+        raise ValueError(f"labels must lie in [0, {total}) (the classes over the group) or equal "
+                         f"ignore_index={ignore_index}")
+    rows = flat.numel()
+    denominator = int(counted.sum()) if reduction == "mean" else 1
+    row_scale = 1.0 / denominator if denominator else 1.0
+    loss_rows = _VocabParallelCrossEntropy.apply(
+        logits.reshape(rows, logits.shape[-1]), flat, comm, int(classes[:comm.rank].sum()),
+        ignore_index, row_scale)
+    loss = loss_rows.reshape(labels.shape) if reduction == "none" else loss_rows.sum()
+    if denominator == 0:  # a mean over no counted row is 0 / 0, NaN, as in F.cross_entropy
+        loss = loss / 0.0
+    return loss.to(logits.dtype)
