@@ -1,0 +1,115 @@
+"""Subprocess of census/build.py: compile one source tree's Triton kernels for sm_90 through the
+AOT harness of this checkout (triton_kernels/aot.py, lif_aot.py, hta_kl_aot.py), write the cubins
+and an index.json of their launch parameters.
+
+The given tree is imported under the name it is installed as (htakl_kernels, with its
+triton_kernels folder inside, as setup.py's package_dir maps it) through a folder of symbolic
+links, so an older tree's kernels compile with the current harness. A subprocess, because the
+kernels register their torch ops on import, once per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+# What the census compiles: the dtypes, and the HTA-KL layouts the benchmark shapes launch.
+DTYPES = ("float32", "bfloat16")
+HTA_KL_STEPS = (1, 4, 8)  # T = 1 launches the 2-D kernel (PROB_MEAN is false)
+HTA_KL_ON_CHIP_CLASSES = (1000,)  # on-chip rows among the benchmark shapes
+
+
+def package_view(source_root: str, folder: str, harness: str) -> str:
+    """`folder`/htakl_kernels: links to source_root's package files, and a triton_kernels folder
+    of links to its Triton kernels and to the AOT harness files (*aot.py) in `harness`."""
+    package = os.path.join(folder, "htakl_kernels")
+    os.makedirs(os.path.join(package, "triton_kernels"))
+    for name in os.listdir(os.path.join(source_root, "htakl_kernels")):
+        if name in ("triton_kernels", "__pycache__") or name.startswith("_C"):
+            continue  # no compiled extension: the Triton kernels do not need it
+        os.symlink(os.path.join(source_root, "htakl_kernels", name), os.path.join(package, name))
+    kernels = os.path.join(source_root, "triton_kernels")
+    names = {n for n in os.listdir(kernels) if n.endswith(".py") and not n.endswith("aot.py")}
+    for name in sorted(names | {n for n in os.listdir(harness) if n.endswith("aot.py")}):
+        origin = kernels if name in names else harness
+        os.symlink(os.path.join(origin, name), os.path.join(package, "triton_kernels", name))
+    return folder
+
+
+class _NoExtension:
+    """Meta-path finder refusing htakl_kernels._C: the editable install maps that name to this
+    checkout's build, whose op schemas may differ from an older tree's."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "htakl_kernels._C":
+            raise ImportError("the census compiles Triton kernels without the C++ extension")
+        return None
+
+
+def _save(out: str, name: str, compiled, **launch) -> dict:
+    path = os.path.join(out, f"{name}.cubin")
+    with open(path, "wb") as handle:
+        handle.write(compiled.asm["cubin"])
+    return {"cubin": path, "num_warps": compiled.metadata.num_warps,
+            "shared": compiled.metadata.shared, **launch}
+
+
+def compile_lif(out: str) -> dict:
+    from htakl_kernels.triton_kernels import lif, lif_aot
+
+    index = {}
+    for dtype in DTYPES:
+        forward, backward = lif_aot.compile_variants(dtype)
+        for direction, compiled in (("forward", forward), ("backward", backward)):
+            index[f"lif-{direction}-{dtype}"] = _save(out, f"lif-{direction}-{dtype}", compiled,
+                                                      block=lif.BLOCK)
+    return index
+
+
+def compile_hta_kl(out: str) -> dict:
+    import triton
+
+    from htakl_kernels.triton_kernels import hta_kl, hta_kl_aot
+
+    index = {}
+    for dtype in DTYPES:
+        on_chip_limit, chunk = hta_kl.default_layout(False)
+        blocks = [(True, triton.next_power_of_2(c)) for c in HTA_KL_ON_CHIP_CLASSES
+                  if c <= on_chip_limit] + [(False, chunk)]
+        for on_chip, block in blocks:
+            for steps in HTA_KL_STEPS:
+                name = f"hta_kl-{dtype}-{'onchip' if on_chip else 'chunked'}{block}-T{steps}"
+                compiled = hta_kl_aot.compile_variant(
+                    dtype, on_chip=on_chip, block=block, prob_mean=steps > 1,
+                    steps_pad=triton.next_power_of_2(steps))
+                index[name] = _save(out, name, compiled, block=block, on_chip=on_chip,
+                                    steps=steps, radix_block=min(hta_kl.RADIX_BLOCK, block),
+                                    radix_bits=hta_kl.RADIX_BITS, on_chip_limit=on_chip_limit)
+    return index
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--family", choices=("lif", "hta_kl"), required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--harness", default=os.path.join(REPO, "triton_kernels"),
+                        help="folder of the AOT harness (aot.py, lif_aot.py, hta_kl_aot.py)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as view:
+        sys.path.insert(0, package_view(os.path.abspath(args.source), view,
+                                        os.path.abspath(args.harness)))
+        sys.meta_path.insert(0, _NoExtension())
+        index = compile_lif(args.out) if args.family == "lif" else compile_hta_kl(args.out)
+    with open(os.path.join(args.out, "index.json"), "w") as handle:
+        json.dump(index, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Census of the fused HTA-KL kernels (CUDA csrc/cuda/hta_kl_cuda.cu, Triton
+triton_kernels/hta_kl.py): one block (program) per row sweeping the row in passes.
+
+Per class, from the SASS: each loop's heaviest path times its trip count per class (a chunk
+loop's iteration covers a thread's chunk of classes; a loop over the time steps inside it runs
+T times; the radix rounds multiply what they hold). Per-row work (block reductions, histogram
+bookkeeping) is spread over the row's classes.
+
+DRAM: a row read from shared memory (CUDA, when the teacher and all steps fit) or re-read while
+the rows in flight fit in L2 costs the byte model once; otherwise every global read of every pass
+goes to DRAM.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+from . import analysis, build, model
+from .machines import Card
+from .sass import disassemble
+
+STORAGE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The share of L2 the rows in flight may take and still be re-read from L2 by the later passes.
+L2_SHARE_FOR_ROWS = 0.5
+# Dynamic shared memory a block may opt in to on Hopper (cudaDevAttrMaxSharedMemoryPerBlockOptin:
+# 227 KiB); the launcher raises the kernel's ceiling to it minus the static shared memory.
+SHARED_OPTIN = 232448
+
+# Regions of hta_kl_cuda.cu: each pass's functions, then the kernel's body (the row copy, and the
+# call of each pass, for code whose line info names the call site only).
+CUDA_ANCHORS = [
+    ("1-2 log-sum-exps", r"^// Passes 1 and 2"),
+    ("3 head boundary", r"^// Pass 3"),
+    (None, r"^// Passes 4 and 5 walk the row"),
+    ("4 row sums", r"^// Pass 4"),
+    ("5 gradients", r"^// Pass 5"),
+    ("5 prob_mean student gradient", r"^// prob_mean with T > 1"),
+    (None, r"^// The kernel\."),
+    ("row to shared", r"if \(params\.cache_rows\)"),
+    ("1-2 log-sum-exps", r"compute_log_sum_exps\(row"),
+    ("3 head boundary", r"find_head_boundary\(row"),
+    ("4 row sums", r"compute_row_sums\(row"),
+    ("5 gradients", r"write_softmax_gradients\(row"),
+    ("5 prob_mean student gradient", r"write_prob_mean_student_gradient\(row"),
+    (None, r"^// Launch\."),
+]
+TRITON_ANCHORS = [
+    ("1 normalisers", r"# ---- Pass 1"),
+    ("2 head boundary", r"# ---- Pass 2"),
+    ("3 row sums", r"# ---- Pass 3"),
+    ("4 gradients", r"# ---- Pass 4"),
+]
+
+# The CUDA launcher's choices, as hta_kl_cuda.cu's launch() writes them; census_launch mirrors
+# them and checks that these lines are still there (a changed launcher must change the census).
+CUDA_LAUNCHER_LINES = (
+    "chunks >= kMaxThreads ? kMaxThreads : round_up(chunks, kWarpSize));",
+    "params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - steps_bytes);",
+    "static_cast<unsigned>(problem.rows < INT_MAX ? problem.rows : int64_t(INT_MAX));",
+    "return static_cast<size_t>(round_up(2 * steps * static_cast<int64_t>(sizeof(acc_t)), kVectorBytes));",
+)
+
+
+def cuda_constants(text: str) -> dict[str, int]:
+    values = {}
+    for name in ("kWarpSize", "kMaxThreads", "kRadixBits", "kStepGroup", "kVectorBytes"):
+        match = re.search(rf"constexpr int {name} = ([^;]+);", text)
+        if match is None:
+            raise ValueError(f"hta_kl_cuda.cu: `constexpr int {name}` not found; the census reads "
+                             f"the launch configuration from it")
+        values[name] = int(eval(match.group(1), {}, values))  # e.g. "kMaxThreads / kWarpSize"
+    for line in CUDA_LAUNCHER_LINES:
+        if line not in " ".join(text.split()):
+            raise ValueError(f"hta_kl_cuda.cu's launcher changed (no longer has {line!r}): "
+                             f"update bench/census/hta_kl.py's mirror of it")
+    return values
+
+
+class CudaKernels:
+    def __init__(self, source_root: str):
+        self.path = os.path.join(source_root, "csrc", "cuda", "hta_kl_cuda.cu")
+        self.constants = cuda_constants(open(self.path).read())
+        functions = disassemble(build.cuda_cubin(source_root, "hta_kl_cuda.cu"))
+        tags = {"float32": "IfEE", "bfloat16": "I13__nv_bfloat16EE", "float16": "I6__halfEE"}
+        self.functions = {dtype: next(f for n, f in functions.items()
+                                      if f"hta_kl_fused_kernel{tag}" in n)
+                          for dtype, tag in tags.items()}
+
+    def launch(self, card: Card, dtype: str, steps: int, rows: int, classes: int):
+        c = self.constants
+        b = STORAGE_BYTES[dtype]
+        function = self.functions[dtype]
+        width = c["kVectorBytes"] // b
+        chunks = math.ceil(classes / width)
+        threads = c["kMaxThreads"] if chunks >= c["kMaxThreads"] else \
+            math.ceil(chunks / c["kWarpSize"]) * c["kWarpSize"]
+        steps_bytes = math.ceil(2 * steps * 4 / c["kVectorBytes"]) * c["kVectorBytes"]
+        stride = math.ceil(classes / width) * width
+        cache_bytes = (steps + 1) * stride * b
+        cached = cache_bytes <= SHARED_OPTIN - function.shared_bytes - steps_bytes
+        shared = function.shared_bytes + steps_bytes + (cache_bytes if cached else 0)
+        radix_rounds = 32 // c["kRadixBits"]  # float32 keys for every storage but float64
+        groups = math.ceil(steps / c["kStepGroup"])
+
+        def factor(loop) -> float:
+            h = loop.header
+            if "first_chunk_start" in h:
+                return 1.0 / width  # one thread's chunk of `width` classes per iteration
+            if re.search(r"\bt < (row\.|params\.)?steps", h):
+                return steps
+            if "shift >= 0" in h:
+                return radix_rounds
+            if "group < row.steps" in h:
+                return groups
+            if re.search(r"j < kWidth", h):
+                return width  # not unrolled where a data-dependent loop sits inside
+            if "sweep < row.classes" in h:
+                return 0.0  # the ordered count of tied classes: only when the boundary is tied
+            return 1.0  # the row loop; the loop over a digit's equal lanes (once, typically)
+
+        def per_row(chain) -> float:
+            if any("first_chunk_start" in sl.header for sl in chain):
+                return 1.0
+            return threads / classes  # per-row work of every thread, spread over the row
+
+        skip = tuple(name for name, runs in (("row to shared", cached),
+                                             ("5 prob_mean student gradient", steps > 1)) if not runs)
+        counts = analysis.count(function, self.path, CUDA_ANCHORS, factor, per_row, skip)
+        return function, counts, threads, shared, cached, c["kVectorBytes"]
+
+
+def _triton_index(source_root: str, harness: str | None) -> dict:
+    return build.triton_cubins(source_root, "hta_kl", harness)
+
+
+class TritonKernels:
+    def __init__(self, source_root: str, harness: str | None = None):
+        self.path = os.path.join(source_root, "triton_kernels", "hta_kl.py")
+        self.index = _triton_index(source_root, harness)
+        self.functions = {}
+
+    def _variant(self, dtype: str, steps: int, classes: int):
+        entries = [e for name, e in self.index.items() if name.startswith(f"hta_kl-{dtype}-")
+                   and e["steps"] == steps]
+        on_chip_limit = entries[0]["on_chip_limit"]
+        on_chip = classes <= on_chip_limit
+        block = 1 << max(0, (classes - 1).bit_length()) if on_chip else None
+        for entry in entries:
+            if entry["on_chip"] == on_chip and (block is None or entry["block"] == block):
+                return entry
+        raise ValueError(f"no Triton HTA-KL variant compiled for {dtype}, T = {steps}, "
+                         f"C = {classes} (see census/_triton_worker.py)")
+
+    def launch(self, card: Card, dtype: str, steps: int, rows: int, classes: int):
+        entry = self._variant(dtype, steps, classes)
+        if entry["cubin"] not in self.functions:
+            (function,) = disassemble(entry["cubin"]).values()
+            analysis.relocate(function, self.path)
+            self.functions[entry["cubin"]] = function
+        function = self.functions[entry["cubin"]]
+        threads = entry["num_warps"] * 32
+        block, radix_block = entry["block"], entry["radix_block"]
+        rounds = math.ceil(30 / entry["radix_bits"])  # probability bits below float32's top
+
+        def factor(loop) -> float:
+            h = loop.header
+            if "range(0, classes, RADIX_BLOCK)" in h:
+                return threads / radix_block
+            if "range(0, classes, BLOCK)" in h:
+                return threads / block
+            if re.search(r"range\((1, )?steps\)", h):
+                return steps
+            if "RADIX_BITS)" in h:
+                return rounds
+            if "TOP_BIT + 1" in h:
+                return 30  # the on-chip bisection, one probability bit per iteration
+            return 1.0
+
+        def per_row(chain) -> float:
+            if any("range(0, classes," in sl.header for sl in chain):
+                return 1.0
+            return threads / classes
+
+        counts = analysis.count(function, self.path, TRITON_ANCHORS, factor, per_row)
+        per_thread = max(1, block // threads) * STORAGE_BYTES[dtype]  # one slice's chunk
+        return function, counts, threads, entry["shared"], entry["on_chip"], per_thread
+
+
+def model_bytes(dtype: str, steps: int, rows: int, classes: int) -> int:
+    """SPEC 4: 3 E b for a 2-D student, (2T + 1) E b for [T, R, C], E = R C."""
+    elements = rows * classes
+    return (3 if steps == 0 else 2 * steps + 1) * elements * STORAGE_BYTES[dtype]
+
+
+def launch(card: Card, kernels, dtype: str, steps: int, rows: int, classes: int) -> model.Launch:
+    """The one launch of a call (2-D student: steps = 0)."""
+    slices = max(steps, 1)
+    function, counts, threads, shared, held, inflight = kernels.launch(card, dtype, slices, rows,
+                                                                      classes)
+    b = STORAGE_BYTES[dtype]
+    elements = rows * classes
+    per_sm = model.blocks_per_sm(card, threads, function.registers, shared)
+    row_bytes = (slices + 1) * classes * b
+    in_flight = min(rows, per_sm * card.sms) * row_bytes
+    notes = []
+    useful = model_bytes(dtype, steps, rows, classes)
+    requested = sum(p.global_bytes for p in counts.passes) * elements
+    if held:
+        dram = useful
+        notes.append("row held on chip")
+    elif in_flight <= L2_SHARE_FOR_ROWS * card.l2_bytes:
+        dram = useful
+        notes.append("re-reads hit L2")
+    else:
+        dram = max(useful, requested)
+        notes.append("re-reads from DRAM")
+    return model.Launch(
+        name="hta_kl", blocks=rows, threads=threads, registers=function.registers,
+        shared_bytes=shared, dram_bytes=dram, instructions=counts.instructions * elements,
+        mufu=counts.mufu * elements, inflight_bytes_per_thread=inflight,
+        l2_bytes=requested, notes=notes), counts
