@@ -7,6 +7,7 @@ build and nvcc is found, unless HTAKL_NO_CUDA=1. Install with
 
 import glob
 import os
+import runpy
 
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -14,6 +15,8 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The GPU architectures and compiler flags: one definition, shared with the compile checks.
+GPU_FLAGS = runpy.run_path(os.path.join(HERE, "scripts", "gpu_flags.py"))
 
 
 def _sources(pattern):
@@ -27,11 +30,7 @@ def _want_cuda():
 
 
 def _extension():
-    # C++20: torch 2.13's headers need it. No -Werror here: torch's own headers warn under -Wextra.
-    # -fno-trapping-math lets the compiler evaluate both sides of the branch-free selects in the CPU
-    # kernels' loops (0 log 0 = 0, head or tail), so those loops vectorize; results are unchanged
-    # (floating-point exceptions stay masked).
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-Wall"]
+    cxx_flags = list(GPU_FLAGS["CXX_FLAGS"])
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(HERE, "csrc")]
     if not _want_cuda():
@@ -39,11 +38,8 @@ def _extension():
             "htakl_kernels._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
         )
-    nvcc_flags = [
-        "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
-        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
-        "-Xcompiler=-Wall", "--Werror=all-warnings",
-    ]
+    # CUDAExtension adds torch's own nvcc defines itself.
+    nvcc_flags = GPU_FLAGS["nvcc_flags"]()
     return CUDAExtension(
         "htakl_kernels._C", sources + _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp"),
         include_dirs=include_dirs, define_macros=[("HTAKL_WITH_CUDA", "1")],
@@ -68,5 +64,10 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "numpy"]},
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "numpy"],
+        # What `python -m htakl_kernels.demo` imports besides torch.
+        "demo": ["numpy", "scikit-learn", "matplotlib", "tqdm"],
+    },
 )

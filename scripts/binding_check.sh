@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CI syntax check of the torch-facing CUDA bindings (csrc/cuda/*.cpp). setup.py compiles them
 # only on a machine with a CUDA build of torch; here, with the CPU wheel, they are parsed and
-# type-checked against torch's headers and the CUDA toolkit's (g++ -fsyntax-only, our code with
-# -Wall -Wextra -Werror), so an error in a binding fails CI instead of the next GPU build.
+# type-checked against torch's headers and the CUDA toolkit's (g++ -fsyntax-only with the build's
+# host flags from scripts/gpu_flags.py, our code with -Wall -Wextra -Werror), so an error in a
+# binding fails CI instead of the next GPU build.
 #
 # The CPU wheel ships torch's c10/cuda headers but not the one CMake generates for them,
 # c10/cuda/impl/cuda_cmake_macros.h, which only sets export macros; an empty one stands in.
@@ -39,10 +40,15 @@ mkdir -p "$workdir/c10/cuda/impl"
 echo '#pragma once' >"$workdir/c10/cuda/impl/cuda_cmake_macros.h"
 system_includes=(-isystem "$workdir" -isystem "$cuda_include")
 for dir in "${torch_includes[@]}"; do system_includes+=(-isystem "$dir"); done
+mapfile -t cxx_flags < <(python3 scripts/gpu_flags.py --cxx)
+if [ "${#cxx_flags[@]}" -eq 0 ]; then
+  echo "binding_check: scripts/gpu_flags.py printed no flags" >&2
+  exit 1
+fi
 status=0
 for source in "${files[@]}"; do
   echo "binding_check: $source"
-  if ! "${CXX:-c++}" -fsyntax-only -std=c++20 -Wall -Wextra -Werror -Icsrc "${system_includes[@]}" \
+  if ! "${CXX:-c++}" -fsyntax-only "${cxx_flags[@]}" -Wextra -Werror -Icsrc "${system_includes[@]}" \
       -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI="$abi" \
       "$source"; then
     echo "binding_check: FAILED: $source" >&2

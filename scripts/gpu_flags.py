@@ -1,10 +1,11 @@
-"""The one place that names the GPU architectures and nvcc flags the CUDA kernels are built with.
+"""The one place that names the GPU architectures and compiler flags the extension is built with.
 
-setup.py (the real build), scripts/nvcc_check.sh (CI's compile check) and the cost census
-(bench/census) all read these, so a kernel is checked and measured exactly as it is built.
+setup.py (the real build), scripts/nvcc_check.sh and scripts/binding_check.sh (CI's compile
+checks) and the cost census (bench/census) all read these, so a kernel is checked and measured
+exactly as it is built.
 
-As a command: `python scripts/gpu_flags.py [--arch 90 ...] [--check]` prints the nvcc flags,
-one per line, for shell scripts.
+As a command: `python scripts/gpu_flags.py [--arch 90 ...] [--check]` prints the nvcc flags, and
+`python scripts/gpu_flags.py --cxx` the host compiler's, one per line, for shell scripts.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ NVCC_FLAGS = (
 )
 
 
+# The host compiler's flags for the extension's C++ files (CPU kernels, CUDA bindings). C++20:
+# torch 2.13's headers need it. No -Werror: torch's own headers warn under -Wextra.
+# -fno-trapping-math lets the compiler evaluate both sides of the branch-free selects in the CPU
+# kernels' loops (0 log 0 = 0, head or tail), so those loops vectorize; results are unchanged
+# (floating-point exceptions stay masked).
+CXX_FLAGS = ("-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-Wall")
+
+
 def gencode_flags(archs=GPU_ARCHS) -> list[str]:
     return [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in archs]
 
@@ -44,7 +53,12 @@ def main() -> None:
     parser.add_argument("--arch", action="append", help="architecture (default: all built)")
     parser.add_argument("--check", action="store_true",
                         help="add the defines torch's CUDAExtension passes (for compile checks)")
+    parser.add_argument("--cxx", action="store_true",
+                        help="print the host compiler's flags instead of nvcc's")
     args = parser.parse_args()
+    if args.cxx:
+        print(*CXX_FLAGS, sep="\n")
+        return
     print(*nvcc_flags(tuple(args.arch) if args.arch else GPU_ARCHS,
                       with_torch_defines=args.check), sep="\n")
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# CI compile check of the CUDA sources: every csrc/**/*.cu is compiled to an object file for sm_80
-# and sm_90 (no GPU needed), with nvcc's warnings as errors and the host compiler's -Wall -Wextra.
-# Fails on any error, and on any warning the flags leave as a warning (host-compiler warnings are
-# not covered by nvcc's -Werror, hence the scan of the output).
+# CI compile check of the CUDA sources: every csrc/**/*.cu is compiled to an object file for every
+# architecture the build targets (no GPU needed), with the build's nvcc flags: nvcc's warnings as
+# errors and the host compiler's -Wall -Wextra. Fails on any error, and on any warning the flags
+# leave as a warning (host-compiler warnings are not covered by nvcc's -Werror, hence the scan of
+# the output).
 #
-# The defines are the ones torch's CUDAExtension passes to nvcc (no implicit half/bfloat16
-# conversions), so a file that passes here also compiles in `pip install -e .` on a CUDA machine.
+# The flags are scripts/gpu_flags.py's (the ones setup.py builds with) plus the defines torch's
+# CUDAExtension passes to nvcc (no implicit half/bfloat16 conversions), so a file that passes here
+# also compiles in `pip install -e .` on a CUDA machine.
 # The .cu files are torch-free; the torch-facing binding (.cpp) is compiled by setup.py only.
 #
 # Usage: scripts/nvcc_check.sh [files...]   (default: every .cu under csrc). NVCC overrides nvcc.
@@ -25,6 +27,11 @@ if [ "${#files[@]}" -eq 0 ]; then
   echo "nvcc_check: no .cu files under csrc" >&2
   exit 0
 fi
+mapfile -t flags < <(python3 scripts/gpu_flags.py --check)
+if [ "${#flags[@]}" -eq 0 ]; then
+  echo "nvcc_check: scripts/gpu_flags.py printed no flags" >&2
+  exit 1
+fi
 workdir=$(mktemp -d)
 trap 'rm -rf "$workdir"' EXIT
 status=0
@@ -32,12 +39,7 @@ for source in "${files[@]}"; do
   object="$workdir/$(echo "$source" | tr '/' '_').o"
   log="$workdir/log"
   echo "nvcc_check: $source"
-  if ! "$NVCC" -c -std=c++17 -O3 -Icsrc \
-      -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
-      -Werror all-warnings -Xcompiler -Wall,-Wextra \
-      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
-      -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
-      "$source" -o "$object" >"$log" 2>&1; then
+  if ! "$NVCC" -c "${flags[@]}" -Icsrc "$source" -o "$object" >"$log" 2>&1; then
     cat "$log"
     echo "nvcc_check: FAILED to compile $source" >&2
     status=1
