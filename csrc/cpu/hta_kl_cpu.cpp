@@ -1,15 +1,15 @@
 // Fused CPU kernel for htakl::hta_kl_fused (contract: htakl_kernels/hta_kl.py; math: docs/SPEC.md
 // sections 1 and 2, per element in csrc/hta_kl_math.h).
 //
-// One row at a time, rows in parallel. Each row takes a fixed number of passes:
-//   1. max of the teacher and of the student logits (per time step for prob_mean);
-//   2. shifted logits and their exponentials into a per-thread workspace, softmax sums in a wider
-//      type, then one normalising pass to p, log p, q, log q (SPEC 1.1, 1.2);
-//   3. the head boundary by a radix select over the probability bits, no sort: one histogram pass
-//      and one compaction pass over the row, the later digits over the few remaining candidates;
+// One row at a time, rows in parallel, in the four passes of docs/ARCHITECTURE.md:
+//   1. softmax statistics: max of the teacher and of the student logits (per time step for
+//      prob_mean), shifted logits and their exponentials into a per-thread workspace, softmax
+//      sums in a wider type, then one normalising sweep to p, log p, q, log q (SPEC 1.1, 1.2);
+//   2. head selection: a radix select over the probability bits, no sort: one histogram sweep
+//      and one compaction sweep over the row, the later digits over the few remaining candidates;
 //      then the membership as a 0 / 1 mask (SPEC 1.3);
-//   4. one statistics pass: distances, FKL, RKL and the signed sums the gradients need (SPEC 1.4-1.6);
-//   5. one gradient pass for the student and one for the teacher (SPEC 2).
+//   3. row sums: distances, FKL, RKL and the signed sums the gradients need (SPEC 1.4-1.6);
+//   4. gradients: one sweep for the student and one for the teacher (SPEC 2).
 // Reductions accumulate in kLanes interleaved partial sums combined in a fixed order: the loops
 // vectorize without reassociation, and the result does not depend on alignment or thread count.
 #include <ATen/Dispatch.h>

@@ -322,6 +322,7 @@ struct RowKernel {
     const acc_t inv_steps = acc_t(1) / acc_t(steps);
     const scalar_t* a = teacher + row * C;
 
+    // ---- Pass 1 (docs/ARCHITECTURE.md): softmax statistics. ----
     // SPEC 1.1: log p = shifted - log_sum_p, p = e / sum.
     const acc_t log_sum_p = shifted_exp<scalar_t, acc_t>(a, C, row_max<scalar_t, acc_t>(a, C),
                                                          inv_tau, ws.log_p, ws.p);
@@ -358,6 +359,7 @@ struct RowKernel {
       });
     }
 
+    // ---- Pass 2: head selection. ----
     // SPEC 1.3. A NaN teacher row (NaN everywhere) skips the selection: its loss is NaN anyway.
     const acc_t* p = ws.p;
     const acc_t* log_p = ws.log_p;
@@ -370,6 +372,7 @@ struct RowKernel {
     boundary.write_mask(p, C, ws.head);
     const acc_t* head = ws.head;
 
+    // ---- Pass 3: row sums. ----
     // SPEC 1.4-1.6 and the signed sums of SPEC 2's sum_j q_j dl_j and sum_j p_j dl_j.
     enum { kHeadDistance, kTailDistance, kFkl, kRkl, kQHead, kQTail, kPHead, kPTail, kStats };
     LaneSums<acc_t, kStats> sums;
@@ -398,6 +401,7 @@ struct RowKernel {
       return dlam_h_dq(st, sign_of_difference(q[i], p[i]), head[i] != acc_t(0));
     };
 
+    // ---- Pass 4: gradients. ----
     // SPEC 2, teacher.
     if (grad_teacher != nullptr) {
       const acc_t sum_p_dl = weighted_dl_sum(st, sums.total(kPHead), sums.total(kPTail));
