@@ -10,6 +10,8 @@
 //   4. the row sums: d_head, d_tail, F, R and the signed sums the gradient needs (SPEC 1.4-1.6);
 //   5. gradients (SPEC 2): teacher and single-softmax student in one pass; prob_mean students with
 //      T > 1 need per-step sums first (one pass per group of kStepGroup steps) and then one pass.
+// docs/ARCHITECTURE.md groups these into its four passes shared by all backends: 1-2 are its
+// Pass 1, 3 its Pass 2, 4 its Pass 3, 5 its Pass 4 (the numbers here are bench/census's anchors).
 // p, q and their logs are recomputed from the logits in every pass with the same expressions
 // (explicit fma, so the compiler cannot contract them differently), hence bit-identical between
 // passes: the head membership found in pass 3 is exactly the one passes 4 and 5 see.
