@@ -20,6 +20,6 @@ from .fused_linear import (
 
 __all__ = [
     "FusedLinearHTAKLLoss", "FusedLinearSpikingKDLoss", "HTAKLLoss", "MultiStepLIF",
-    "SpikingKDLoss", "available_backends", "fused_linear_hta_kl_div", "fused_linear_spiking_kd_loss", "hta_kl_div",
-    "lif_multistep", "reference", "reset_net",
+    "SpikingKDLoss", "available_backends", "fused_linear_hta_kl_div",
+    "fused_linear_spiking_kd_loss", "hta_kl_div", "lif_multistep", "reference", "reset_net",
 ]

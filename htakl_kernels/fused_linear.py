@@ -85,8 +85,6 @@ def _check_linear_side(side: str, inputs, weight, bias, time_allowed: bool) -> N
             f"{side}_input's hidden size (last dimension, {inputs.shape[-1]}) must equal "
             f"{side}_weight's second dimension ([C, H] = {tuple(weight.shape)})"
         )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{side}_bias must be [C] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     if not torch.is_autocast_enabled(inputs.device.type):
         for name, tensor in ((f"{side}_weight", weight), (f"{side}_bias", bias)):
             if tensor is not None and tensor.dtype != inputs.dtype:
@@ -106,6 +104,10 @@ def _check_arguments(student_input, student_weight, student_bias, teacher_input,
         )
     if student_weight.shape[0] < 1:
         raise ValueError("student_weight and teacher_weight must have at least one class (C >= 1)")
+    for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if bias is not None and tuple(bias.shape) != (student_weight.shape[0],):
+            raise ValueError(f"{name} must be [C] = [{student_weight.shape[0]}], got "
+                             f"{tuple(bias.shape)}")
     rows = teacher_input.shape[0]
     if student_input.shape[-2] != rows:
         raise ValueError(
@@ -173,7 +175,11 @@ def _chunk_loss(plan: _Plan, student: torch.Tensor, teacher: torch.Tensor,
     time_input = plan.time_input
     weight = 1.0 if plan.alpha is None else plan.alpha
     accumulate = accumulation_dtype(plan.logits_dtype)
-    if plan.backend == "reference":
+    if weight == 0:  # alpha = 0: the cross-entropy alone (the kernels refuse a zero row_scale)
+        loss_rows = student.new_zeros(student.shape[1], dtype=accumulate)
+        d_student = torch.zeros_like(student) if want_student else None
+        d_teacher = torch.zeros_like(teacher) if want_teacher else None
+    elif plan.backend == "reference":
         with torch.enable_grad():
             leaves = (student.detach().requires_grad_(want_student),
                       teacher.detach().requires_grad_(want_teacher))
