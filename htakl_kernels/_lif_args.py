@@ -8,9 +8,11 @@ import torch
 
 from ._validation import check_bool, check_choice, check_float_tensor, check_real
 
-SURROGATES = ("sigmoid", "atan")
-# SpikingJelly's defaults: Sigmoid(alpha=4), ATan(alpha=2).
+# The surrogates of SPEC 3 by name, each with its default alpha (SpikingJelly's: Sigmoid(alpha=4),
+# ATan(alpha=2)). The C++ kernels (lif_math.h), the Triton kernel and the reference know the same
+# names; every other name is refused here, naming `surrogate`.
 DEFAULT_ALPHA = {"sigmoid": 4.0, "atan": 2.0}
+SURROGATES = tuple(DEFAULT_ALPHA)
 RETURN_V = (None, "last", "seq")
 
 

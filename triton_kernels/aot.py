@@ -21,9 +21,14 @@ from triton.compiler import ASTSource
 # Triton's names of the storage dtypes, as signatures spell them ("*fp32" is a float32 pointer).
 TYPE_NAMES = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16"}
 
+# The target of these compile checks: Hopper (sm_90), the card the kernels are tuned and measured
+# on. It is no build flag: at run time Triton compiles for the device at hand, and the C++
+# extension's architectures are scripts/gpu_flags.py's.
+AOT_ARCH = 90
+
 
 def compile_for_target(kernel, signature: dict[str, str], constants: dict, *, num_warps: int,
-                       arch: int = 90):
+                       arch: int = AOT_ARCH):
     """`kernel` (a triton.jit function) compiled for sm_`arch`. `signature` maps each runtime
     argument to its Triton type ("*fp32", "i64", ...); `constants` gives every constexpr."""
     signature = {**signature, **{name: "constexpr" for name in constants}}

@@ -92,13 +92,16 @@ def _lif_surrogate_grad(u, alpha, half_pi, SURROGATE: tl.constexpr):
     """SPEC 3: sg at u = H - v_threshold (half_pi comes in ACC: a literal would be float32)."""
     if SURROGATE == SURROGATE_ATAN:
         scaled = half_pi * alpha * u
-        return _div_rn(alpha * 0.5, 1 + scaled * scaled)  # alpha / 2 is exact
-    tl.static_assert(SURROGATE == SURROGATE_SIGMOID, "unknown SURROGATE")
-    # alpha e / (1 + e)^2 with e = exp(-alpha |u|), as lif_math.h writes alpha sig (1 - sig): in
-    # float32 1 - sig rounds to 0 once alpha u passes ~17, where this form keeps alpha e^(-alpha u).
-    e = tl.exp(-alpha * tl.abs(u))
-    one_plus_e = 1 + e
-    return _div_rn(alpha * e, one_plus_e * one_plus_e)
+        sg = _div_rn(alpha * 0.5, 1 + scaled * scaled)  # alpha / 2 is exact
+    else:
+        tl.static_assert(SURROGATE == SURROGATE_SIGMOID, "unknown SURROGATE")
+        # alpha e / (1 + e)^2 with e = exp(-alpha |u|), as lif_math.h writes alpha sig (1 - sig):
+        # in float32 1 - sig rounds to 0 once alpha u passes ~17, where this form keeps
+        # alpha e^(-alpha u).
+        e = tl.exp(-alpha * tl.abs(u))
+        one_plus_e = 1 + e
+        sg = _div_rn(alpha * e, one_plus_e * one_plus_e)
+    return sg
 
 
 @triton.jit

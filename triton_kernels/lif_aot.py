@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from .aot import TYPE_NAMES, compile_for_target, resource_usage
-from .lif import BLOCK, NUM_WARPS, _lif_backward_kernel, _lif_forward_kernel
+from .aot import AOT_ARCH, TYPE_NAMES, compile_for_target, resource_usage
+from .lif import BLOCK, NUM_WARPS, SURROGATE_IDS, _lif_backward_kernel, _lif_forward_kernel
 
 
 def compile_variants(storage: str, *, soft_reset: bool = False, decay_input: bool = True,
-                     detach_reset: bool = False, atan: bool = False, arch: int = 90):
+                     detach_reset: bool = False, surrogate: str = "sigmoid",
+                     arch: int = AOT_ARCH):
     """(forward, backward) compiled for sm_`arch` as the ops launch them for `storage`, with every
     optional tensor present (the membrane sequence stored, every gradient given)."""
     element = TYPE_NAMES[storage]
@@ -35,7 +36,8 @@ def compile_variants(storage: str, *, soft_reset: bool = False, decay_input: boo
                                               "grad_v_seq_ptr", "x_ptr", "v_init_ptr",
                                               "grad_x_ptr", "grad_v_init_ptr")},
          "h_ptr": f"*{state}", "alpha_in": "fp64", "half_pi_in": "fp64", **options},
-        {**common, "DETACH_RESET": detach_reset, "ATAN": atan, "HAS_GRAD_SPIKES": True,
+        {**common, "DETACH_RESET": detach_reset,
+         "SURROGATE": SURROGATE_IDS[surrogate], "HAS_GRAD_SPIKES": True,
          "HAS_GRAD_V_LAST": True, "HAS_GRAD_V_SEQ": True, "H_IN_GRAD_X": h_in_grad_x},
         num_warps=NUM_WARPS, arch=arch)
     return forward, backward
