@@ -1,4 +1,4 @@
-"""`python -m bench`: time the HTA-KL loss and LIF kernels against references and peers.
+"""`python -m bench`: time the HTA-KL loss (alone, through classifier heads) and LIF kernels.
 
 Run from the repository root. Writes `<suite>.json`, `<suite>.md` and `<suite>-time.png`,
 `<suite>-bandwidth.png` (stem `<suite>-quick` with --quick) into --out, default
@@ -24,7 +24,7 @@ import torch
 
 import htakl_kernels
 
-from . import lif_suite, loss_suite, measure, report
+from . import linear_suite, lif_suite, loss_suite, measure, report
 from .runner import run_case
 
 SUITES = {
@@ -39,6 +39,7 @@ SUITES = {
         "counted twice (written, read back) and their re-reads of x and the spikes (baselines: "
         "4 E b, so their bandwidth is the rate of useful bytes)"
     )),
+    "linear": (linear_suite, "rows", "rows N", linear_suite.DESCRIPTION),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -46,7 +47,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=("loss", "lif", "all"), default="all")
+    parser.add_argument("--suite", choices=(*SUITES, "all"), default="all")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a few small shapes (seconds on CPU)")
@@ -139,14 +140,16 @@ def main(argv=None) -> int:
     copy = measure.copy_bandwidth(device, timer, cache)
     _interrupt_on_sigterm()
     failed = interrupted = False
-    for suite in ("loss", "lif") if arguments.suite == "all" else (arguments.suite,):
+    for suite in tuple(SUITES) if arguments.suite == "all" else (arguments.suite,):
         module, x_key, x_label, byte_model = SUITES[suite]
         implementations = module.implementations(device, arguments.quick)
+        # A suite may run its cases its own way (linear: its own timer, memory in a child).
+        case_runner = getattr(module, "run_case", run_case)
         rows = []
         try:
             for case in module.cases(device, arguments.dtypes, arguments.quick):
-                rows += run_case(case, implementations, suite=suite, device=device, timer=timer,
-                                 copy_bps=copy["bytes_per_s"], cache=cache, log=_log)
+                rows += case_runner(case, implementations, suite=suite, device=device,
+                                    timer=timer, copy_bps=copy["bytes_per_s"], cache=cache, log=_log)
         except KeyboardInterrupt:
             interrupted = True
             _log(f"interrupted: writing the {suite} cases measured so far")
