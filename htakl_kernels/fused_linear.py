@@ -28,9 +28,9 @@ from ._backends import BACKENDS, kernel_ops, resolve_backend
 from ._library import accumulation_dtype
 from ._validation import (
     check_choice, check_first_order_backward, check_float_tensor, check_hta_kl_options,
-    is_real_number,
 )
 from .hta_kl import _autocast_to_common_dtype
+from .losses import _check_alpha
 
 # chunk_rows=None: the rows whose student and teacher logits together take about this many bytes
 # (CPU: below glibc's largest mmap threshold, 32 MiB, so that the freed chunk is reused by the
@@ -136,6 +136,10 @@ def _check_arguments(student_input, student_weight, student_bias, teacher_input,
                             f"[{rows}], got {getattr(labels, 'dtype', type(labels).__name__)}")
         if tuple(labels.shape) != (rows,):
             raise ValueError(f"labels must have shape [N] = [{rows}], got {tuple(labels.shape)}")
+    _check_chunk_rows(chunk_rows)
+
+
+def _check_chunk_rows(chunk_rows: object) -> None:
     if chunk_rows is not None and (
             not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be None or an int >= 1, got {chunk_rows!r}")
@@ -154,8 +158,9 @@ def _logits_dtype(student_input, student_weight, student_bias, teacher_input, te
     """The dtype the loss sees: F.linear's result type under the current autocast state (probed
     on zero rows, which costs nothing), student and teacher promoted to a common one under
     autocast as hta_kl_div does."""
-    student = F.linear(student_input.narrow(-2, 0, 0), student_weight, student_bias)
-    teacher = F.linear(teacher_input.narrow(0, 0, 0), teacher_weight, teacher_bias)
+    with torch.no_grad():
+        student = F.linear(student_input.narrow(-2, 0, 0), student_weight, student_bias)
+        teacher = F.linear(teacher_input.narrow(0, 0, 0), teacher_weight, teacher_bias)
     student, teacher = _autocast_to_common_dtype(student, teacher)
     if student.dtype != teacher.dtype:
         raise TypeError(
@@ -474,12 +479,6 @@ def fused_linear_hta_kl_div(
     )
 
 
-def _check_alpha(alpha: object) -> float:
-    if not is_real_number(alpha) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    return float(alpha)
-
-
 def fused_linear_spiking_kd_loss(
     student_input: torch.Tensor,
     student_weight: torch.Tensor,
@@ -506,6 +505,7 @@ def fused_linear_spiking_kd_loss(
 
     `labels`: int64 `[N]` class indices; rows that `row_mask` leaves out may hold anything (e.g.
     an ignore index). The cross-entropy is computed in float32 (float64 for float64 logits).
+    `alpha = 0` skips the distillation term (SpikingKDLoss computes it and multiplies by 0).
     """
     return _fused_linear_loss(
         student_input, student_weight, teacher_input, teacher_weight, student_bias=student_bias,
@@ -537,9 +537,7 @@ class FusedLinearHTAKLLoss(nn.Module):
         super().__init__()
         check_hta_kl_options(temperature, delta, time_reduction, detach_weights, reduction)
         check_choice("backend", backend, BACKENDS)
-        if chunk_rows is not None and (
-                not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1):
-            raise ValueError(f"chunk_rows must be None or an int >= 1, got {chunk_rows!r}")
+        _check_chunk_rows(chunk_rows)
         self.temperature, self.delta, self.time_reduction = temperature, delta, time_reduction
         self.detach_weights, self.reduction = detach_weights, reduction
         self.chunk_rows, self.backend = chunk_rows, backend
