@@ -97,7 +97,7 @@ class Traffic:
 
         with Traffic() as traffic:
             loss = hta_kl_div(..., group=group)
-        traffic.collectives, traffic.bytes
+        traffic.collectives, traffic.bytes, traffic.sent_bytes(group_size)
     """
 
     _active: list["Traffic"] = []
@@ -105,6 +105,13 @@ class Traffic:
     def __init__(self) -> None:
         self.collectives = 0
         self.bytes = 0
+        self.gathered_bytes = 0  # the part passed to all_gathers
+
+    def sent_bytes(self, ranks: int) -> float:
+        """What this rank sends under the ring algorithms: 2 n (P - 1) / P for an all_reduce of n
+        bytes, n (P - 1) for an all_gather of n bytes per rank."""
+        reduced = self.bytes - self.gathered_bytes
+        return 2 * reduced * (ranks - 1) / ranks + self.gathered_bytes * (ranks - 1)
 
     def __enter__(self) -> "Traffic":
         Traffic._active.append(self)
@@ -114,10 +121,12 @@ class Traffic:
         Traffic._active.remove(self)
 
     @classmethod
-    def record(cls, tensor: torch.Tensor) -> None:
+    def record(cls, tensor: torch.Tensor, gathered: bool) -> None:
+        size = tensor.numel() * tensor.element_size()
         for traffic in cls._active:
             traffic.collectives += 1
-            traffic.bytes += tensor.numel() * tensor.element_size()
+            traffic.bytes += size
+            traffic.gathered_bytes += size if gathered else 0
 
 
 class _Group:
@@ -132,14 +141,14 @@ class _Group:
 
     def all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
         moved = tensor.to(self.device).contiguous()
-        Traffic.record(moved)
+        Traffic.record(moved, gathered=False)
         dist.all_reduce(moved, op=op, group=self.group)
         return moved.to(tensor.device)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """[size, *tensor.shape], rank order."""
         moved = tensor.to(self.device).contiguous()
-        Traffic.record(moved)
+        Traffic.record(moved, gathered=True)
         gathered = moved.new_empty(self.size * moved.numel())
         dist.all_gather_single(gathered, moved.reshape(-1), group=self.group)
         return gathered.reshape(self.size, *moved.shape).to(tensor.device)
@@ -215,42 +224,56 @@ def _head(p: torch.Tensor, invalid_rows: torch.Tensor, delta: float, group: _Gro
     """SPEC 1.3 membership [R, c] of the local classes, by a radix select over the whole rows.
 
     Keys are the bit patterns of p (non-negative floats order like their bits); masses are p in
-    fixed point, so the histograms add up exactly over the ranks. `invalid_rows` (NaN rows) get an
-    empty head, as in the kernels."""
+    fixed point, so the histograms add up exactly over the ranks. The first digit runs over every
+    class; the later ones only over the classes left in the chosen buckets (gathered into a flat
+    list, in row-major order, so ascending class index within a row). `invalid_rows` (NaN rows)
+    get an empty head, as in the kernels."""
     key_bits = 31 if p.dtype == torch.float32 else 63
     integer = torch.int32 if p.dtype == torch.float32 else torch.int64
+    rows, local_classes = p.shape
     valid = ~p.isnan()
-    keys = torch.where(valid, p.view(integer).to(torch.int64), 0)
+    keys = torch.where(valid, p.view(integer), 0).to(torch.int64)
     scale = float(2 ** _MASS_BITS)
-    masses = torch.where(valid, torch.floor(p.to(torch.float64) * scale), 0).to(torch.int64)
     # mass < delta  <=>  fixed-point mass < ceil(delta * 2**62), exactly
     threshold = math.ceil(float(delta) * scale)
-    rows = p.shape[0]
     prefix = keys.new_zeros(rows)
     mass_above = keys.new_zeros(rows)
-    whole_row_in_head = None
-    remaining = key_bits
-    while remaining > 0:
-        width = min(_DIGIT_BITS, remaining)
-        shift = remaining - width
-        candidate = (keys >> remaining) == prefix.unsqueeze(1)
-        digits = (keys >> shift) & ((1 << width) - 1)
-        histogram = keys.new_zeros(rows, 1 << width).scatter_add_(
-            1, digits, torch.where(candidate, masses, 0))
+
+    def choose(histogram, width):
+        """The boundary digit of every row from the group's histogram [R, 2**width]: the highest
+        digit whose mass at or above it reaches delta."""
+        nonlocal prefix, mass_above
         histogram = group.all_reduce(histogram, dist.ReduceOp.SUM)
-        # mass at or above each digit; the boundary digit is the highest whose mass reaches delta
         at_or_above = histogram.flip(1).cumsum(1).flip(1) + mass_above.unsqueeze(1)
         reached = (at_or_above >= threshold).sum(dim=1)
-        if whole_row_in_head is None:
-            whole_row_in_head = reached == 0
-        # Later digits always reach it: the chosen bucket's exact mass is split among them.
+        # Past the first digit it is always reached: the chosen bucket's exact mass is split
+        # among its sub-buckets.
         chosen = (reached - 1).clamp(min=0).unsqueeze(1)
         mass_above = (at_or_above.gather(1, chosen) - histogram.gather(1, chosen)).squeeze(1)
         prefix = (prefix << width) | chosen.squeeze(1)
+        return reached
+
+    width = min(_DIGIT_BITS, key_bits)
+    remaining = key_bits - width
+    first_digits = keys >> remaining
+    masses = torch.floor(torch.where(valid, p, 0).to(torch.float64) * scale).to(torch.int64)
+    whole_row_in_head = choose(keys.new_zeros(rows, 1 << width).scatter_add_(1, first_digits, masses),
+                               width) == 0
+    candidate_row, candidate_class = (first_digits == prefix.unsqueeze(1)).nonzero(as_tuple=True)
+    candidate_keys = keys[candidate_row, candidate_class]
+    candidate_masses = masses[candidate_row, candidate_class]
+    while remaining > 0:
+        width = min(_DIGIT_BITS, remaining)
+        shift = remaining - width
+        still = (candidate_keys >> remaining) == prefix[candidate_row]
+        slots = candidate_row * (1 << width) + ((candidate_keys >> shift) & ((1 << width) - 1))
+        histogram = keys.new_zeros(rows << width).scatter_add_(
+            0, slots, torch.where(still, candidate_masses, 0))
+        choose(histogram.view(rows, 1 << width), width)
         remaining = shift
-    boundary = prefix.unsqueeze(1)
-    tied = (keys == boundary) & valid
-    tie_counts = group.all_gather(tied.sum(dim=1))  # [ranks, R]
+    tied = (candidate_keys == prefix[candidate_row]) & valid[candidate_row, candidate_class]
+    local_ties = keys.new_zeros(rows).index_add_(0, candidate_row, tied.to(torch.int64))
+    tie_counts = group.all_gather(local_ties)  # [ranks, R]
     tied_before = tie_counts[:group.rank].sum(dim=0)
     boundary_value = prefix.to(integer).view(p.dtype).to(torch.float64)
     boundary_mass = torch.floor(boundary_value * scale).to(torch.int64).clamp(min=1)
@@ -259,9 +282,14 @@ def _head(p: torch.Tensor, invalid_rows: torch.Tensor, delta: float, group: _Gro
     room = threshold - mass_above
     tied_in_head = (-torch.div(-room, boundary_mass, rounding_mode="floor") - 1).clamp(min=0)
     tied_in_head = torch.minimum(tied_in_head, tie_counts.sum(dim=0))
-    tie_position = tied.cumsum(dim=1) - 1 + tied_before.unsqueeze(1)
-    head = (keys > boundary) | (tied & (tie_position < tied_in_head.unsqueeze(1)))
-    head = head | whole_row_in_head.unsqueeze(1)
+    # position of each tied candidate among its row's ties on this rank (candidates are in
+    # row-major order), then among the whole row's
+    running = tied.to(torch.int64).cumsum(0)
+    row_start = torch.cumsum(local_ties, 0) - local_ties
+    position = running - 1 - row_start[candidate_row] + tied_before[candidate_row]
+    head = keys > prefix.unsqueeze(1)
+    head[candidate_row, candidate_class] |= tied & (position < tied_in_head[candidate_row])
+    head |= whole_row_in_head.unsqueeze(1)
     return head & ~invalid_rows.unsqueeze(1)
 
 
@@ -302,18 +330,19 @@ def _rows(student: torch.Tensor, teacher: torch.Tensor, group: _Group, *, temper
     head = _head(p, log_sums[0].isnan(), delta, group)
     distance = (p - q).abs()
     sign = torch.sign(q - p)
-    zero = torch.zeros_like(distance)
-    sums = [
-        torch.where(head, distance, zero).sum(-1), torch.where(head, zero, distance).sum(-1),
-        _where_positive(p, p * (log_p - log_q)).sum(-1), _where_positive(q, q * (log_q - log_p)).sum(-1),
-        torch.where(head, q * sign, zero).sum(-1), torch.where(head, zero, q * sign).sum(-1),
-        torch.where(head, p * sign, zero).sum(-1), torch.where(head, zero, p * sign).sum(-1),
-    ]
+    # Head and tail sums of the split quantities in one batched product with [head, tail] masks
+    # (x * 1 and x * 0 are exact, so each sum holds exactly its side's terms).
+    split = [distance, q * sign, p * sign]
     if prob_mean:
-        signed_steps = q_steps * sign
+        split += list(q_steps * sign)
+    head_f = head.to(acc)
+    sides = torch.bmm(torch.stack(split, dim=1), torch.stack([head_f, 1 - head_f], dim=2))
+    sums = [sides[:, 0, 0], sides[:, 0, 1],
+            _where_positive(p, p * (log_p - log_q)).sum(-1), _where_positive(q, q * (log_q - log_p)).sum(-1),
+            sides[:, 1, 0], sides[:, 1, 1], sides[:, 2, 0], sides[:, 2, 1]]
+    if prob_mean:
         sums += [(p * ratio).sum(-1), _where_positive(q_steps, q_steps * (log_q - log_p + 1)).sum(-1),
-                 torch.where(head, signed_steps, zero).sum(-1),
-                 torch.where(head, zero, signed_steps).sum(-1)]
+                 sides[:, 3:, 0].T, sides[:, 3:, 1].T]
     totals = group.all_reduce(torch.cat([s.reshape(-1, p.shape[0]) for s in sums]).T.contiguous(),
                               dist.ReduceOp.SUM).T
     d_head, d_tail, fkl, rkl, q_head, q_tail, p_head, p_tail = totals[:8]
