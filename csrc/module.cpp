@@ -1,5 +1,5 @@
 // The Python module htakl_kernels._C. The op schemas are defined once, in Python
-// (htakl_kernels/_ops.py, before this module is imported); the C++ files that implement them
+// (htakl_kernels/_library.py, before this module is imported); the C++ files that implement them
 // register their kernels with TORCH_LIBRARY_IMPL(htakl, <device>, ...). This file only makes the
 // shared library importable and reports how it was built. Plain Python C API, no pybind11:
 // it keeps this translation unit cheap to compile.

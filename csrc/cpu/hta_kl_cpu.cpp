@@ -1,5 +1,5 @@
-// Fused CPU kernel for htakl::hta_kl_fused (contract: htakl_kernels/hta_kl.py; math: docs/SPEC.md
-// sections 1 and 2, per element in csrc/hta_kl_math.h).
+// Fused CPU kernel for htakl::hta_kl_fused (contract: htakl_kernels/_ops/hta_kl.py; math:
+// docs/SPEC.md sections 1 and 2, per element in csrc/hta_kl_math.h).
 //
 // One row at a time, rows in parallel, in the four passes of docs/ARCHITECTURE.md:
 //   1. softmax statistics: max of the teacher and of the student logits (per time step for

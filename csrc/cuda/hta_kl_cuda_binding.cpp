@@ -1,7 +1,7 @@
-// CUDA implementation of the op htakl::hta_kl_fused (contract: htakl_kernels/hta_kl.py; schema:
-// htakl_kernels/_ops.py). Checks the arguments (hta_kl_op.h), allocates the outputs and calls the
-// torch-free launcher (hta_kl_cuda.h) on the current stream. Compiled only when the extension is
-// built with CUDA (setup.py).
+// CUDA implementation of the op htakl::hta_kl_fused (contract: htakl_kernels/_ops/hta_kl.py;
+// schema: htakl_kernels/_library.py). Checks the arguments (hta_kl_op.h), allocates the outputs
+// and calls the torch-free launcher (hta_kl_cuda.h) on the current stream. Compiled only when the
+// extension is built with CUDA (setup.py).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
