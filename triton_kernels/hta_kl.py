@@ -6,16 +6,29 @@ step 3). One program per row, one launch per call. The per-element formulas mirr
 one decomposition: softmax normalisers, a sort-free head boundary, one statistics pass gathering
 every per-row sum, then one gradient pass.
 
+Arithmetic. Logits are scaled once by log2(e) / tau, so every softmax is an exp2 and every
+normaliser a base-2 log-sum-exp: log2 p = a log2(e) / tau - lse2, formed by one fused multiply-add
+wherever it is needed, so each pass computes bit-identical probabilities and the head membership
+found by the selection is exactly the one the later passes see. Natural logs are log2 values
+times ln 2; no log is taken per class except one of the step mean for prob_mean
+(`_log2_step_mean`).
+
 Two layouts of the same passes, chosen per call by the row length:
-  * on chip (C <= `on_chip_limit`, default ON_CHIP_LIMIT): the scaled teacher logits and the
-    student's (mean) logits, or its log q for prob_mean, stay in registers: the teacher and a 2-D or
-    logit_mean student are read once; a prob_mean student is read in pass 1 (normalisers and log q),
-    in the statistics pass (per-step sums) and in the gradient pass. The head boundary is a
-    1-bit-per-step bisection over the probability bits held on chip.
+  * on chip (C <= `on_chip_limit`, default ON_CHIP_LIMIT): the teacher's log2 p and the student's
+    (mean) log2 q stay in registers: the teacher and a 2-D or logit_mean student are read once;
+    a prob_mean student is read in pass 1 (normalisers and log q), in the statistics pass (per-step
+    sums) and in the gradient pass. The head boundary is a bisection over the probability keys
+    held on chip.
   * chunked (longer rows): every pass streams the row in chunks of `chunk` classes and keeps only
-    per-row scalars and per-time-step vectors between passes, so the extra memory is O(rows); the
-    head boundary is a radix select, RADIX_BITS bits of the probability per pass over the teacher
-    (8 passes for float32 math, 16 for float64).
+    per-row scalars and per-time-step vectors between passes. The head boundary: one histogram
+    pass over the teacher narrows the boundary to one octave of probabilities (repeated on the
+    boundary bucket while it holds more than a chunk of classes), one pass copies that bucket's
+    keys into a per-row workspace of one chunk, and the bisection runs on them there.
+
+Head selection (SPEC 1.3). The keys are the bit patterns of p (non-negative floats order like
+their bits); masses are p in fixed point (2^-30 units for float32 math in int32, 2^-62 for float64
+in int64), so every mass sum is exact and independent of its order, and a bucket's mass is exactly
+the sum of its sub-buckets': every round of the selection agrees with every other.
 
 The gradients are computed in the forward launch (the op's contract): the backward only scales
 them by the incoming per-row gradient, so there is no second read of the inputs in the backward.
@@ -34,19 +47,19 @@ from .._ops.hta_kl import register_hta_kl_op
 
 # Rows up to this many classes are held on chip (a power of two). A parameter of `launch_hta_kl`
 # so tests can force the chunked path with small rows. Sized by ptxas' register report for sm_90
-# (compiled without a GPU): the on-chip layout keeps about eight per-class vectors live (the
-# compiler reuses p, q, log p, log q, the head mask across passes), so 8 classes per thread fit in
-# 128 registers without spilling (4096 classes, 16 warps), while 8192 classes spill even at 32
-# warps (64 registers, 528 bytes of spill per thread).
+# (hta_kl_aot.py, compiled without a GPU).
 ON_CHIP_LIMIT = 4096
 # Class counts (ties, cumulative sums) are int32.
 MAX_CLASSES = 2**31 - 1
-# Classes per chunk of the chunked path (16 warps: 112 registers, no spill), and per sub-block of
-# its radix-select passes (the radix pass broadcasts each sub-block against 2**RADIX_BITS
-# candidate digits).
+# Classes per chunk of the chunked path, which is also the capacity of its per-row workspace of
+# boundary candidates; and per sub-block of its histogram passes, which broadcast each sub-block
+# against 2**RADIX_BITS thresholds (the first pass: octaves of p; later ones: RADIX_BITS bits of
+# the key each).
 CHUNK = 4096
-RADIX_BLOCK = 512
+RADIX_BLOCK = 256
 RADIX_BITS = 4
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -81,9 +94,10 @@ def _grad_student_softmax(lam_h, lam_t, fkl, rkl, grad_scale, p, log_p, q, log_q
 
 
 @triton.jit
-def _prob_ratio(q_t, log_q_t, log_q):
-    """q_tk / q_k in [0, T], as exp(log q_tk - log q_k), zero where q_tk is."""
-    return tl.where(q_t > 0, tl.exp(log_q_t - log_q), 0.0)
+def _prob_ratio(log2_q_t, log2_q):
+    """q_tk / q_k in [0, T], as exp2(log2 q_tk - log2 q_k), zero where q_tk is. Zero means a
+    log of -inf, not a q_tk that underflowed: the ratio of two tiny probabilities is not small."""
+    return tl.where(log2_q_t > NEG_INF, tl.exp2(log2_q_t - log2_q), 0.0)
 
 
 @triton.jit
@@ -100,63 +114,159 @@ def _grad_teacher(lam_h, lam_t, fkl, rkl, grad_scale, p, log_p, q, log_q, dl, su
 
 
 # ---------------------------------------------------------------------------------------------
-# Loads and normalisers.
+# Loads and normalisers (base 2: `scale` is log2(e) / tau).
 
 
 @triton.jit
-def _scaled_logits(ptr, offs, mask, tau, ACC: tl.constexpr):
-    """x / tau in the accumulation type; -inf outside the row (probability exactly 0 there)."""
-    x = tl.load(ptr + offs, mask=mask, other=0.0).to(ACC) / tau
-    return tl.where(mask, x, NEG_INF)
+def _logits(ptr, offs, mask, ACC: tl.constexpr):
+    """Logits in the accumulation type; -inf outside the row (probability exactly 0 there)."""
+    return tl.load(ptr + offs, mask=mask, other=float("-inf")).to(ACC)
 
 
 @triton.jit
-def _mean_scaled_logits(student_row, slice_stride, steps, offs, mask, tau, ACC: tl.constexpr):
-    """SPEC 1.2 (logit_mean, and the plain softmax for T = 1): mean_t(z_t) / tau."""
-    total = tl.load(student_row + offs, mask=mask, other=0.0).to(ACC)
+def _log2_softmax(x, scale, lse2):
+    """log2 of a softmax: x log2(e) / tau - lse2 in one rounding. Every pass forms it this way,
+    so the probabilities, and the head membership they decide, are the same in every pass."""
+    return tl.fma(x, scale, -lse2)
+
+
+@triton.jit
+def _logit_sum(student_row, slice_stride, steps, offs, mask, ACC: tl.constexpr):
+    """sum_t z_t (the plain logits for T = 1); the caller scales by 1/T."""
+    total = _logits(student_row, offs, mask, ACC)
     for t in range(1, steps):
-        total += tl.load(student_row + t * slice_stride + offs, mask=mask, other=0.0).to(ACC)
-    return tl.where(mask, total / steps / tau, NEG_INF)
+        total += _logits(student_row + t * slice_stride, offs, mask, ACC)
+    return total
 
 
 @triton.jit
-def _lse_combine(running_max, running_sum, x):
-    """Online logsumexp over a row: merge the chunk x into (max, sum of exp(. - max)).
+def _lse2_combine(running_max, running_sum, s):
+    """Online base-2 logsumexp over a row: merge the chunk s into (max, sum of exp2(. - max)).
 
-    An all -inf prefix keeps (−inf, 0) instead of producing NaN, so the result is
-    max + log(sum): -inf for an all -inf row (whose softmax is NaN, like the reference's).
+    An all -inf prefix keeps (-inf, 0) instead of producing NaN, so the result is
+    max + log2(sum): -inf for an all -inf row (whose softmax is NaN, like the reference's).
     """
-    new_max = tl.maximum(running_max, tl.max(x, 0))
+    new_max = tl.maximum(running_max, tl.max(s, 0))
     shift = tl.where(new_max == NEG_INF, 0.0, new_max)
-    new_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), 0)
+    new_sum = running_sum * tl.exp2(running_max - shift) + tl.sum(tl.exp2(s - shift), 0)
     return new_max, new_sum
 
 
 @triton.jit
-def _lse_accumulate(running_max, running_sum, x):
-    """Elementwise online logsumexp (over time steps, per class)."""
-    new_max = tl.maximum(running_max, x)
-    shift = tl.where(new_max == NEG_INF, 0.0, new_max)
-    new_sum = running_sum * tl.exp(running_max - shift) + tl.exp(x - shift)
-    return new_max, new_sum
+def _pick(values, ids, i):
+    """values[i] of a small vector."""
+    return tl.sum(tl.where(ids == i, values, 0), 0)
 
 
 @triton.jit
-def _pick(values, step_ids, t):
-    """values[t] of a small per-time-step vector."""
-    return tl.sum(tl.where(step_ids == t, values, 0.0), 0)
+def _step_log2_prob(student_row, slice_stride, t, offs, mask, scale, lse2_steps, step_ids,
+                    ACC: tl.constexpr):
+    """log2 q_t of one time step (SPEC 1.2)."""
+    x = _logits(student_row + t * slice_stride, offs, mask, ACC)
+    return _log2_softmax(x, scale, _pick(lse2_steps, step_ids, t))
 
 
 @triton.jit
-def _prob_mean_log_q(student_row, slice_stride, steps, offs, mask, tau, lse_steps, step_ids,
-                     log_steps, ACC: tl.constexpr):
-    """SPEC 1.2 (prob_mean): log q = logsumexp_t(log_softmax(z_t / tau)) - log T."""
-    run_max = tl.full(offs.shape, NEG_INF, ACC)
-    run_sum = tl.zeros(offs.shape, ACC)
+def _log2_step_mean(total, top, student_row, slice_stride, steps, offs, mask, scale, lse2_steps,
+                    step_ids, log2_steps, TINY: tl.constexpr, ACC: tl.constexpr):
+    """SPEC 1.2 (prob_mean): log2 q = log2(sum_t q_t) - log2 T from the sum of the steps' q_t
+    (`total`) and the largest log2 q_t (`top`). Where every step's q_t underflows (a class the
+    student all but rules out; the loss may still need its log q), the chunk's steps are summed
+    again relative to `top`, as logsumexp does: rare, and exact either way."""
+    log2_total = tl.log2(total)
+    small = mask & (total < TINY) & (top > NEG_INF)
+    if tl.max(small.to(tl.int32), 0) > 0:
+        rescaled = tl.zeros(offs.shape, ACC)
+        for t in range(steps):
+            u = _step_log2_prob(student_row, slice_stride, t, offs, mask, scale, lse2_steps,
+                                step_ids, ACC)
+            rescaled += tl.exp2(u - top)
+        log2_total = tl.where(small, top + tl.log2(rescaled), log2_total)
+    return log2_total - log2_steps
+
+
+@triton.jit
+def _prob_mean_log2q(student_row, slice_stride, steps, offs, mask, scale, lse2_steps, step_ids,
+                     log2_steps, TINY: tl.constexpr, ACC: tl.constexpr):
+    """log2 q of a chunk for prob_mean, from pass 1's per-step normalisers."""
+    total = tl.zeros(offs.shape, ACC)
+    top = tl.full(offs.shape, NEG_INF, ACC)
     for t in range(steps):
-        x = _scaled_logits(student_row + t * slice_stride, offs, mask, tau, ACC)
-        run_max, run_sum = _lse_accumulate(run_max, run_sum, x - _pick(lse_steps, step_ids, t))
-    return run_max + tl.log(run_sum) - log_steps
+        u = _step_log2_prob(student_row, slice_stride, t, offs, mask, scale, lse2_steps, step_ids,
+                            ACC)
+        total += tl.exp2(u)
+        top = tl.maximum(top, u)
+    return _log2_step_mean(total, top, student_row, slice_stride, steps, offs, mask, scale,
+                           lse2_steps, step_ids, log2_steps, TINY, ACC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Head selection (SPEC 1.3) over integer keys and fixed-point masses.
+
+
+@triton.jit
+def _keys_and_masses(p, mask, KEY: tl.constexpr, MASS: tl.constexpr, KEY_END: tl.constexpr,
+                     FIXED_ONE: tl.constexpr):
+    """Each class's key (the bits of p; -1 outside the row or for a NaN p, which has no place in
+    the order: its row's results are NaN whatever the membership) and its mass in fixed point."""
+    bits = p.to(KEY, bitcast=True)
+    valid = mask & (bits < KEY_END)
+    key = tl.where(valid, bits, -1)
+    mass = tl.where(valid, (tl.where(valid, p, 0.0) * FIXED_ONE + 0.5).to(MASS), 0)
+    return key, mass
+
+
+@triton.jit
+def _mass_of_keys(keys, ACC: tl.constexpr, MASS: tl.constexpr, FIXED_ONE: tl.constexpr):
+    """The fixed-point masses of valid keys (zero for the -1 of an empty slot)."""
+    p = tl.where(keys >= 0, keys, 0).to(ACC, bitcast=True)
+    return tl.where(keys >= 0, (p * FIXED_ONE + 0.5).to(MASS), 0)
+
+
+@triton.jit
+def _bisect(keys, masses, lo, hi, mass_above, delta_fixed, TOP_BIT: tl.constexpr):
+    """The largest key c in [lo, hi) whose mass at or above (plus `mass_above`, the mass at or
+    above hi) reaches delta, given that lo's does: its bits are set from the top, keeping a bit
+    while the mass still reaches delta. `keys` holds every key of [lo, hi)."""
+    c = lo
+    bit = tl.full([], 1 << TOP_BIT, lo.dtype)
+    for _ in range(TOP_BIT + 1):
+        candidate = c + bit
+        mass = mass_above + tl.sum(tl.where(keys >= candidate, masses, 0), 0)
+        c = tl.where((candidate < hi) & (mass >= delta_fixed), candidate, c)
+        bit = bit >> 1
+    return c
+
+
+@triton.jit
+def _chunked_keys(teacher_row, offs, classes, scale, lse2_p, ACC: tl.constexpr,
+                  KEY: tl.constexpr, MASS: tl.constexpr, KEY_END: tl.constexpr,
+                  FIXED_ONE: tl.constexpr):
+    mask = offs < classes
+    p = tl.exp2(_log2_softmax(_logits(teacher_row, offs, mask, ACC), scale, lse2_p))
+    return _keys_and_masses(p, mask, KEY, MASS, KEY_END, FIXED_ONE)
+
+
+@triton.jit
+def _histogram_round(teacher_row, classes, scale, lse2_p, lo, hi, thresholds,
+                     RADIX_BLOCK: tl.constexpr, ACC: tl.constexpr, KEY: tl.constexpr,
+                     MASS: tl.constexpr, KEY_END: tl.constexpr, FIXED_ONE: tl.constexpr):
+    """One pass over the teacher: for each of the ascending `thresholds` (the first is lo), the
+    mass and the count of the keys in [threshold, hi)."""
+    radix_lanes = tl.arange(0, RADIX_BLOCK)
+    masses = tl.zeros(thresholds.shape, MASS)
+    counts = tl.zeros(thresholds.shape, tl.int32)
+    for start in range(0, classes, RADIX_BLOCK):
+        key, mass = _chunked_keys(teacher_row, start + radix_lanes, classes, scale, lse2_p, ACC,
+                                  KEY, MASS, KEY_END, FIXED_ONE)
+        hit = (key[:, None] >= thresholds[None, :]) & (key < hi)[:, None]
+        masses += tl.sum(tl.where(hit, mass[:, None], 0), 0)
+        counts += tl.sum(hit.to(tl.int32), 0)
+    return masses, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Passes 3 and 4: one chunk of the row as they see it.
 
 
 @triton.jit
@@ -187,35 +297,36 @@ def _tied_head_count(mass_above, boundary, tied_count, delta):
 
 
 @triton.jit
-def _chunk_distributions(row_mask, log_p_tile, log_q_tile, teacher_row, student_row, slice_stride,
-                         steps, classes, offs, tau, lse_p, lse_q, lse_steps, step_ids, log_steps,
-                         boundary_bits, tied_head, tied_seen, all_head, ON_CHIP: tl.constexpr,
-                         PROB_MEAN: tl.constexpr, ACC: tl.constexpr, BITS: tl.constexpr):
-    """One chunk of the row as passes 3 and 4 see it (SPEC 1.1-1.3): its mask, log p, log q, p, q
-    and head mask, and the updated count of tied classes seen (`_head_mask`).
+def _chunk_distributions(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row,
+                         slice_stride, steps, classes, offs, scale, scale_q, lse2_p, lse2_q,
+                         lse2_steps, step_ids, log2_steps, boundary_bits, tied_head, tied_seen,
+                         all_head, ON_CHIP: tl.constexpr, PROB_MEAN: tl.constexpr,
+                         TINY: tl.constexpr, ACC: tl.constexpr, KEY: tl.constexpr):
+    """One chunk of the row as passes 3 and 4 see it (SPEC 1.1-1.3): its mask, log2 q, log p,
+    log q, p, q and head mask, and the updated count of tied classes seen (`_head_mask`).
 
-    On chip the row is one chunk and its log-probabilities are the tiles, nothing is reloaded;
+    On chip the row is one chunk and its log2-probabilities are the tiles, nothing is reloaded;
     chunked, the chunk is reloaded and normalised with pass 1's normalisers (then `row_mask`,
-    `log_p_tile` and `log_q_tile` are None: that layout has no tiles).
+    `log2_p_tile` and `log2_q_tile` are None: that layout has no tiles).
     """
     if ON_CHIP:
         mask = row_mask
-        log_p = log_p_tile
-        log_q = log_q_tile
+        log2_p = log2_p_tile
+        log2_q = log2_q_tile
     else:
         mask = offs < classes
-        log_p = _scaled_logits(teacher_row, offs, mask, tau, ACC) - lse_p
+        log2_p = _log2_softmax(_logits(teacher_row, offs, mask, ACC), scale, lse2_p)
         if PROB_MEAN:
-            log_q = _prob_mean_log_q(student_row, slice_stride, steps, offs, mask, tau, lse_steps,
-                                     step_ids, log_steps, ACC)
+            log2_q = _prob_mean_log2q(student_row, slice_stride, steps, offs, mask, scale,
+                                      lse2_steps, step_ids, log2_steps, TINY, ACC)
         else:
-            log_q = _mean_scaled_logits(student_row, slice_stride, steps, offs, mask, tau,
-                                        ACC) - lse_q
-    p = tl.exp(log_p)
-    q = tl.exp(log_q)
-    head, tied_seen = _head_mask(p.to(BITS, bitcast=True), mask, boundary_bits, tied_head,
+            log2_q = _log2_softmax(_logit_sum(student_row, slice_stride, steps, offs, mask, ACC),
+                                   scale_q, lse2_q)
+    p = tl.exp2(log2_p)
+    q = tl.exp2(log2_q)
+    head, tied_seen = _head_mask(p.to(KEY, bitcast=True), mask, boundary_bits, tied_head,
                                  tied_seen, all_head)
-    return mask, log_p, log_q, p, q, head, tied_seen
+    return mask, log2_q, log2_p * LN2, log2_q * LN2, p, q, head, tied_seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,21 +335,27 @@ def _chunk_distributions(row_mask, log_p_tile, log_q_tile, teacher_row, student_
 
 @triton.jit
 def _hta_kl_kernel(
-    student_ptr, teacher_ptr, loss_ptr, d_student_ptr, d_teacher_ptr,
+    student_ptr, teacher_ptr, loss_ptr, d_student_ptr, d_teacher_ptr, workspace_ptr,
     # float64 arguments (a plain Python float would be passed as float32): exact for float64 math.
     temperature: tl.float64, head_mass: tl.float64, row_scale_in: tl.float64,
-    steps, classes, slice_stride,
-    PROB_MEAN: tl.constexpr, STEPS_PAD: tl.constexpr, ON_CHIP: tl.constexpr,
-    BLOCK: tl.constexpr, RADIX_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
+    head_mass_fixed, steps, classes, slice_stride,
+    PROB_MEAN: tl.constexpr, TWO_D: tl.constexpr, STEPS_PAD: tl.constexpr, ON_CHIP: tl.constexpr,
+    BLOCK: tl.constexpr, RADIX_BLOCK: tl.constexpr, RADIX_BUCKETS: tl.constexpr,
     DETACH: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
-    ACC: tl.constexpr, BITS: tl.constexpr, TOP_BIT: tl.constexpr,
+    ACC: tl.constexpr, KEY: tl.constexpr, MASS: tl.constexpr, TOP_BIT: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr, FIXED_ONE: tl.constexpr, TINY: tl.constexpr,
 ):
+    if TWO_D:
+        steps = 1  # the student is one slice: the loops over time steps vanish at compile time
     # 64-bit offsets: the row index is widened before it multiplies the row length.
     row = tl.program_id(0).to(tl.int64)
     teacher_row = teacher_ptr + row * classes
     student_row = student_ptr + row * classes
-    tau = (tl.zeros([], tl.float64) + temperature).to(ACC)
+    tau64 = tl.zeros([], tl.float64) + temperature
+    tau = tau64.to(ACC)
+    scale = (tl.full([], LOG2E, tl.float64) / tau64).to(ACC)
     delta = (tl.zeros([], tl.float64) + head_mass).to(ACC)
+    delta_fixed = (tl.zeros([], tl.int64) + head_mass_fixed).to(MASS)
     inv_tau = 1.0 / tau
     # The row's weight in the reduction that follows (csrc HtaKlOptions::row_scale): the loss row
     # and every gradient carry it, the gradients through grad_scale = row_scale / tau.
@@ -246,125 +363,140 @@ def _hta_kl_kernel(
     grad_scale = row_scale * inv_tau
     steps_acc = tl.zeros([], ACC) + steps
     inv_steps = 1.0 / steps_acc
-    log_steps = tl.log(steps_acc)
+    log2_steps = tl.log2(steps_acc)
+    # logit_mean: softmax(mean_t z_t / tau), from the sum of the steps' logits.
+    scale_q = scale * inv_steps
     # Widened here, so that t * slice_stride cannot overflow for T * R * C >= 2**31.
     slice_stride = tl.zeros([], tl.int64) + slice_stride
     lanes = tl.arange(0, BLOCK)
     step_ids = tl.arange(0, STEPS_PAD)
     zero = tl.zeros([], ACC)
 
-    # ---- Pass 1, SPEC 1.1-1.2: softmax normalisers (online logsumexp over chunks). ----------
+    # ---- Pass 1, SPEC 1.1-1.2: softmax normalisers (online base-2 logsumexp over chunks). ----
     p_max, p_sum = zero + NEG_INF, zero
     q_max, q_sum = zero + NEG_INF, zero
     steps_max = tl.zeros([STEPS_PAD], ACC) + NEG_INF
     steps_sum = tl.zeros([STEPS_PAD], ACC)
     if ON_CHIP:
         row_mask = lanes < classes
-        teacher_tile = _scaled_logits(teacher_row, lanes, row_mask, tau, ACC)
-        p_max, p_sum = _lse_combine(p_max, p_sum, teacher_tile)
+        teacher_tile = _logits(teacher_row, lanes, row_mask, ACC)
+        p_max, p_sum = _lse2_combine(p_max, p_sum, teacher_tile * scale)
         if PROB_MEAN:
-            # Each step's slice is read once here and its log-probabilities folded into log q.
-            run_max = tl.zeros([BLOCK], ACC) + NEG_INF
-            run_sum = tl.zeros([BLOCK], ACC)
+            # Each step's slice is read once here and its probabilities summed into q.
+            total = tl.zeros([BLOCK], ACC)
+            top = tl.full([BLOCK], NEG_INF, ACC)
             for t in range(steps):
-                x = _scaled_logits(student_row + t * slice_stride, lanes, row_mask, tau, ACC)
-                t_max, t_sum = _lse_combine(zero + NEG_INF, zero, x)
+                x = _logits(student_row + t * slice_stride, lanes, row_mask, ACC)
+                t_max, t_sum = _lse2_combine(zero + NEG_INF, zero, x * scale)
                 steps_max = tl.where(step_ids == t, t_max, steps_max)
                 steps_sum = tl.where(step_ids == t, t_sum, steps_sum)
-                run_max, run_sum = _lse_accumulate(run_max, run_sum, x - (t_max + tl.log(t_sum)))
-            log_q_tile = run_max + tl.log(run_sum) - log_steps
+                u = _log2_softmax(x, scale, t_max + tl.log2(t_sum))
+                total += tl.exp2(u)
+                top = tl.maximum(top, u)
         else:
-            student_tile = _mean_scaled_logits(student_row, slice_stride, steps, lanes, row_mask,
-                                               tau, ACC)
-            q_max, q_sum = _lse_combine(q_max, q_sum, student_tile)
+            student_tile = _logit_sum(student_row, slice_stride, steps, lanes, row_mask, ACC)
+            q_max, q_sum = _lse2_combine(q_max, q_sum, student_tile * scale_q)
     else:
         for start in range(0, classes, BLOCK):
             offs = start + lanes
             mask = offs < classes
-            p_max, p_sum = _lse_combine(
-                p_max, p_sum, _scaled_logits(teacher_row, offs, mask, tau, ACC))
+            p_max, p_sum = _lse2_combine(p_max, p_sum,
+                                         _logits(teacher_row, offs, mask, ACC) * scale)
             if PROB_MEAN:
                 for t in range(steps):
-                    x = _scaled_logits(student_row + t * slice_stride, offs, mask, tau, ACC)
-                    t_max, t_sum = _lse_combine(_pick(steps_max, step_ids, t),
-                                                _pick(steps_sum, step_ids, t), x)
+                    x = _logits(student_row + t * slice_stride, offs, mask, ACC)
+                    t_max, t_sum = _lse2_combine(_pick(steps_max, step_ids, t),
+                                                 _pick(steps_sum, step_ids, t), x * scale)
                     steps_max = tl.where(step_ids == t, t_max, steps_max)
                     steps_sum = tl.where(step_ids == t, t_sum, steps_sum)
             else:
-                q_max, q_sum = _lse_combine(
+                q_max, q_sum = _lse2_combine(
                     q_max, q_sum,
-                    _mean_scaled_logits(student_row, slice_stride, steps, offs, mask, tau, ACC))
-    lse_p = p_max + tl.log(p_sum)
-    lse_q = q_max + tl.log(q_sum)
-    lse_steps = steps_max + tl.log(steps_sum)
+                    _logit_sum(student_row, slice_stride, steps, offs, mask, ACC) * scale_q)
+    lse2_p = p_max + tl.log2(p_sum)
+    lse2_q = q_max + tl.log2(q_sum)
+    lse2_steps = steps_max + tl.log2(steps_sum)
     if ON_CHIP:
-        # The row's log-probabilities stay on chip for passes 2-4.
-        log_p_tile = teacher_tile - lse_p
-        if not PROB_MEAN:
-            log_q_tile = student_tile - lse_q
+        # The row's log2-probabilities stay on chip for passes 2-4.
+        log2_p_tile = _log2_softmax(teacher_tile, scale, lse2_p)
+        if PROB_MEAN:
+            log2_q_tile = _log2_step_mean(total, top, student_row, slice_stride, steps, lanes,
+                                          row_mask, scale, lse2_steps, step_ids, log2_steps, TINY,
+                                          ACC)
+        else:
+            log2_q_tile = _log2_softmax(student_tile, scale_q, lse2_q)
     else:
         # No tiles: passes 3 and 4 reload each chunk (_chunk_distributions).
         row_mask = None
-        log_p_tile = None
-        log_q_tile = None
+        log2_p_tile = None
+        log2_q_tile = None
 
-    # ---- Pass 2, SPEC 1.3: the head boundary w by selection on the probability bits. ---------
-    # Non-negative floats order like their bit patterns. w is the largest value whose mass at or
-    # above it reaches delta; build its bits from the top, keeping a bit when the mass at or
-    # above the candidate still reaches delta.
-    boundary_bits = tl.zeros([], BITS)
+    # ---- Pass 2, SPEC 1.3: the head boundary w by selection on the probability keys. ---------
+    # w is the largest key whose mass at or above reaches delta. [lo, hi) brackets it; mass_above
+    # is the mass at or above hi.
+    KEY_END: tl.constexpr = 1 << (TOP_BIT + 1)  # the key of 2.0: above every probability
+    lo = tl.zeros([], KEY)
+    hi = tl.full([], KEY_END, KEY)
+    mass_above = tl.zeros([], MASS)
     if ON_CHIP:
-        p_tile = tl.exp(log_p_tile)
-        bits_tile = p_tile.to(BITS, bitcast=True)
-        bit = tl.full([], 1 << TOP_BIT, BITS)  # p <= 1: no higher bit is ever set
-        for _ in range(TOP_BIT + 1):
-            candidate = boundary_bits | bit
-            mass = tl.sum(tl.where(bits_tile >= candidate, p_tile, 0.0), 0)
-            boundary_bits = tl.where(mass >= delta, candidate, boundary_bits)
-            bit = bit >> 1
+        keys, masses = _keys_and_masses(tl.exp2(log2_p_tile), row_mask, KEY, MASS, KEY_END,
+                                        FIXED_ONE)
+        total_mass = tl.sum(masses, 0)
     else:
-        # Radix select: RADIX_BITS bits per pass over the row, all 2**RADIX_BITS candidate digits
-        # tested at once. Digits are compared on (bits >> shift), which cannot overflow.
-        NUM_BITS: tl.constexpr = BITS.primitive_bitwidth
-        digits = tl.arange(0, 1 << RADIX_BITS).to(BITS)
-        radix_lanes = tl.arange(0, RADIX_BLOCK)
-        shift = tl.full([], NUM_BITS, BITS)
-        for _ in range(NUM_BITS // RADIX_BITS):
-            shift -= RADIX_BITS
-            candidates = (boundary_bits >> shift) + digits
-            masses = tl.zeros([1 << RADIX_BITS], ACC)
-            for start in range(0, classes, RADIX_BLOCK):
-                offs = start + radix_lanes
-                mask = offs < classes
-                p = tl.exp(_scaled_logits(teacher_row, offs, mask, tau, ACC) - lse_p)
-                high = p.to(BITS, bitcast=True) >> shift
-                masses += tl.sum(tl.where(high[:, None] >= candidates[None, :], p[:, None], 0.0),
-                                 0)
-            # The masses shrink as the digit grows: the count of digits > 0 that still reach
-            # delta is the largest such digit.
-            chosen = tl.sum(((masses >= delta) & (digits > 0)).to(BITS), 0)
-            boundary_bits = boundary_bits + (chosen << shift)
+        # Histogram rounds, each one pass over the teacher: the first in octaves below the
+        # largest probability (p_max's exponent; the lowest bucket takes the rest), the next ones
+        # splitting the chosen bucket evenly, until it holds at most a chunk of classes.
+        buckets = tl.arange(0, RADIX_BUCKETS)
+        p_top = tl.exp2(p_max - lse2_p).to(KEY, bitcast=True)
+        top_exponent = tl.minimum(tl.maximum(p_top >> MANTISSA_BITS, 0), KEY_END >> MANTISSA_BITS)
+        octaves = tl.maximum(top_exponent - (RADIX_BUCKETS - 1) + buckets, 0).to(KEY)
+        thresholds = tl.where(buckets == 0, 0, octaves << MANTISSA_BITS).to(KEY)
+        masses_at, counts_at = _histogram_round(teacher_row, classes, scale, lse2_p, lo, hi,
+                                                thresholds, RADIX_BLOCK, ACC, KEY, MASS, KEY_END,
+                                                FIXED_ONE)
+        total_mass = _pick(masses_at, buckets, 0)
+        candidates = classes
+        keep_going = total_mass >= delta_fixed
+        while keep_going:
+            # The masses decrease along the thresholds: the last one reaching delta bounds w.
+            chosen = tl.sum((mass_above + masses_at >= delta_fixed).to(tl.int32), 0) - 1
+            lo = _pick(thresholds, buckets, chosen).to(KEY)
+            hi = tl.where(chosen + 1 < RADIX_BUCKETS, _pick(thresholds, buckets, chosen + 1),
+                          hi).to(KEY)
+            above = _pick(masses_at, buckets, chosen + 1).to(MASS)
+            candidates = _pick(counts_at, buckets, chosen) - _pick(counts_at, buckets, chosen + 1)
+            mass_above += above
+            keep_going = (candidates > BLOCK) & (hi - lo > 1)
+            if keep_going:
+                width = (hi - lo + RADIX_BUCKETS - 1) // RADIX_BUCKETS
+                thresholds = tl.minimum(lo + buckets * width, hi).to(KEY)
+                masses_at, counts_at = _histogram_round(teacher_row, classes, scale, lse2_p, lo,
+                                                        hi, thresholds, RADIX_BLOCK, ACC, KEY,
+                                                        MASS, KEY_END, FIXED_ONE)
+        # The bucket's keys into the row's workspace, in class order.
+        workspace_row = workspace_ptr + tl.program_id(0).to(tl.int64) * BLOCK
+        written = tl.zeros([], tl.int32)
+        if (total_mass >= delta_fixed) & (hi - lo > 1):
+            for start in range(0, classes, BLOCK):
+                key, _ = _chunked_keys(teacher_row, start + lanes, classes, scale, lse2_p, ACC,
+                                       KEY, MASS, KEY_END, FIXED_ONE)
+                inside = (key >= lo) & (key < hi)
+                position = written + tl.cumsum(inside.to(tl.int32), 0) - inside.to(tl.int32)
+                tl.store(workspace_row + position, key, mask=inside)
+                written += tl.sum(inside.to(tl.int32), 0)
+            tl.debug_barrier()  # the stores above are read back by other threads
+        keys = tl.load(workspace_row + lanes, mask=lanes < written, other=-1)
+        masses = _mass_of_keys(keys, ACC, MASS, FIXED_ONE)
+    all_head = total_mass < delta_fixed
+    boundary_bits = _bisect(keys, masses, lo, hi, mass_above, delta_fixed, TOP_BIT)
+    # Mass strictly above w and the count tied at w: from the keys at hand (every key of [lo, hi))
+    # or, for a bucket of one key, from the histogram.
+    mass_above += tl.sum(tl.where(keys > boundary_bits, masses, 0), 0)
+    tied_count = tl.sum((keys == boundary_bits).to(tl.int32), 0)
+    if not ON_CHIP:
+        tied_count = tl.where(hi - lo > 1, tied_count, candidates)
     boundary = boundary_bits.to(ACC, bitcast=True)
-
-    # Mass strictly above w, the count tied at w, and the total (all head when it is < delta).
-    mass_above = zero
-    tied_count = tl.zeros([], tl.int32)
-    total_mass = zero
-    for start in range(0, classes, BLOCK):
-        if ON_CHIP:
-            mask = row_mask
-            p = p_tile
-            bits = bits_tile
-        else:
-            offs = start + lanes
-            mask = offs < classes
-            p = tl.exp(_scaled_logits(teacher_row, offs, mask, tau, ACC) - lse_p)
-            bits = p.to(BITS, bitcast=True)
-        mass_above += tl.sum(tl.where(mask & (bits > boundary_bits), p, 0.0), 0)
-        tied_count += tl.sum((mask & (bits == boundary_bits)).to(tl.int32), 0)
-        total_mass += tl.sum(tl.where(mask, p, 0.0), 0)
-    all_head = total_mass < delta
-    tied_head = _tied_head_count(mass_above, boundary, tied_count, delta)
+    tied_head = _tied_head_count(mass_above.to(ACC) / FIXED_ONE, boundary, tied_count, delta)
 
     # ---- Pass 3, SPEC 1.4-1.6 and 2: every per-row sum. ----------------------------------------
     d_head = zero
@@ -382,10 +514,10 @@ def _hta_kl_kernel(
     tied_seen = tl.zeros([], tl.int32)
     for start in range(0, classes, BLOCK):
         offs = start + lanes
-        mask, log_p, log_q, p, q, head, tied_seen = _chunk_distributions(
-            row_mask, log_p_tile, log_q_tile, teacher_row, student_row, slice_stride, steps,
-            classes, offs, tau, lse_p, lse_q, lse_steps, step_ids, log_steps, boundary_bits,
-            tied_head, tied_seen, all_head, ON_CHIP, PROB_MEAN, ACC, BITS)
+        mask, log2_q, log_p, log_q, p, q, head, tied_seen = _chunk_distributions(
+            row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slice_stride, steps,
+            classes, offs, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps,
+            boundary_bits, tied_head, tied_seen, all_head, ON_CHIP, PROB_MEAN, TINY, ACC, KEY)
         tail = mask & ~head
         distance = tl.abs(p - q)
         d_head += tl.sum(tl.where(head, distance, 0.0), 0)
@@ -399,12 +531,13 @@ def _hta_kl_kernel(
         if GRAD_S:
             if PROB_MEAN:
                 for t in range(steps):
-                    log_q_t = (_scaled_logits(student_row + t * slice_stride, offs, mask, tau, ACC)
-                               - _pick(lse_steps, step_ids, t))
-                    q_t = tl.exp(log_q_t)
+                    log2_q_t = _step_log2_prob(student_row, slice_stride, t, offs, mask, scale,
+                                               lse2_steps, step_ids, ACC)
+                    q_t = tl.exp2(log2_q_t)
                     at_t = step_ids == t
                     steps_p_ratio += tl.where(
-                        at_t, tl.sum(tl.where(mask, p * _prob_ratio(q_t, log_q_t, log_q), 0.0), 0),
+                        at_t,
+                        tl.sum(tl.where(mask, p * _prob_ratio(log2_q_t, log2_q), 0.0), 0),
                         0.0)
                     steps_log_ratio += tl.where(
                         at_t, tl.sum(tl.where(mask, _q_t_log_ratio(q_t, log_q, log_p), 0.0), 0),
@@ -437,10 +570,11 @@ def _hta_kl_kernel(
         tied_seen = tl.zeros([], tl.int32)
         for start in range(0, classes, BLOCK):
             offs = start + lanes
-            mask, log_p, log_q, p, q, head, tied_seen = _chunk_distributions(
-                row_mask, log_p_tile, log_q_tile, teacher_row, student_row, slice_stride, steps,
-                classes, offs, tau, lse_p, lse_q, lse_steps, step_ids, log_steps, boundary_bits,
-                tied_head, tied_seen, all_head, ON_CHIP, PROB_MEAN, ACC, BITS)
+            mask, log2_q, log_p, log_q, p, q, head, tied_seen = _chunk_distributions(
+                row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slice_stride,
+                steps, classes, offs, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids,
+                log2_steps, boundary_bits, tied_head, tied_seen, all_head, ON_CHIP, PROB_MEAN,
+                TINY, ACC, KEY)
             # SPEC 2: dl_i = s_i (d_tail [i in H] - d_head [i not in H]) / Sg^2.
             dl = _sign_of_difference(q, p) * tl.where(head, dl_head, dl_tail)
             if GRAD_T:
@@ -451,11 +585,11 @@ def _hta_kl_kernel(
             if GRAD_S:
                 if PROB_MEAN:
                     for t in range(steps):
-                        log_q_t = (_scaled_logits(student_row + t * slice_stride, offs, mask, tau,
-                                                  ACC) - _pick(lse_steps, step_ids, t))
-                        q_t = tl.exp(log_q_t)
+                        log2_q_t = _step_log2_prob(student_row, slice_stride, t, offs, mask,
+                                                   scale, lse2_steps, step_ids, ACC)
+                        q_t = tl.exp2(log2_q_t)
                         # q_tk g_k and G_t = sum_j q_tj g_j (csrc q_t_times_g, time_step_g_sum).
-                        q_t_g = (-lam_h * p * _prob_ratio(q_t, log_q_t, log_q)
+                        q_t_g = (-lam_h * p * _prob_ratio(log2_q_t, log2_q)
                                  + lam_t * _q_t_log_ratio(q_t, log_q, log_p)
                                  + fkl_minus_rkl * q_t * dl)
                         g_sum = (-lam_h * _pick(steps_p_ratio, step_ids, t)
@@ -467,9 +601,10 @@ def _hta_kl_kernel(
                                  grad.to(d_student_ptr.dtype.element_ty), mask=mask)
                 else:
                     # logit_mean: the gradient of mean_t z_t, 1/T on every step (T = 1 for 2-D).
-                    grad = inv_steps * _grad_student_softmax(
-                        lam_h, lam_t, fkl, rkl, grad_scale, p, log_p, q, log_q, dl,
-                        dl_head * q_head + dl_tail * q_tail)
+                    grad = _grad_student_softmax(lam_h, lam_t, fkl, rkl, grad_scale, p, log_p, q,
+                                                 log_q, dl, dl_head * q_head + dl_tail * q_tail)
+                    if not TWO_D:
+                        grad = inv_steps * grad
                     grad = grad.to(d_student_ptr.dtype.element_ty)
                     for t in range(steps):
                         tl.store(d_student_ptr + t * slice_stride + row * classes + offs, grad,
@@ -500,8 +635,7 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor) -> None:
 
 def default_layout(wide: bool) -> tuple[int, int]:
     """(on_chip_limit, chunk) for float32 math, or float64 (`wide`), whose values take two
-    registers: halved (ptxas then reports 120 bytes of spill per thread instead of 536 for an
-    on-chip prob_mean row)."""
+    registers: halved."""
     return (ON_CHIP_LIMIT // 2, CHUNK // 2) if wide else (ON_CHIP_LIMIT, CHUNK)
 
 
@@ -509,6 +643,27 @@ def _num_warps(block: int, wide: bool) -> int:
     # 8 classes of each row vector per thread (4 in float64 math; see ON_CHIP_LIMIT), between 4
     # and 16 warps.
     return max(4, min(16, block // (128 if wide else 256)))
+
+
+def kernel_constants(wide: bool) -> dict:
+    """The constexprs that follow from the accumulation type (float64 when `wide`)."""
+    return dict(
+        ACC=tl.float64 if wide else tl.float32,
+        KEY=tl.int64 if wide else tl.int32,
+        # Fixed-point masses: a row's mass (about 1) fits with room for the rounding of C terms.
+        MASS=tl.int64 if wide else tl.int32,
+        FIXED_ONE=float(2**62 if wide else 2**30),
+        # Probabilities are < 2.0 (0x4000... / 0x4000_0000): keys have TOP_BIT + 1 bits.
+        TOP_BIT=61 if wide else 29,
+        MANTISSA_BITS=52 if wide else 23,
+        # Below this a sum of the steps' q_t may have lost terms to underflow.
+        TINY=2.0**-900 if wide else 2.0**-100,
+    )
+
+
+def head_mass_fixed(delta: float, wide: bool) -> int:
+    """delta in the kernel's fixed point, at least one unit."""
+    return max(1, round(delta * (2**62 if wide else 2**30)))
 
 
 def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, delta: float,
@@ -537,18 +692,19 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
         return loss_rows, d_student, d_teacher
     on_chip = classes <= on_chip_limit
     block = triton.next_power_of_2(classes) if on_chip else chunk
+    # The chunked path's boundary candidates: one chunk of keys per row.
+    key_dtype = torch.int64 if wide else torch.int32
+    workspace = torch.empty((0 if on_chip else rows * chunk), dtype=key_dtype,
+                            device=teacher.device)
     torch.library.wrap_triton(_hta_kl_kernel)[(rows,)](
-        student, teacher, loss_rows, d_student, d_teacher, float(temperature), float(delta),
-        float(row_scale), steps, classes, rows * classes,
-        PROB_MEAN=steps > 1 and not logit_mean,
+        student, teacher, loss_rows, d_student, d_teacher, workspace, float(temperature),
+        float(delta), float(row_scale), head_mass_fixed(delta, wide), steps, classes,
+        rows * classes,
+        PROB_MEAN=steps > 1 and not logit_mean, TWO_D=steps == 1,
         STEPS_PAD=triton.next_power_of_2(steps),
-        ON_CHIP=on_chip, BLOCK=block, RADIX_BLOCK=radix_block, RADIX_BITS=RADIX_BITS,
+        ON_CHIP=on_chip, BLOCK=block, RADIX_BLOCK=radix_block, RADIX_BUCKETS=1 << RADIX_BITS,
         DETACH=detach_weights, GRAD_S=grad_student, GRAD_T=grad_teacher,
-        ACC=tl.float64 if wide else tl.float32,
-        BITS=tl.int64 if wide else tl.int32,
-        # Probabilities are <= 1.0 (0x3FF0... / 0x3F80...): the bit below the exponent's top.
-        TOP_BIT=61 if wide else 29,
-        num_warps=_num_warps(block, wide),
+        num_warps=_num_warps(block, wide), **kernel_constants(wide),
     )
     return loss_rows, d_student, d_teacher
 

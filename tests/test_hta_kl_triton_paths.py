@@ -1,0 +1,120 @@
+"""The Triton HTA-KL kernel's own paths, against the float64 oracle (tests/hta_kl_oracle.py):
+the branches of its head selection and of its log q that the shared contract cases seldom reach.
+
+Without a GPU these run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET), so
+the rows stay small; the chunked path is forced on them through the launcher's layout knobs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hta_kl_oracle import assert_close_to_oracle, boundary_margin, draw_teacher, oracle
+
+triton = pytest.importorskip("triton")
+from htakl_kernels.triton_kernels.hta_kl import launch_hta_kl  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1", allow_module_level=True)
+
+pytestmark = [
+    pytest.mark.triton,
+    # The interpreter evaluates both sides of every tl.where with numpy, which warns about the
+    # -inf and NaN lanes that the kernel then discards.
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+]
+ON_CHIP = {}
+# Chunks (and the workspace of boundary candidates) of 16 classes.
+CHUNKED = dict(on_chip_limit=16)
+LAYOUTS = pytest.mark.parametrize("layout", [ON_CHIP, CHUNKED], ids=["on_chip", "chunked"])
+
+
+def _check(student, teacher, *, temperature, delta, logit_mean=False, **layout):
+    """The kernel's loss rows and both gradients against the oracle's, in the inputs' dtype."""
+    dtype = teacher.dtype
+    loss, d_student, d_teacher = launch_hta_kl(
+        student.to(DEVICE), teacher.to(DEVICE), temperature, delta, logit_mean, False, True,
+        True, **layout)
+    two_d = student.shape[0] == 1
+    expected = oracle(student[0] if two_d else student, teacher, temperature=temperature,
+                      delta=delta, time_reduction="logit_mean" if logit_mean else "prob_mean",
+                      reduction="none")
+    assert_close_to_oracle(loss.cpu(), expected[0], dtype, "loss rows")
+    assert_close_to_oracle(d_student.cpu().reshape(expected[1].shape), expected[1], dtype,
+                           "d student")
+    assert_close_to_oracle(d_teacher.cpu(), expected[2], dtype, "d teacher")
+    return loss
+
+
+@LAYOUTS
+def test_steps_whose_probabilities_all_underflow(layout):
+    """prob_mean sums the steps' q_t and takes one log; a class every step all but rules out
+    (q_t ~ 2^-400, below float32's range) must still get the finite log q the oracle's logsumexp
+    gives, so its forward-KL term stays finite."""
+    generator = torch.Generator().manual_seed(1)
+    teacher = draw_teacher(2, 40, temperature=1.0, delta=0.5, dtype=torch.float32, scale=2.0,
+                           generator=generator)
+    student = torch.randn(3, 2, 40, generator=generator)
+    student[:, 0, 7] = -280.0
+    student[:, 1, [3, 30]] = -300.0
+    student[1, 1, 30] = -260.0
+    loss = _check(student, teacher, temperature=1.0, delta=0.5, **layout)
+    assert torch.isfinite(loss).all()
+
+
+def test_boundary_bucket_larger_than_the_workspace():
+    """Teacher probabilities within one octave of each other: the first histogram's boundary
+    bucket holds every class, far more than the 16 keys of the workspace, so the chunked path
+    narrows it with further histogram passes before the bisection."""
+    generator = torch.Generator().manual_seed(2)
+    delta = 0.4
+    teacher = torch.rand(3, 150, generator=generator, dtype=torch.float64) * 0.6
+    while (boundary_margin(teacher, 1.0, delta) < 1e-4).any():
+        teacher = torch.rand(3, 150, generator=generator, dtype=torch.float64) * 0.6
+    p = torch.softmax(teacher, -1)
+    assert (p.max(-1).values < 2 * p.min(-1).values).all()
+    student = torch.randn(2, 3, 150, generator=generator, dtype=torch.float64)
+    _check(student, teacher, temperature=1.0, delta=delta, **CHUNKED)
+
+
+@LAYOUTS
+def test_row_of_one_value(layout):
+    """Every class tied (a uniform row of 200): the boundary bucket narrows to the one key, whose
+    tie count comes from the histogram; the first ceil(delta C) - 1 classes are the head."""
+    teacher = torch.zeros(1, 200, dtype=torch.float64)
+    student = torch.randn(1, 1, 200, generator=torch.Generator().manual_seed(3),
+                          dtype=torch.float64)
+    # delta C = 60.3: classes 0..59 have S_k = (k + 1) / 200 < delta, clear of the boundary.
+    _check(student, teacher, temperature=1.0, delta=0.3015, **layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layouts_choose_the_same_head(dtype):
+    """On chip and chunked, the selection finds the same boundary from the same fixed-point
+    masses: with teachers drawn clear of delta, both match the oracle and each other closely."""
+    generator = torch.Generator().manual_seed(4)
+    teacher = draw_teacher(3, 70, temperature=2.0, delta=0.6, dtype=dtype, scale=1.5,
+                           generator=generator)
+    student = torch.randn(1, 3, 70, generator=generator).to(dtype)
+    on_chip = _check(student, teacher, temperature=2.0, delta=0.6)
+    chunked = _check(student, teacher, temperature=2.0, delta=0.6, **CHUNKED)
+    torch.testing.assert_close(on_chip, chunked, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logit_mean", [False, True], ids=["prob_mean", "logit_mean"])
+def test_long_awkward_row(logit_mean):
+    """A row of 262141 classes (2^18 - 3: the last chunk partial) on the default chunked layout."""
+    generator = torch.Generator().manual_seed(5)
+    classes = 2**18 - 3
+    # Peaked enough that the boundary stays clear of delta by the oracle's margin for this C.
+    teacher = draw_teacher(1, classes, temperature=2.0, delta=0.5, dtype=torch.float32,
+                           scale=12.0, generator=generator)
+    student = torch.randn(2, 1, classes, generator=generator) * 4.0
+    _check(student, teacher, temperature=2.0, delta=0.5, logit_mean=logit_mean)
