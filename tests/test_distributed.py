@@ -286,6 +286,18 @@ def _api_worker(rank, world):
         teacher=teacher[:, :0], student=student[..., :0]), ValueError, "at least one class")
     _expect_error(failures, "student slice", call(student=student[..., :stop - start + 1]),
                   ValueError, "C=")
+    # 16-bit inputs: computed in float32, loss and gradients in the inputs' dtype.
+    half_student = student[..., start:stop].bfloat16().requires_grad_(True)
+    half_loss = hk.hta_kl_div(half_student, teacher[:, start:stop].bfloat16(), group=world_group)
+    half_loss.backward()
+    whole_half = student.bfloat16().requires_grad_(True)
+    expected_half = hk.hta_kl_div(whole_half, teacher.bfloat16(), backend="cpu")
+    expected_half.backward()
+    if half_loss.dtype != torch.bfloat16 or half_student.grad.dtype != torch.bfloat16:
+        failures.append("bfloat16 inputs: loss or gradient not in bfloat16")
+    torch.testing.assert_close(half_loss, expected_half, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(half_student.grad, whole_half.grad[..., start:stop], rtol=2e-2,
+                               atol=2e-3)
     after = hk.hta_kl_div(local_student, local_teacher, group=world_group)
     torch.testing.assert_close(after, hk.hta_kl_div(student, teacher), rtol=2e-5, atol=1e-6)
     # A group of one rank is the single-device call.
