@@ -66,45 +66,12 @@ def test_autocast_promotes_a_mixed_pair():
         hta_kl_div(student, teacher)
 
 
-@pytest.mark.parametrize("backend", available_backends("cpu"))
-@pytest.mark.parametrize("dtype,gap", [(torch.float32, 65.0), (torch.float64, 405.0)])
-def test_close_agreement_gives_finite_gradients(backend, dtype, gap):
-    """Student and teacher agreeing on a confident class: the head/tail distances sum to ~1e-28
-    (float32), whose square underflows. The gradient of lam_h must still be finite and match
-    the reference's autograd (it divides lam by the sum, never by its square)."""
-    student = torch.tensor([[0.0, -gap, -gap]], dtype=dtype).requires_grad_()
-    teacher = torch.tensor([[0.0, 5.0 - gap, 5.0 - gap]], dtype=dtype).requires_grad_()
-    grads = torch.autograd.grad(hta_kl_div(student, teacher, temperature=1.0, backend=backend),
-                                (student, teacher))
-    expected = torch.autograd.grad(
-        hta_kl_div(student, teacher, temperature=1.0, backend="reference"), (student, teacher))
-    for got, want in zip(grads, expected):
-        assert torch.isfinite(got).all() and want.abs().max() > 0
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
-
-
 def test_numpy_scalars_are_numbers():
     student, teacher = _pair(3, 6)
     expected = hta_kl_div(student, teacher, temperature=2.0, delta=0.5)
     assert hta_kl_div(student, teacher, temperature=np.float32(2.0),
                       delta=np.float64(0.5)) == expected
     assert SpikingKDLoss(alpha=np.float32(0.5)).alpha == 0.5
-
-
-@pytest.mark.parametrize("backend", [name for name in available_backends("cpu")
-                                     if name != "reference"])
-def test_double_backward_is_refused_by_kernels(backend):
-    """A kernel's gradient is computed, not traced: create_graph=True fails clearly instead of
-    silently dropping the second-order term. The reference stays differentiable to any order."""
-    student, teacher = _pair(3, 6)
-    student.requires_grad_()
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(hta_kl_div(student, teacher, backend=backend) + (student ** 3).sum(),
-                            student, create_graph=True)
-    grad, = torch.autograd.grad(
-        hta_kl_div(student, teacher, backend="reference") + (student ** 3).sum(), student,
-        create_graph=True)
-    assert grad.requires_grad
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
@@ -117,13 +84,6 @@ def test_mixed_devices_are_rejected_on_meta():
     # The meta device stands in for a second device on machines without a GPU.
     with pytest.raises(ValueError, match="same device"):
         hta_kl_div(torch.randn(2, 3), torch.randn(2, 3, device="meta"))
-
-
-@pytest.mark.parametrize("backend", available_backends("cpu"))
-def test_empty_batch_has_defined_results(backend):
-    student, teacher = torch.randn(0, 6), torch.randn(0, 6)
-    assert hta_kl_div(student, teacher, reduction="sum", backend=backend).item() == 0.0
-    assert hta_kl_div(student, teacher, reduction="none", backend=backend).shape == (0,)
 
 
 def test_unavailable_backend_says_what_is_missing():
