@@ -1,5 +1,5 @@
-"""Multi-step LIF: reference against SPEC 3, the CPU kernel against the reference, the op
-registration (opcheck, torch.compile), argument checks, MultiStepLIF and reset_net."""
+"""Multi-step LIF: the reference against SPEC 3, argument checks, MultiStepLIF and reset_net. The
+kernels against the reference are tests/test_lif_contract.py."""
 
 from __future__ import annotations
 
@@ -10,19 +10,8 @@ import torch
 
 import htakl_kernels
 from htakl_kernels import MultiStepLIF, lif_multistep, reference, reset_net
-from htakl_kernels._backends import unavailable_reason
 
-from lif_cases import (
-    SURROGATES,
-    assert_matches_reference,
-    check_full_matrix,
-    make_inputs,
-    run_with_grads,
-)
-
-needs_cpu_kernel = pytest.mark.skipif(
-    unavailable_reason("cpu", "cpu") is not None, reason=str(unavailable_reason("cpu", "cpu"))
-)
+from lif_cases import SURROGATES, make_inputs
 
 
 # --- the reference against SPEC 3 -------------------------------------------------------------
@@ -83,160 +72,6 @@ def test_reference_forward_by_hand():
     # H: 1 -> V 0; 0.5; 0.5 + (3 - 0.5)/2 = 1.75 -> V 0.75; 0.75/2 = 0.375
     assert spikes.flatten().tolist() == [1.0, 0.0, 1.0, 0.0]
     assert v_last.item() == 0.375
-
-
-# --- the CPU kernel against the reference -----------------------------------------------------
-
-@needs_cpu_kernel
-@pytest.mark.parametrize("isa", ["native", "baseline"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("detach_reset", [False, True])
-@pytest.mark.parametrize("decay_input", [False, True])
-@pytest.mark.parametrize("surrogate", SURROGATES)
-def test_cpu_kernel_full_matrix(dtype, detach_reset, decay_input, surrogate, isa, monkeypatch):
-    # The kernels are compiled for the baseline instruction set and for AVX2 + FMA, each once per
-    # combination of option flags; HTAKL_CPU_ISA=baseline picks the baseline copy. (Where the CPU
-    # lacks AVX2 both runs take the baseline copy.)
-    if isa == "baseline":
-        monkeypatch.setenv("HTAKL_CPU_ISA", "baseline")
-    check_full_matrix("cpu", dtype, detach_reset, decay_input, surrogate)
-
-
-@needs_cpu_kernel
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cpu_kernel_16_bit(dtype):
-    for v_reset in (None, -0.2):
-        x, v_init = make_inputs(8, (37,), v_threshold=1.0, v_reset=v_reset, decay_input=True,
-                                dtype=dtype)
-        assert_matches_reference("cpu", x, v_init, v_reset=v_reset, surrogate="atan")
-
-
-@needs_cpu_kernel
-@pytest.mark.parametrize("return_v", [None, "last", "seq"])
-def test_cpu_kernel_return_modes_and_defaults(return_v):
-    x, v_init = make_inputs(6, (2, 3, 5), v_threshold=1.0, v_reset=0.0, decay_input=True,
-                            dtype=torch.float64)
-    assert_matches_reference("cpu", x, v_init, return_v=return_v, tau=3.3, alpha=2.5)
-    # v_init defaults to v_reset (0 for soft reset)
-    for v_reset in (None, -0.2):
-        got = lif_multistep(x, v_reset=v_reset, return_v="last", backend="cpu")
-        want = reference.lif_multistep(x, v_reset=v_reset, return_v="last")
-        assert torch.equal(got[0], want[0])
-        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-12)
-
-
-@needs_cpu_kernel
-@pytest.mark.parametrize("steps, neurons", [(5, 4099), (3, 3 * 4096 + 5)])
-def test_cpu_kernel_large_and_awkward(steps, neurons):
-    # More neurons than one block of the kernel (4096): a partial last block; with 3 steps, also
-    # more than one parallel task (a task is max(4096, 2^15 / T) neurons), the second starting
-    # off the block grid. Non-contiguous input.
-    x, v_init = make_inputs(steps, (neurons,), v_threshold=0.5, v_reset=-0.2, decay_input=False,
-                            dtype=torch.float32, seed=3)
-    x_t = x.t().contiguous().t()  # same values, non-contiguous strides
-    assert not x_t.is_contiguous()
-    assert_matches_reference("cpu", x_t, v_init, v_threshold=0.5, v_reset=-0.2, decay_input=False)
-
-
-@needs_cpu_kernel
-def test_cpu_kernel_deterministic_and_edge_shapes():
-    x, v_init = make_inputs(7, (300,), v_threshold=1.0, v_reset=0.0, decay_input=True,
-                            dtype=torch.float32)
-    a = run_with_grads(lambda x_, v_: lif_multistep(x_, v_init=v_, return_v="seq", backend="cpu"),
-                       x, v_init, "seq")
-    b = run_with_grads(lambda x_, v_: lif_multistep(x_, v_init=v_, return_v="seq", backend="cpu"),
-                       x, v_init, "seq")
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
-    # x of shape [T] (scalar neuron), T = 0, zero neurons.
-    for shape in [(5,), (0, 3), (4, 0)]:
-        x = torch.randn(shape, dtype=torch.float64)
-        v_init = torch.randn(shape[1:], dtype=torch.float64)
-        assert_matches_reference("cpu", x, v_init, return_v="last")
-
-
-@needs_cpu_kernel
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("detach_reset", [False, True])
-@pytest.mark.parametrize("surrogate", SURROGATES)
-def test_cpu_kernel_propagates_nan_and_inf_like_reference(dtype, detach_reset, surrogate):
-    x = torch.tensor([[0.5, math.nan, math.inf, -math.inf, 1e30, 0.2],
-                      [1.0, 1.0, 1.0, 1.0, 1.0, -1e30],
-                      [0.3, 0.3, 0.3, 0.3, 0.3, 0.3]], dtype=dtype)
-    v_init = torch.tensor([0.1, 0.0, -0.3, 0.2, 0.0, math.inf], dtype=dtype)
-    for v_reset in (None, 0.0):
-        options = dict(v_reset=v_reset, return_v="seq", detach_reset=detach_reset,
-                       surrogate=surrogate)
-        got = run_with_grads(lambda x_, v_: lif_multistep(x_, v_init=v_, backend="cpu", **options),
-                             x, v_init, "seq")
-        want = run_with_grads(lambda x_, v_: reference.lif_multistep(x_, v_init=v_, **options),
-                              x, v_init, "seq")
-        assert torch.equal(got[0], want[0])
-        for a, b in zip(got[1:], want[1:]):
-            torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5)
-
-
-@needs_cpu_kernel
-@pytest.mark.parametrize("v_reset", [None, 0.0])
-@pytest.mark.parametrize("decay_input", [False, True])
-def test_cpu_kernel_gradcheck_without_spikes(v_reset, decay_input):
-    # Far below the threshold no spike can occur: the dynamics are smooth and gradcheck applies.
-    x = (torch.randn(6, 7, dtype=torch.float64) * 0.5).requires_grad_()
-    v_init = (torch.randn(7, dtype=torch.float64) * 0.5).requires_grad_()
-
-    def dynamics(x_, v_):
-        return lif_multistep(x_, v_init=v_, v_threshold=50.0, v_reset=v_reset,
-                             decay_input=decay_input, tau=2.5, return_v="seq", backend="cpu")
-
-    assert not dynamics(x, v_init)[0].any()
-    assert torch.autograd.gradcheck(dynamics, (x, v_init))
-
-
-@needs_cpu_kernel
-def test_cpu_kernel_gradient_on_v_last_only():
-    x, v_init = make_inputs(8, (11,), v_threshold=1.0, v_reset=None, decay_input=True)
-    grads = []
-    for fn in (lambda x_, v_: lif_multistep(x_, v_init=v_, v_reset=None, return_v="last", backend="cpu"),
-               lambda x_, v_: reference.lif_multistep(x_, v_init=v_, v_reset=None, return_v="last")):
-        x_, v_ = x.clone().requires_grad_(), v_init.clone().requires_grad_()
-        fn(x_, v_)[1].sum().backward()  # the spikes are unused: their gradient never arrives
-        grads.append((x_.grad, v_.grad))
-    for g, w in zip(*grads):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
-
-
-# --- op registration ----------------------------------------------------------------------------
-
-def lif_op_args(x, v_init, return_v_seq=True):
-    return (x, v_init, 2.0, 1.0, 0.0, False, True, False, "sigmoid", 4.0, return_v_seq)
-
-
-@needs_cpu_kernel
-def test_opcheck_cpu_ops():
-    x, v_init = make_inputs(5, (3, 4), v_threshold=1.0, v_reset=0.0, decay_input=True)
-    for return_v_seq in (False, True):
-        torch.library.opcheck(
-            torch.ops.htakl.lif_forward.default,
-            lif_op_args(x.requires_grad_(), v_init.requires_grad_(), return_v_seq),
-        )
-    grads = (torch.randn_like(x), torch.randn_like(v_init), x.new_empty(0))
-    torch.library.opcheck(
-        torch.ops.htakl.lif_backward.default,
-        grads + (x.detach(), v_init.detach(), 2.0, 1.0, 0.0, False, True, False, "atan", 2.0),
-    )
-
-
-@needs_cpu_kernel
-def test_torch_compile_fullgraph():
-    x, v_init = make_inputs(4, (9,), v_threshold=1.0, v_reset=None, decay_input=True)
-
-    def fn(x_, v_):
-        return lif_multistep(x_, v_init=v_, v_reset=None, return_v="seq", backend="cpu")
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    got = run_with_grads(compiled, x, v_init, "seq")
-    want = run_with_grads(fn, x, v_init, "seq")
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 # --- argument checks ----------------------------------------------------------------------------
@@ -366,18 +201,6 @@ def test_module_state_follows_a_new_batch_shape_or_dtype():
     wider = torch.randn(4, 2, 5, dtype=torch.float64) + 1.0
     assert torch.equal(layer(wider), reference.lif_multistep(wider, v_init=stored.double()))
     assert layer.v.dtype == torch.float64
-
-
-def test_double_backward_is_refused_by_the_kernel_not_the_reference():
-    """The kernel's gradient is computed, not traced: create_graph=True fails clearly instead of
-    giving a gradient whose own gradient is silently missing. The reference stays differentiable."""
-    x = (torch.randn(4, 3) + 1.0).requires_grad_()
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(lif_multistep(x, backend="cpu").sum(), x, create_graph=True)
-    torch.autograd.grad(lif_multistep(x, backend="cpu").sum(), x)  # a plain backward still runs
-    grad, = torch.autograd.grad((lif_multistep(x, backend="reference") * x).sum(), x,
-                                create_graph=True)
-    assert grad.requires_grad
 
 
 def test_reset_net_resets_every_stateful_module():
