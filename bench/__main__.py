@@ -24,7 +24,7 @@ import torch
 
 import htakl_kernels
 
-from . import linear_suite, lif_suite, loss_suite, measure, report
+from . import distributed_suite, linear_suite, lif_suite, loss_suite, measure, report
 from .runner import run_case
 
 SUITES = {
@@ -47,7 +47,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=(*SUITES, "all"), default="all")
+    parser.add_argument("--suite", choices=(*SUITES, "distributed", "all"), default="all",
+                        help="distributed: vocab-parallel HTA-KL on 1, 2 and 4 CPU ranks (not in all)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a few small shapes (seconds on CPU)")
@@ -128,6 +129,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     arguments = parse_arguments(argv)
     device = torch.device(arguments.device)
+    if arguments.suite == "distributed":  # process groups of its own, not the per-case runner
+        return distributed_suite.main(arguments, argv, output_folder(arguments.out, device),
+                                      versions(), _log)
     if arguments.threads is not None:
         torch.set_num_threads(arguments.threads)
     # Every shape and dtype compiles its own graph: no silent fallback to eager after a few.

@@ -39,9 +39,10 @@ one):
 | 2 | all_gather, int64 (tie count) | 8 |
 | 3 | all_reduce SUM | `(8 + 4 T') b`, `T'` = T for `prob_mean` with T > 1, else 0 |
 
-That is 9 collectives for float32/16-bit inputs and 13 for float64, whatever `C`; one
-float32 row moves about 7.9 KB in the selection and under 100 bytes elsewhere. (An all_reduce
-of `n` bytes sends about `2 n (P - 1) / P` per rank in a ring; an all_gather sends `n (P - 1)`.)
+That is 9 collectives for float32/16-bit inputs and 13 for float64, whatever `C`. A rank passes
+7,176 bytes per float32 row to the selection (15,368 per float64 row) and 56 bytes to the rest
+for a 2-D float32 student (`Traffic` counts them). An all_reduce of `n` bytes sends about
+`2 n (P - 1) / P` per rank in a ring; an all_gather sends `n (P - 1)`.
 A group of one rank, or `group=None`, is the plain single-device call.
 
 **Backends.** On a group of two or more ranks every phase runs as PyTorch tensor ops on the
