@@ -1,62 +1,104 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine: install carried peer wheels, build with CUDA, run the GPU
-# tests, compute-sanitizer memcheck and racecheck on a small case, the quick benchmarks, then the
-# full benchmarks with whatever time is left. Run from the repository root:
+# One command for a lent GPU machine, its steps in order of value: build for sm_90, the quick
+# benchmarks of every fused kernel against its baselines (with the cost census's predictions
+# beside the measured figures), the GPU tests, compute-sanitizer memcheck and racecheck, the
+# binding-crash diagnosis, then the full benchmarks with whatever time is left. Run from the
+# repository root:
 #
 #     bash bench/gpu_check.sh
 #
-# Every step is time-boxed with `timeout` under one deadline (GPU_CHECK_SECONDS, default 450 s),
-# so the script ends in under 8 minutes; a failing step is recorded and the next one still runs.
-# Logs and results go under $OUT (or bench/results/gpu-check-<date> when OUT is unset). Only a
-# few files come back from a lent machine's $OUT, so everything is also packed into
-# gpu-check.tar.gz there; summary.txt and the benchmarks' Markdown tables lie beside it.
+# Every step runs under its own `timeout -s INT -k 10` inside one deadline (GPU_CHECK_SECONDS,
+# default 450 s): SIGINT first, so pytest still writes its summary and junit file and the
+# benchmarks write the cases they finished. A failing or cut step is recorded and the next one
+# runs. Results are packed after every step, so a run stopped from outside loses only the step
+# in flight.
+#
+# Output: $OUT when set (a lent machine returns at most 8 files from it: summary.txt,
+# gpu-check.tar.gz with every log and result, and the census-against-measured tables; the
+# working files live in a scratch folder), else bench/results/gpu-check-<date>/ with everything.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 STARTED=$(date +%s)
 DEADLINE=$((STARTED + ${GPU_CHECK_SECONDS:-450}))
 PYTHON=${PYTHON:-python3}
 if [ -n "${OUT:-}" ]; then
-  RESULTS=$OUT
-  PACK_ONLY=1  # a lent machine returns at most 8 files: keep the tarball, drop the loose copies
+  FINAL=$OUT
+  WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
 else
-  RESULTS=bench/results/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)
-  PACK_ONLY=0
+  FINAL=bench/results/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)
+  WORK=$FINAL
 fi
-LOGS=$RESULTS/logs
-mkdir -p "$LOGS"
-RESULTS=$(cd "$RESULTS" && pwd)
-LOGS=$RESULTS/logs
-SUMMARY=()
+mkdir -p "$FINAL" "$WORK/logs"
+FINAL=$(cd "$FINAL" && pwd)
+WORK=$(cd "$WORK" && pwd)
+LOGS=$WORK/logs
+SUMMARY=$WORK/summary.txt
+{
+  echo "gpu_check on $(hostname) from $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null)"
+  printf '%-22s %-14s %5s  %s\n' step status secs log
+} >"$SUMMARY"
 
-# step NAME SECONDS COMMAND...: run COMMAND under `timeout`, at most SECONDS and never past the
-# deadline, logging to $LOGS/NAME.log; records ok / FAIL (rc) / TIMEOUT / skipped.
+# pack: the tarball of everything so far, the summary and the tables beside it in $FINAL.
+pack() {
+  local items=(logs summary.txt) tables=() name
+  for name in bench bench-quick; do
+    [ -d "$WORK/$name" ] && items+=("$name")
+  done
+  for name in "$WORK"/*.md; do
+    [ -f "$name" ] && tables+=("$(basename "$name")")
+  done
+  tar -czf "$FINAL/gpu-check.tar.gz.part" -C "$WORK" "${items[@]}" ${tables[@]+"${tables[@]}"}
+  mv -f "$FINAL/gpu-check.tar.gz.part" "$FINAL/gpu-check.tar.gz"
+  if [ "$FINAL" != "$WORK" ]; then
+    cp -f "$SUMMARY" "$FINAL/"
+    for name in ${tables[@]+"${tables[@]}"}; do
+      cp -f "$WORK/$name" "$FINAL/"
+    done
+  fi
+}
+
+record() {  # record NAME STATE SECONDS NOTE
+  printf '%-22s %-14s %5s  %s\n' "$1" "$2" "$3" "$4" >>"$SUMMARY"
+  pack
+}
+
+# step NAME SECONDS COMMAND...: COMMAND under `timeout -s INT -k 10`, at most SECONDS and never
+# past the deadline, logged to $LOGS/NAME.log; records ok / FAIL (rc) / TIMEOUT / skipped.
 step() {
   local name=$1 box=$2
   shift 2
-  local left=$((DEADLINE - $(date +%s) - 5))
+  local left=$((DEADLINE - $(date +%s) - 15))
   if [ "$left" -lt 15 ]; then
-    SUMMARY+=("$(printf '%-22s %-14s %5s' "$name" "skipped" "0")  (no time left)")
+    record "$name" skipped 0 "(no time left)"
     return 0
   fi
   [ "$box" -gt "$left" ] && box=$left
   echo "== $name (up to ${box}s): $*"
-  local begin=$(date +%s) rc
-  timeout -k 15 "$box" "$@" >"$LOGS/$name.log" 2>&1
+  local begin rc took state
+  begin=$(date +%s)
+  timeout -s INT -k 10 "$box" "$@" >"$LOGS/$name.log" 2>&1
   rc=$?
-  local took=$(($(date +%s) - begin)) state
+  took=$(($(date +%s) - begin))
   case $rc in
     0) state=ok ;;
     124|137) state=TIMEOUT ;;
     *) state="FAIL (rc $rc)" ;;
   esac
   tail -n 5 "$LOGS/$name.log" | sed 's/^/   | /'
-  SUMMARY+=("$(printf '%-22s %-14s %5s' "$name" "$state" "$took")  logs/$name.log")
+  record "$name" "$state" "$took" "logs/$name.log"
   return 0
 }
 
 note() {  # note NAME TEXT: a step that did not run, and why
-  SUMMARY+=("$(printf '%-22s %-14s %5s' "$1" "skipped" "0")  ($2)")
+  record "$1" skipped 0 "($2)"
+}
+
+# compare NAME JSON...: the census's predictions beside the measured fractions (reads JSON only).
+compare() {
+  local name=$1
+  shift
+  step "$name" 30 "$PYTHON" -m bench.census.compare "$@" --out "$WORK/$name.md"
 }
 
 # 1. Peer wheels (Liger-Kernel, SpikingJelly, ...) carried in .whl/: no network on the machine.
@@ -71,25 +113,35 @@ fi
 # 2. What the machine is.
 step environment 30 bash -c "nvidia-smi; nvcc --version; $PYTHON -c 'import torch, triton; \
 print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'; \
-$PYTHON -m pip list 2>/dev/null | grep -i -E 'torch|triton|liger|spikingjelly|cupy'; true"
+$PYTHON -m pip list 2>/dev/null | grep -i -E 'torch|triton|liger|spikingjelly|ninja'; true"
 
-# 3. Build the extension with its CUDA kernels (editable, so htakl_kernels.triton_kernels maps).
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# 3. Build the extension with its CUDA kernels: sm_90 only (scripts/gpu_flags.py reads
+# HTAKL_GPU_ARCHS), nvcc splitting its work over threads, ninja over the files.
+export HTAKL_GPU_ARCHS=90 NVCC_APPEND_FLAGS="--threads 4" MAX_JOBS=${MAX_JOBS:-$(nproc)}
 step build 210 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v -e .
-if ! "$PYTHON" -c "import htakl_kernels._C" 2>/dev/null; then
-  # The first H100 run's pip could not install editable offline; an in-place build serves the
-  # tests and benchmarks run from this folder just as well.
+if ! "$PYTHON" -c "import htakl_kernels._C, htakl_kernels.triton_kernels" 2>/dev/null; then
+  # An offline pip could not install editable on the first H100 run. An in-place build puts _C
+  # beside the sources; the Triton kernels, which setup.py maps into the package from the
+  # top-level triton_kernels/ (package_dir), then need a link there to import as
+  # htakl_kernels.triton_kernels.
+  [ -e htakl_kernels/triton_kernels ] || ln -s ../triton_kernels htakl_kernels/triton_kernels
   step build-inplace 210 "$PYTHON" setup.py build_ext --inplace
 fi
-step extension-has-cuda 30 "$PYTHON" -c "import htakl_kernels, sys; \
+step extension-has-cuda 30 "$PYTHON" -c "import htakl_kernels, htakl_kernels.triton_kernels, sys; \
 from htakl_kernels._backends import extension_built_with_cuda as cuda; \
 print('backends on cuda:', htakl_kernels.available_backends('cuda')); sys.exit(0 if cuda() else 1)"
 
-# 4. GPU tests (the CPU suite runs in CI).
+# 4. Quick benchmarks: every fused kernel against the eager reference, F.kl_div and the peers
+# present (--quick leaves torch.compile to the full suites of step 8), then measured against
+# the census's predictions.
+step bench-quick 120 "$PYTHON" -m bench --quick --device cuda --out "$WORK/bench-quick"
+compare census-vs-quick "$WORK/bench-quick/lif-quick.json" "$WORK/bench-quick/loss-quick.json"
+
+# 5. GPU tests (the CPU suite runs in CI).
 step gpu-tests 150 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests -k "cuda or triton" \
   --junitxml="$LOGS/gpu-tests.xml"
 
-# 5. compute-sanitizer on the CUDA helper's small case (tests/cuda/sanitizer_case.py). No caching allocator: memcheck then sees
+# 6. compute-sanitizer on the CUDA helper's small case. No caching allocator: memcheck then sees
 # each tensor's exact bounds instead of a pooled block.
 SANITIZER_CASE=$(ls tests/cuda/sanitizer*.py 2>/dev/null | head -n 1)
 if [ -n "$SANITIZER_CASE" ]; then
@@ -101,8 +153,10 @@ else
   note sanitizer "no tests/cuda/sanitizer*.py"
 fi
 
-# The CUDA binding's own errors crashed the interpreter on the first H100 run: a backtrace of one.
-# The lent image has cuda-gdb but no gdb; cuda-gdb debugs host-only crashes too.
+# 7. The CUDA binding's own errors crashed the interpreter on the first H100 run: a backtrace of
+# one (the lent image has cuda-gdb but no gdb; cuda-gdb debugs host-only crashes too), what the
+# extension links and which compiler built it, and the case rerun with that compiler's C++
+# runtime preloaded.
 DEBUGGER=$(command -v gdb || command -v cuda-gdb || true)
 if [ -n "$DEBUGGER" ]; then
   step binding-error-gdb 60 "$DEBUGGER" -q -batch -ex run -ex bt -ex "info sharedlibrary" \
@@ -110,8 +164,6 @@ if [ -n "$DEBUGGER" ]; then
 else
   step binding-error 60 "$PYTHON" tests/cuda/binding_error_case.py
 fi
-# Suspect: the extension's compiler and runtime against torch's. What the extension needs and
-# carries, which compiler built it, and the same case with that compiler's C++ runtime preloaded.
 step extension-runtime 30 bash -c 'so=$(ls htakl_kernels/_C*.so | head -n 1); \
 readelf -d "$so" | grep -E "NEEDED|RUNPATH|RPATH"; \
 echo "runtime symbols defined inside (none expected):"; \
@@ -122,26 +174,15 @@ step binding-error-preload 60 env \
   LD_PRELOAD="$(g++ -print-file-name=libstdc++.so.6):$(g++ -print-file-name=libgcc_s.so.1)" \
   "$PYTHON" tests/cuda/binding_error_case.py
 
-# 6. Benchmarks: the quick ones (no torch.compile) first, then the full suites while time lasts
-# (on SIGTERM from timeout a suite writes the cases it finished).
-step bench-quick 120 "$PYTHON" -m bench --quick --device cuda --out "$RESULTS/bench-quick"
+# 8. The full suites (torch.compile included) while time lasts; SIGINT makes a suite write the
+# cases it finished.
 for suite in loss lif; do
-  step "bench-$suite" 600 "$PYTHON" -m bench --suite "$suite" --device cuda --out "$RESULTS/bench"
+  step "bench-$suite" 600 "$PYTHON" -m bench --suite "$suite" --device cuda --out "$WORK/bench"
 done
+compare census-vs-full "$WORK/bench/lif.json" "$WORK/bench/loss.json"
 
-# 7. Pack everything; put the summary and the Markdown tables beside the tarball.
-for table in "$RESULTS"/bench-quick/*.md "$RESULTS"/bench/*.md; do
-  [ -f "$table" ] && cp "$table" "$RESULTS/$(basename "$(dirname "$table")")-$(basename "$table")"
-done
-{
-  echo "gpu_check on $(hostname) at $(date -u +%FT%TZ), $(($(date +%s) - STARTED)) s in all"
-  printf '%-22s %-14s %5s  %s\n' step status secs log
-  printf '%s\n' "${SUMMARY[@]}"
-} >"$RESULTS/summary.txt"
-tar -czf "$RESULTS/gpu-check.tar.gz" -C "$RESULTS" --exclude gpu-check.tar.gz \
-  $(cd "$RESULTS" && ls -d logs bench bench-quick 2>/dev/null)
-if [ "$PACK_ONLY" = 1 ]; then
-  rm -rf "$LOGS" "$RESULTS/bench" "$RESULTS/bench-quick"
-fi
+echo "gpu_check done in $(($(date +%s) - STARTED)) s" >>"$SUMMARY"
+pack
 echo
-cat "$RESULTS/summary.txt"
+cat "$SUMMARY"
+cat "$WORK"/census-vs-*.md 2>/dev/null || true

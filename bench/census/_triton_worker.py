@@ -21,7 +21,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 
 # What the census compiles: the dtypes, and the HTA-KL layouts the benchmark shapes launch.
 DTYPES = ("float32", "bfloat16")
-HTA_KL_STEPS = (1, 4, 8)  # T = 1 launches the 2-D kernel (PROB_MEAN is false)
+# 0: a 2-D student (its own variant where the harness has one: two_d), T = 1: [1, R, C]
+HTA_KL_STEPS = (0, 1, 4, 8)
 HTA_KL_ON_CHIP_CLASSES = (1000,)  # on-chip rows among the benchmark shapes
 
 
@@ -73,10 +74,13 @@ def compile_lif(out: str) -> dict:
 
 
 def compile_hta_kl(out: str) -> dict:
+    import inspect
+
     import triton
 
     from htakl_kernels.triton_kernels import hta_kl, hta_kl_aot
 
+    harness_options = inspect.signature(hta_kl_aot.compile_variant).parameters
     index = {}
     for dtype in DTYPES:
         on_chip_limit, chunk = hta_kl.default_layout(False)
@@ -84,13 +88,20 @@ def compile_hta_kl(out: str) -> dict:
                   if c <= on_chip_limit] + [(False, chunk)]
         for on_chip, block in blocks:
             for steps in HTA_KL_STEPS:
+                options = {}
+                if steps == 0:
+                    if "two_d" not in harness_options:
+                        continue  # a harness without it: a 2-D student runs the T = 1 kernel
+                    options["two_d"] = True
                 name = f"hta_kl-{dtype}-{'onchip' if on_chip else 'chunked'}{block}-T{steps}"
                 compiled = hta_kl_aot.compile_variant(
                     dtype, on_chip=on_chip, block=block, prob_mean=steps > 1,
-                    steps_pad=triton.next_power_of_2(steps))
+                    steps_pad=triton.next_power_of_2(max(steps, 1)), **options)
+                radix_block = getattr(hta_kl, "RADIX_BLOCK", None)
                 index[name] = _save(out, name, compiled, block=block, on_chip=on_chip,
-                                    steps=steps, radix_block=min(hta_kl.RADIX_BLOCK, block),
-                                    radix_bits=hta_kl.RADIX_BITS, on_chip_limit=on_chip_limit)
+                                    steps=steps, on_chip_limit=on_chip_limit,
+                                    radix_block=min(radix_block, block) if radix_block else None,
+                                    radix_bits=getattr(hta_kl, "RADIX_BITS", None))
     return index
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 from . import source
 from .sass import Function, Instruction
+from .sass import weights as sass_weights
 
 @dataclass
 class PassCount:
@@ -55,7 +56,8 @@ def count(function: Function, path: str, anchors: list[tuple[str | None, str]],
           factor: Callable[[source.SourceLoop], float],
           per_row: Callable[[tuple[source.SourceLoop, ...]], float] | None = None,
           skip: tuple[str, ...] = ()) -> FunctionCount:
-    """Per-element counts of `function` by pass. `path`: the kernel's source file (pass anchors
+    """Per-element counts of `function` by pass (straight-line code too, where `per_row` is
+    given: every instruction of it, both arms of its branches, an upper bound). `path`: the kernel's source file (pass anchors
     and loop headers are looked up there and in the files its line info names); `factor(loop)`:
     runs of one iteration of that source loop per element (1 for loops that do not multiply
     their body); `per_row(chain)`: a further weight for the whole chain, e.g. threads / C for a
@@ -95,6 +97,19 @@ def count(function: Function, path: str, anchors: list[tuple[str | None, str]],
         key = (name, chain)
         versions[key] = max(versions.get(key, cost), cost)
         by_name[name].loops += 1
+    # Straight-line code runs once per thread and row: spread over the row like per-row loops
+    # (a Triton kernel that holds the row on chip does most of its work there).
+    if per_row is not None:
+        ranges = [(lp.start, lp.end) for lp in function.loops()]
+        spread = per_row(())
+        for ins in function.instructions:
+            if any(start <= ins.address <= end for start, end in ranges):
+                continue
+            name = source.pass_of(ins, path, anchor_at)
+            if name is None or name in skip:
+                continue
+            key = (name, ("straight-line", ins.address))
+            versions[key] = tuple(w * spread for w in sass_weights(ins))
     for (name, _), (instructions, mufu, global_bytes) in versions.items():
         target = by_name[name]
         target.instructions += instructions

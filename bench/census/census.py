@@ -9,7 +9,10 @@ from .machines import CARDS
 
 LIF_NEURONS = 2**20
 LIF_STEPS = (4, 8, 16, 32)
-HTA_KL_SHAPES = ((4096, 1000), (4096, 32000), (1024, 131072), (8, 131072), (256, 262144))
+# The benchmark shapes, and those of `python -m bench --quick --device cuda` (so that
+# compare.py finds a prediction for every case of a GPU check).
+HTA_KL_SHAPES = ((4096, 1000), (4096, 32000), (1024, 131072), (8, 131072), (256, 262144),
+                 (1024, 32000), (256, 32000))
 HTA_KL_STEPS = (0, 1, 4, 8)  # 0: a 2-D student; T: a [T, R, C] prob_mean student
 DTYPES = ("float32", "bfloat16")
 

@@ -92,10 +92,17 @@ class Function:
     registers: int = 0
     shared_bytes: int = 0
     stack_bytes: int = 0
+    _loops: list[Loop] | None = field(default=None, repr=False, compare=False)
 
     def loops(self) -> list[Loop]:
         """Every loop (backward branch), each with the instructions it holds and no nested loop
-        holds, outermost first by address. Two backward branches to one target are one loop."""
+        holds, outermost first by address. Two backward branches to one target are one loop.
+        Computed once (the function is not changed after parsing)."""
+        if self._loops is None:
+            self._loops = self._find_loops()
+        return self._loops
+
+    def _find_loops(self) -> list[Loop]:
         ranges: dict[int, int] = {}
         for ins in self.instructions:
             target = ins.branch_target
@@ -131,7 +138,8 @@ def access_bytes(ins: Instruction) -> int:
     return next((_WIDTHS[m] for m in modifiers if m in _WIDTHS), 4)
 
 
-def _weights(ins: Instruction) -> tuple[int, int, int]:
+def weights(ins: Instruction) -> tuple[int, int, int]:
+    """(1, MUFU or not, global bytes) of one instruction."""
     return 1, int(ins.base == "MUFU"), access_bytes(ins)
 
 
@@ -166,7 +174,7 @@ def _longest_path(loop: Loop, nested: list[Loop], labels: dict[str, int]
     for address in sorted(nodes, reverse=True):
         ins, successors = nodes[address]
         if address == loop.end:
-            best[address] = _weights(ins)
+            best[address] = weights(ins)
             continue
         reachable = [best[s] for s in successors if best.get(s) is not None]
         if not reachable:
@@ -174,11 +182,11 @@ def _longest_path(loop: Loop, nested: list[Loop], labels: dict[str, int]
             continue
         heaviest = max(reachable)
         if ins is not None:
-            heaviest = tuple(a + b for a, b in zip(heaviest, _weights(ins)))
+            heaviest = tuple(a + b for a, b in zip(heaviest, weights(ins)))
         best[address] = heaviest
     found = best.get(loop.start)
     if found is None:  # no forward path closes the iteration (irreducible flow): count it all
-        return tuple(sum(w) for w in zip(*map(_weights, loop.instructions)))
+        return tuple(sum(w) for w in zip(*map(weights, loop.instructions)))
     return found
 
 

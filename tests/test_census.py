@@ -1,0 +1,313 @@
+"""bench/census: the SASS parser, the loop and pass attribution, the prediction's arithmetic, the
+launch constants it reads from the kernels' sources, and its quick run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `bench` is run from the repository root, not installed
+    sys.path.insert(0, ROOT)
+from bench.census import analysis, build, calibration, hta_kl, lif, model, sass, source  # noqa: E402,E501
+from bench.census.machines import CARDS  # noqa: E402
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None,
+                                reason="nvcc not installed: the census compiles CUDA with it")
+
+# A hand-written function in nvdisasm -gi -c's layout: a loop whose body has an if/else (the
+# else arm is longer and holds the MUFU), a global load of 16 bytes, a call, and an inlined line.
+SASS = """
+        .section\t.text.kern,"ax",@progbits
+.text.kern:
+\t//## File "/src/k.cu", line 10
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_x_1:
+\t//## File "/src/k.cu", line 12
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/               @P0 BRA `(.L_x_2) ;
+\t//## File "/src/m.h", line 3 inlined at "/src/k.cu", line 13
+\t//## File "/src/k.cu", line 13
+        /*0030*/                   FADD R5, R5, R4 ;
+        /*0040*/                   BRA `(.L_x_3) ;
+.L_x_2:
+\t//## File "/src/k.cu", line 14
+        /*0050*/                   FMUL R5, R5, R4 ;
+        /*0060*/                   MUFU.EX2 R5, R5 ;
+        /*0070*/                   FADD R5, R5, 1 ;
+.L_x_3:
+\t//## File "/src/k.cu", line 12
+        /*0080*/                   CALL.REL.NOINC `($slow) ;
+        /*0090*/               @P1 BRA `(.L_x_1) ;
+        /*00a0*/                   EXIT ;
+.L_x_4:
+        /*00b0*/                   BRA `(.L_x_4) ;
+"""
+
+
+def test_parse_reads_instructions_labels_and_inlining_chains():
+    (function,) = sass.parse(SASS).values()
+    assert function.name == "kern"
+    assert [i.opcode for i in function.instructions] == [
+        "S2R", "LDG.E.128", "BRA", "FADD", "BRA", "FMUL", "MUFU.EX2", "FADD", "CALL.REL.NOINC",
+        "BRA", "EXIT", "BRA"]
+    assert function.labels == {".L_x_1": 0x10, ".L_x_2": 0x50, ".L_x_3": 0x80, ".L_x_4": 0xb0}
+    fadd = function.instructions[3]
+    assert fadd.source == (sass.SourceLine("/src/m.h", 3), sass.SourceLine("/src/k.cu", 13))
+    # a line comment applies until the next one
+    assert function.instructions[2].source == (sass.SourceLine("/src/k.cu", 12),)
+    assert function.instructions[2].branch_target == ".L_x_2"
+    assert sass.access_bytes(function.instructions[1]) == 16
+
+
+def test_loops_take_the_heaviest_arm_once():
+    (function,) = sass.parse(SASS).values()
+    loops = function.loops()
+    # the body 0x10..0x90, and the branch-to-self padding after EXIT
+    assert [(lp.start, lp.end) for lp in loops] == [(0x10, 0x90), (0xb0, 0xb0)]
+    body = loops[0]
+    assert len(body.instructions) == 9  # every instruction from 0x10 to 0x90
+    # LDG, @P0 BRA, then the else arm (FMUL, MUFU, FADD) rather than (FADD, BRA), CALL, BRA
+    assert body.path_instructions == 7
+    assert body.path_mufu == 1
+    assert body.path_global_bytes == 16
+
+
+def test_resource_usage_report():
+    report = """
+ Function _Z4kernPf:
+  REG:40 STACK:8 SHARED:1024 LOCAL:0 CONSTANT[0]:900 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z5otherv:
+  REG:12 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:352 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    usage = sass.resource_usage(report)
+    assert usage["_Z4kernPf"]["REG"] == 40 and usage["_Z4kernPf"]["SHARED"] == 1024
+    assert usage["_Z5otherv"]["REG"] == 12
+
+
+def test_source_loops_of_cpp_and_python(tmp_path):
+    cpp = tmp_path / "k.cu"
+    cpp.write_text("void f() {\n  for (int i = 0; i < n; ++i) {\n    // } not a brace\n"
+                   "    while (x) y();\n  }\n}\n")
+    loops = source.cpp_loops(str(cpp))
+    assert [(sl.header_line, sl.end_line) for sl in loops] == [(2, 5), (4, 4)]
+    py = tmp_path / "k.py"
+    py.write_text("def k():\n    for t in range(steps):\n        a = 1\n\n        b = 2\n    c = 3\n")
+    (loop,) = source.python_loops(str(py))
+    assert (loop.header_line, loop.end_line, loop.header) == (2, 5, "for t in range(steps)")
+
+
+KERNEL = r"""
+__global__ void two_passes(const float* __restrict__ x, float* __restrict__ y, int n,
+                           int steps) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float total = 0.f;
+  // Pass A: sum of exponentials over the steps.
+#pragma unroll 1
+  for (int t = 0; t < steps; ++t) {
+    total += __expf(x[t * n + i]);
+  }
+  // Pass B: scale every step.
+#pragma unroll 1
+  for (int t = 0; t < steps; ++t) {
+    y[t * n + i] = x[t * n + i] / total;
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled_kernel(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("census_kernel")
+    path = str(folder / "two_passes.cu")
+    with open(path, "w") as handle:
+        handle.write(KERNEL)
+    cubin = str(folder / "two_passes.cubin")
+    subprocess.run(build.nvcc_command(path, cubin, str(folder)), check=True, capture_output=True)
+    return path, cubin
+
+
+def _sass_dump(cubin: str) -> list[tuple[int, str]]:
+    """(address, instruction) from cuobjdump -sass: a second reading of the same code."""
+    text = subprocess.run([sass.tool("cuobjdump"), "-sass", cubin], capture_output=True,
+                          text=True, check=True).stdout
+    return [(int(a, 16), body.strip()) for a, body in
+            re.findall(r"/\*([0-9a-f]{4})\*/\s+([^;]*);", text)]
+
+
+@needs_nvcc
+def test_compiled_kernel_counts_match_its_sass(compiled_kernel):
+    path, cubin = compiled_kernel
+    (function,) = sass.disassemble(cubin).values()
+    dump = _sass_dump(cubin)
+    assert [i.address for i in function.instructions] == [a for a, _ in dump]
+    assert [i.opcode for i in function.instructions] == [b.split()[0] if not b.startswith("@")
+                                                         else b.split()[1] for _, b in dump]
+    assert function.registers > 0
+    anchors = [("A", r"// Pass A"), ("B", r"// Pass B")]
+    regions = source.anchor_lines(path, anchors)
+    loops = [lp for lp in function.loops() if len(lp.instructions) > 1]
+    by_pass = {source.loop_pass(lp, path, regions): lp for lp in loops}
+    assert set(by_pass) == {"A", "B"}
+    for name, loop in by_pass.items():
+        # what the parser counted on the loop's path is what the dump holds in its range
+        in_range = [b for a, b in dump if loop.start <= a <= loop.end]
+        assert len(loop.instructions) == len(in_range)
+        mufu = sum("MUFU" in b for b in in_range)
+        assert loop.path_mufu == mufu
+        assert loop.path_instructions <= len(in_range)
+    assert by_pass["A"].path_mufu >= 1  # __expf: MUFU.EX2
+    assert any(i.base == "STG" for i in by_pass["B"].instructions)
+    assert not any(i.base == "STG" for i in by_pass["A"].instructions)
+    # per-element counts: each loop iteration is one step of one element
+    counts = analysis.count(function, path, anchors, lambda loop: 1.0)
+    per_pass = {p.name: p for p in counts.passes}
+    assert per_pass["A"].instructions == by_pass["A"].path_instructions
+    assert per_pass["B"].mufu == by_pass["B"].path_mufu
+    assert per_pass["B"].global_bytes == by_pass["B"].path_global_bytes == 8  # load x, store y
+    assert counts.unmatched_loops == 0
+
+
+def test_occupancy_limits():
+    card = CARDS["H100"]
+    # registers: 64 per thread, 256 threads -> 8 warps of 2048 registers -> 4 blocks
+    assert model.blocks_per_sm(card, 256, 64, 0) == 4
+    # threads: 1024-thread blocks, few registers -> 2 blocks
+    assert model.blocks_per_sm(card, 1024, 16, 0) == 2
+    # shared memory: 100 KiB + 1 KiB reserved per block -> 2 blocks of 228 KiB
+    assert model.blocks_per_sm(card, 128, 32, 100 * 1024) == 2
+    # registers round up to 256 per warp: 33 registers cost what 40 do
+    assert model.blocks_per_sm(card, 256, 33, 0) == model.blocks_per_sm(card, 256, 40, 0)
+
+
+def _launch(**changes):
+    values = dict(name="k", blocks=132 * 8, threads=256, registers=32, shared_bytes=0,
+                  dram_bytes=3e9, instructions=0.0, mufu=0.0, inflight_bytes_per_thread=64)
+    values.update(changes)
+    return model.Launch(**values)
+
+
+def test_time_is_the_largest_term_plus_the_overlap_loss():
+    card = CARDS["H100"]
+    dram_only = model.time_launch(card, _launch())
+    assert dram_only.bound_by == "dram"
+    assert dram_only.dram_s == pytest.approx(3e9 / card.copy_bandwidth)
+    assert dram_only.kernel_s == pytest.approx(card.launch_s + dram_only.dram_s)
+    # issue time: thread instructions over 4 warp instructions per SM and clock
+    both = model.time_launch(card, _launch(instructions=card.issue_rate * 2 * dram_only.dram_s))
+    assert both.bound_by == "issue"
+    assert both.issue_s == pytest.approx(2 * dram_only.dram_s)
+    assert both.kernel_s == pytest.approx(card.launch_s + both.issue_s
+                                          + model.OVERLAP_LOSS * both.dram_s)
+    roofline = model.time_launch(card, _launch(instructions=card.issue_rate * 2 * both.dram_s),
+                                 overlap_loss=0.0)
+    assert roofline.kernel_s == pytest.approx(card.launch_s + roofline.issue_s)
+
+
+def test_few_blocks_are_latency_bound_and_issue_on_their_sms_only():
+    card = CARDS["H100"]
+    few = model.time_launch(card, _launch(blocks=8, threads=512, dram_bytes=6e6,
+                                          inflight_bytes_per_thread=16))
+    # 8 blocks x 512 threads x 16 bytes in flight per DRAM latency
+    expected_bandwidth = 8 * 512 * 16 / model.DRAM_LATENCY_S
+    assert few.bound_by == "latency"
+    assert few.dram_bandwidth == pytest.approx(expected_bandwidth)
+    assert few.active_sms == 8
+    issue = model.time_launch(card, _launch(blocks=8, threads=512, dram_bytes=0,
+                                            instructions=1e9))
+    assert issue.issue_s == pytest.approx(1e9 / (card.issue_rate * 8 / card.sms))
+
+
+def test_call_time_and_fraction():
+    card = CARDS["H200"]
+    assert model.call_time(10e-6, 30e-6) == 30e-6
+    assert model.call_time(50e-6, 30e-6) == 50e-6
+    assert model.fraction_of_copy(card.copy_bandwidth * 1e-3, 2e-3, card) == pytest.approx(0.5)
+
+
+def test_byte_models():
+    # SPEC 4: 3 E b (2-D), (2T + 1) E b ([T, R, C]); LIF 4 E b plus the re-read of x
+    assert hta_kl.model_bytes("bfloat16", 0, 8, 1000) == 3 * 8000 * 2
+    assert hta_kl.model_bytes("float32", 4, 8, 1000) == 9 * 8000 * 4
+    assert lif.model_bytes("float32", 8, 1024) == 5 * 8 * 1024 * 4
+
+
+def test_launch_constants_are_read_from_the_sources():
+    lif_text = open(os.path.join(ROOT, "csrc", "cuda", "lif_cuda.cu")).read()
+    assert lif.cuda_constant(lif_text, "kThreads") == int(
+        re.search(r"constexpr int kThreads = (\d+);", lif_text).group(1))
+    with pytest.raises(ValueError, match="kThreads"):
+        lif.cuda_constant(lif_text.replace("kThreads", "kThreadsPerBlock"), "kThreads")
+    hta_text = open(os.path.join(ROOT, "csrc", "cuda", "hta_kl_cuda.cu")).read()
+    constants = hta_kl.cuda_constants(hta_text)
+    assert constants["kMaxThreads"] == int(
+        re.search(r"constexpr int kMaxThreads = (\d+);", hta_text).group(1))
+    # a launcher whose choice of threads changes without the census fails the census
+    changed = hta_text.replace("chunks >= kMaxThreads ? kMaxThreads", "chunks > kMaxThreads ? 256")
+    with pytest.raises(ValueError, match="launcher changed"):
+        hta_kl.cuda_constants(changed)
+
+
+def test_pass_anchors_still_match_the_kernels():
+    source.anchor_lines(os.path.join(ROOT, "csrc", "cuda", "hta_kl_cuda.cu"), hta_kl.CUDA_ANCHORS)
+    source.anchor_lines(os.path.join(ROOT, "triton_kernels", "hta_kl.py"), hta_kl.TRITON_ANCHORS)
+    with pytest.raises(ValueError, match="not found"):
+        source.anchor_lines(os.path.join(ROOT, "csrc", "cuda", "lif_cuda.cu"),
+                            [("gone", r"no such line in the kernel")])
+
+
+def test_calibration_reads_the_measured_table():
+    rows = calibration.measured_rows(os.path.join(ROOT, calibration.MEASURED))
+    assert len(rows) == 16
+    first = next(r for r in rows if r["backend"] == "cuda" and r["steps"] == 4
+                 and r["dtype"] == "float32")
+    assert first["measured_percent"] == 36
+
+
+@needs_nvcc
+def test_quick_census_end_to_end(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.census", "--quick", "--out",
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads((tmp_path / "census-quick.json").read_text())
+    keys = {"backend", "kernel", "dtype", "steps", "neurons", "card", "predicted_fraction",
+            "bound_by"}
+    assert records and all(keys <= set(r) for r in records)
+    assert {r["backend"] for r in records} == {"cuda", "triton"}
+    for r in records:
+        assert 0 < r["predicted_fraction"] <= 1
+        assert r["instructions_per_element"] > 0 and r["mufu_per_element"] > 0
+        assert r["dram_bytes"] >= r["model_bytes"]  # the kernels move at least what they must
+    assert "| shape | dtype | passes |" in (tmp_path / "census-quick.md").read_text()
+
+
+def test_compare_joins_measured_cases_with_predictions():
+    from bench.census import compare
+
+    census = [{"backend": "cuda", "kernel": "lif", "dtype": "float32", "card": "H100",
+               "steps": 8, "neurons": 1024, "predicted_call_fraction": 0.5,
+               "predicted_fraction": 0.6, "predicted_call_time_s": 1e-4, "call_bound_by": "dram"}]
+    run = {"suite": "lif", "device": {"description": "NVIDIA H100 80GB HBM3"}, "rows": [
+        {"implementation": "htakl cuda", "status": "ok", "dtype": "float32", "case": "T8xN1024",
+         "dims": {"steps": 8, "neurons": 1024}, "fraction_of_copy_bandwidth": 0.4,
+         "forward_backward": {"median_s": 2e-4}},
+        {"implementation": "htakl cuda", "status": "ok", "dtype": "bfloat16", "case": "T8xN1024",
+         "dims": {"steps": 8, "neurons": 1024}, "fraction_of_copy_bandwidth": 0.2,
+         "forward_backward": {"median_s": 2e-4}},
+        {"implementation": "reference loop (eager)", "status": "ok", "dtype": "float32",
+         "case": "T8xN1024", "dims": {"steps": 8, "neurons": 1024},
+         "fraction_of_copy_bandwidth": 0.1, "forward_backward": {"median_s": 1e-3}},
+    ]}
+    rows = compare.join([run], census)
+    assert len(rows) == 2  # the baseline is not ours
+    assert rows[0]["measured_over_predicted"] == pytest.approx(0.8)
+    assert "predicted_fraction" not in rows[1]  # no census record for bfloat16
+    assert "no census record" in compare.markdown(rows)
