@@ -21,9 +21,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-# Files marked by name: the demo's tests and the end-to-end runs.
+# Marked by name: the demo's tests, and the end-to-end runs (whole files, or single tests as
+# "file::test").
 DEMO_FILE_PREFIX = "test_demo_"
-SLOW_FILES = {"test_demo_run.py", "test_census.py"}
+SLOW = {"test_demo_run.py", "test_demo_torchrun.py", "test_census.py::test_quick_census_end_to_end"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,5 +32,5 @@ def pytest_collection_modifyitems(config, items):
         name = Path(str(item.fspath)).name
         if name.startswith(DEMO_FILE_PREFIX):
             item.add_marker(pytest.mark.demo)
-        if name in SLOW_FILES:
+        if name in SLOW or f"{name}::{item.originalname}" in SLOW:
             item.add_marker(pytest.mark.slow)
