@@ -204,21 +204,28 @@ def agree(group: _Group, check) -> tuple[object, torch.Tensor]:
     return result, classes
 
 
-def _softmaxes(streams: torch.Tensor, group: _Group, inv_tau: float):
-    """SPEC 1.1-1.2 for `streams` [K, R, c] (the teacher and the student softmaxes) over the whole
-    rows: log softmax and softmax of the local slices, and each row's log-sum-exp [K, R]."""
-    if streams.shape[-1] > 0:
+def _softmaxes(streams: list[torch.Tensor], group: _Group, inv_tau: float):
+    """SPEC 1.1-1.2 over the whole rows for each of `streams` ([K, R, c] each: the teacher, the
+    student's softmaxes), two collectives for all of them: per stream, the log softmax and
+    softmax of the local slices and each row's log-sum-exp [K, R]."""
+    def local_max(x):
+        if x.shape[-1] == 0:
+            return x.new_full(x.shape[:-1], -math.inf)
         # NaN stays out of the MAX (reductions need not propagate it); it reaches every rank
-        # through the sum below instead.
-        local_max = torch.where(streams.isnan(), -math.inf, streams).amax(dim=-1)
-    else:
-        local_max = streams.new_full(streams.shape[:-1], -math.inf)
-    row_max = group.all_reduce(local_max, dist.ReduceOp.MAX)
-    shifted = (streams - row_max.unsqueeze(-1)) * inv_tau
-    exponentials = torch.exp(shifted)
-    sums = group.all_reduce(exponentials.sum(dim=-1, dtype=torch.float64), dist.ReduceOp.SUM)
-    log_sum = torch.log(sums).to(streams.dtype)
-    return shifted - log_sum.unsqueeze(-1), exponentials * torch.exp(-log_sum).unsqueeze(-1), log_sum
+        # through the sums below instead.
+        return torch.where(x.isnan(), -math.inf, x).amax(dim=-1)
+
+    counts = [x.shape[0] for x in streams]
+    row_max = group.all_reduce(torch.cat([local_max(x) for x in streams]), dist.ReduceOp.MAX)
+    shifted = [(x - m.unsqueeze(-1)) * inv_tau for x, m in zip(streams, row_max.split(counts))]
+    exponentials = [torch.exp(x) for x in shifted]
+    sums = group.all_reduce(torch.cat([e.sum(dim=-1, dtype=torch.float64) for e in exponentials]),
+                            dist.ReduceOp.SUM)
+    results = []
+    for x, e, total in zip(shifted, exponentials, sums.split(counts)):
+        log_sum = torch.log(total).to(x.dtype)
+        results.append((x - log_sum.unsqueeze(-1), e * torch.exp(-log_sum).unsqueeze(-1), log_sum))
+    return results
 
 
 def _head(p: torch.Tensor, invalid_rows: torch.Tensor, delta: float, group: _Group) -> torch.Tensor:
@@ -312,10 +319,9 @@ def _rows(student: torch.Tensor, teacher: torch.Tensor, group: _Group, *, temper
     student_acc = student.to(acc)
     if steps > 1 and logit_mean:
         student_acc = student_acc.mean(dim=0, keepdim=True)
-    streams = torch.cat([teacher.to(acc).unsqueeze(0), student_acc])
-    log_probs, probs, log_sums = _softmaxes(streams, group, inv_tau)
-    p, log_p = probs[0], log_probs[0]
-    q_steps, log_q_steps = probs[1:], log_probs[1:]
+    (log_p, p, log_sum_p), (log_q_steps, q_steps, _) = _softmaxes(
+        [teacher.to(acc).unsqueeze(0), student_acc], group, inv_tau)
+    log_p, p = log_p[0], p[0]
     if prob_mean:
         # SPEC 1.2: log q = logsumexp_t(log q_t) - log T; a class at -inf at every step has q = 0.
         q = q_steps.mean(dim=0)
@@ -328,7 +334,7 @@ def _rows(student: torch.Tensor, teacher: torch.Tensor, group: _Group, *, temper
     else:
         q, log_q = q_steps[0], log_q_steps[0]
 
-    head = _head(p, log_sums[0].isnan(), delta, group)
+    head = _head(p, log_sum_p[0].isnan(), delta, group)
     distance = (p - q).abs()
     sign = torch.sign(q - p)
     # Head and tail sums of the split quantities in one batched product with [head, tail] masks
@@ -486,8 +492,8 @@ def vocab_parallel_head_mask(teacher: torch.Tensor, *, temperature: float, delta
 
     shape, _classes = agree(comm, check)
     rows = teacher.reshape(1, shape.rows, shape.classes).to(accumulation_dtype(teacher.dtype))
-    _log_probs, probs, log_sums = _softmaxes(rows, comm, 1.0 / temperature)
-    return _head(probs[0], log_sums[0].isnan(), delta, comm).reshape(teacher.shape)
+    [(_log_p, p, log_sum_p)] = _softmaxes([rows], comm, 1.0 / temperature)
+    return _head(p[0], log_sum_p[0].isnan(), delta, comm).reshape(teacher.shape)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -91,14 +91,16 @@ GRAD_TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-15),
                    torch.float32: dict(rtol=2e-4, atol=1e-6)}
 
 
-def _compare(student, teacher, sizes, rank, options, failures, what, group=None):
-    """One case: the rank's slices through the vocab-parallel call against the CPU kernel on the
-    whole rows (loss, gradients of the rank's slices, the same loss bits on every rank)."""
+def _compare(student, teacher, sizes, rank, options, failures, what, device="cpu"):
+    """One case: the rank's slices (on `device`) through the vocab-parallel call against the CPU
+    kernel on the whole rows (loss, gradients of the rank's slices, the same loss bits on every
+    rank)."""
     start, stop = _bounds(sizes, rank)
-    local_student = student[..., start:stop].clone().requires_grad_(True)
-    local_teacher = teacher[..., start:stop].clone().requires_grad_(True)
-    loss = hk.hta_kl_div(local_student, local_teacher, group=group or dist.group.WORLD, **options)
+    local_student = student[..., start:stop].to(device).clone().requires_grad_(True)
+    local_teacher = teacher[..., start:stop].to(device).clone().requires_grad_(True)
+    loss = hk.hta_kl_div(local_student, local_teacher, group=dist.group.WORLD, **options)
     loss.sum().backward()
+    loss = loss.cpu()
     whole_student = student.clone().requires_grad_(True)
     whole_teacher = teacher.clone().requires_grad_(True)
     expected = hk.hta_kl_div(whole_student, whole_teacher, backend="cpu", **options)
@@ -106,9 +108,9 @@ def _compare(student, teacher, sizes, rank, options, failures, what, group=None)
     dtype = student.dtype
     try:
         torch.testing.assert_close(loss, expected, equal_nan=True, **TOLERANCES[dtype])
-        torch.testing.assert_close(local_student.grad, whole_student.grad[..., start:stop],
+        torch.testing.assert_close(local_student.grad.cpu(), whole_student.grad[..., start:stop],
                                    equal_nan=True, **GRAD_TOLERANCES[dtype])
-        torch.testing.assert_close(local_teacher.grad, whole_teacher.grad[..., start:stop],
+        torch.testing.assert_close(local_teacher.grad.cpu(), whole_teacher.grad[..., start:stop],
                                    equal_nan=True, **GRAD_TOLERANCES[dtype])
         losses = [torch.empty_like(loss) for _ in range(dist.get_world_size())]
         dist.all_gather(losses, loss.detach())
@@ -128,7 +130,7 @@ def _compare_head(teacher, sizes, rank, delta, failures, what):
         failures.append(f"{what} sizes={sizes} delta={delta}: head membership differs")
 
 
-def _random_cases(rank, world):
+def _random_cases(rank, world, device="cpu"):
     """Random rows clear of the head boundary: every dtype, student kind, reduction and
     detach_weights, over three splits."""
     failures = []
@@ -156,7 +158,7 @@ def _random_cases(rank, world):
             options = dict(temperature=TEMPERATURE, delta=delta, time_reduction=time_reduction,
                            reduction=reduction, detach_weights=detach)
             _compare(students[kind], teacher, splits[index % len(splits)], rank, options, failures,
-                     f"{dtype} {kind}")
+                     f"{dtype} {kind}", device)
     return failures
 
 
@@ -216,6 +218,18 @@ def _matching_worker(rank, world):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_matches_single_device(world, tmp_path):
     run_group(world, _matching_worker, tmp_path)
+
+
+def _cuda_worker(rank, world):
+    return _random_cases(rank, world, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_through_gloo(tmp_path):
+    """CUDA tensors on gloo ranks (their statistics cross through the CPU), against the CPU
+    kernel on the whole rows; two ranks share one GPU."""
+    run_group(2, _cuda_worker, tmp_path)
 
 
 def _expect_error(failures, what, call, kind, fragment):
