@@ -407,9 +407,12 @@ class _VocabParallelHtaKl(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, group, options, row_scale, grad_student, grad_teacher):
-        loss_rows, d_student, d_teacher = _rows(
-            student, teacher, group, row_scale=row_scale, grad_student=grad_student,
-            grad_teacher=grad_teacher, **options)
+        # The statistics keep the accumulation dtype: autocast would run their batched product
+        # in 16 bits.
+        with torch.autocast(student.device.type, enabled=False):
+            loss_rows, d_student, d_teacher = _rows(
+                student, teacher, group, row_scale=row_scale, grad_student=grad_student,
+                grad_teacher=grad_teacher, **options)
         ctx.save_for_backward(d_student, d_teacher)
         return loss_rows
 
