@@ -3,8 +3,9 @@
 # and install htakl_kernels in editable mode. Cheap to rerun: the requirements are reinstalled only
 # when requirements-dev.txt changed, and the extension is rebuilt only when one of its inputs
 # (csrc/**, setup.py, pyproject.toml, scripts/gpu_flags.py, requirements-dev.txt, the installed
-# torch, HTAKL_NO_CUDA) changed since the last successful build, or its library is missing. The
-# fingerprints of the last successful steps live in the venv, so a new venv starts from scratch.
+# torch, HTAKL_NO_CUDA, HTAKL_GPU_ARCHS) changed since the last successful build, or its library
+# is missing. The fingerprints of the last successful steps live in the venv, so a new venv starts
+# from scratch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${HTAKL_VENV:-.venv}
@@ -27,13 +28,13 @@ if [ "$(cat "$requirements_stamp" 2>/dev/null)" != "$requirements_hash" ]; then
 fi
 
 # Everything the build reads, as one hash: each input file's hash and path, the torch it compiles
-# against and the switch that leaves CUDA out.
+# against, the switch that leaves CUDA out and the architectures it is built for.
 build_hash() {
   {
     find csrc -type f -print0 | sort -z |
       xargs -0 sha256sum -- setup.py pyproject.toml scripts/gpu_flags.py requirements-dev.txt
     find "$VENV"/lib/python*/site-packages -maxdepth 1 -name 'torch-*.dist-info'
-    echo "HTAKL_NO_CUDA=${HTAKL_NO_CUDA:-}"
+    echo "HTAKL_NO_CUDA=${HTAKL_NO_CUDA:-} HTAKL_GPU_ARCHS=${HTAKL_GPU_ARCHS:-}"
   } | sha256sum | cut -d' ' -f1
 }
 build_stamp="$VENV/.htakl-build.sha256"
