@@ -41,6 +41,7 @@ SASS = """
         /*0050*/                   FMUL R5, R5, R4 ;
         /*0060*/                   MUFU.EX2 R5, R5 ;
         /*0070*/                   FADD R5, R5, 1 ;
+        /*0078*/              @!P2 LDG.E R7, desc[UR4][R2.64] ;
 .L_x_3:
 \t//## File "/src/k.cu", line 12
         /*0080*/                   CALL.REL.NOINC `($slow) ;
@@ -55,8 +56,8 @@ def test_parse_reads_instructions_labels_and_inlining_chains():
     (function,) = sass.parse(SASS).values()
     assert function.name == "kern"
     assert [i.opcode for i in function.instructions] == [
-        "S2R", "LDG.E.128", "BRA", "FADD", "BRA", "FMUL", "MUFU.EX2", "FADD", "CALL.REL.NOINC",
-        "BRA", "EXIT", "BRA"]
+        "S2R", "LDG.E.128", "BRA", "FADD", "BRA", "FMUL", "MUFU.EX2", "FADD", "LDG.E",
+        "CALL.REL.NOINC", "BRA", "EXIT", "BRA"]
     assert function.labels == {".L_x_1": 0x10, ".L_x_2": 0x50, ".L_x_3": 0x80, ".L_x_4": 0xb0}
     fadd = function.instructions[3]
     assert fadd.source == (sass.SourceLine("/src/m.h", 3), sass.SourceLine("/src/k.cu", 13))
@@ -72,11 +73,14 @@ def test_loops_take_the_heaviest_arm_once():
     # the body 0x10..0x90, and the branch-to-self padding after EXIT
     assert [(lp.start, lp.end) for lp in loops] == [(0x10, 0x90), (0xb0, 0xb0)]
     body = loops[0]
-    assert len(body.instructions) == 9  # every instruction from 0x10 to 0x90
-    # LDG, @P0 BRA, then the else arm (FMUL, MUFU, FADD) rather than (FADD, BRA), CALL, BRA
-    assert body.path_instructions == 7
+    assert len(body.instructions) == 10  # every instruction from 0x10 to 0x90
+    # LDG, @P0 BRA, then the else arm (FMUL, MUFU, FADD, LDG) rather than (FADD, BRA), CALL, BRA
+    assert body.path_instructions == 8
     assert body.path_mufu == 1
+    # the predicated 4-byte load beside a 16-byte one is an edge fallback: not counted again
     assert body.path_global_bytes == 16
+    assert sass.weights(function.instructions[8]) == (1, 0, 4)
+    assert sass.weights(function.instructions[8], vector_loop=True) == (1, 0, 0)
 
 
 def test_resource_usage_report():

@@ -138,9 +138,15 @@ def access_bytes(ins: Instruction) -> int:
     return next((_WIDTHS[m] for m in modifiers if m in _WIDTHS), 4)
 
 
-def weights(ins: Instruction) -> tuple[int, int, int]:
-    """(1, MUFU or not, global bytes) of one instruction."""
-    return 1, int(ins.base == "MUFU"), access_bytes(ins)
+def weights(ins: Instruction, vector_loop: bool = False) -> tuple[int, int, int]:
+    """(1, MUFU or not, global bytes) of one instruction. In a loop that moves 16-byte vectors
+    (`vector_loop`), a predicated narrower access is the row's unaligned edge, which the
+    compiler predicates on the same path as the vector access it replaces: its bytes are not
+    counted a second time."""
+    size = access_bytes(ins)
+    if vector_loop and size < 16 and ins.text.startswith("@") and not _unconditional(ins):
+        size = 0
+    return 1, int(ins.base == "MUFU"), size
 
 
 def _longest_path(loop: Loop, nested: list[Loop], labels: dict[str, int]
@@ -149,6 +155,7 @@ def _longest_path(loop: Loop, nested: list[Loop], labels: dict[str, int]
     from loop.start to its backward branch at loop.end, walking forward edges only (the body
     without its back edge is acyclic)."""
     inner = [lp for lp in nested if not any(o.contains(lp) for o in nested)]
+    vector = any(access_bytes(ins) == 16 for ins in loop.instructions)
     # Nodes by address: own instructions, and each directly nested loop as one node that costs
     # nothing and continues after its backward branch.
     nodes: dict[int, tuple[Instruction | None, list[int]]] = {}
@@ -174,7 +181,7 @@ def _longest_path(loop: Loop, nested: list[Loop], labels: dict[str, int]
     for address in sorted(nodes, reverse=True):
         ins, successors = nodes[address]
         if address == loop.end:
-            best[address] = weights(ins)
+            best[address] = weights(ins, vector)
             continue
         reachable = [best[s] for s in successors if best.get(s) is not None]
         if not reachable:
@@ -182,11 +189,11 @@ def _longest_path(loop: Loop, nested: list[Loop], labels: dict[str, int]
             continue
         heaviest = max(reachable)
         if ins is not None:
-            heaviest = tuple(a + b for a, b in zip(heaviest, weights(ins)))
+            heaviest = tuple(a + b for a, b in zip(heaviest, weights(ins, vector)))
         best[address] = heaviest
     found = best.get(loop.start)
     if found is None:  # no forward path closes the iteration (irreducible flow): count it all
-        return tuple(sum(w) for w in zip(*map(weights, loop.instructions)))
+        return tuple(sum(w) for w in zip(*(weights(ins, vector) for ins in loop.instructions)))
     return found
 
 
