@@ -32,7 +32,10 @@ pytestmark = [
 ON_CHIP = {}
 # Chunks (and the workspace of boundary candidates) of 16 classes.
 CHUNKED = dict(on_chip_limit=16)
-LAYOUTS = pytest.mark.parametrize("layout", [ON_CHIP, CHUNKED], ids=["on_chip", "chunked"])
+# The same chunks, each row split over programs of one chunk each.
+SPLIT = dict(on_chip_limit=16, segments=8)
+LAYOUTS = pytest.mark.parametrize("layout", [ON_CHIP, CHUNKED, SPLIT],
+                                  ids=["on_chip", "chunked", "split"])
 
 
 def _check(student, teacher, *, temperature, delta, logit_mean=False, **layout):
@@ -68,10 +71,12 @@ def test_steps_whose_probabilities_all_underflow(layout):
     assert torch.isfinite(loss).all()
 
 
-def test_boundary_bucket_larger_than_the_workspace():
+@pytest.mark.parametrize("layout", [CHUNKED, SPLIT], ids=["chunked", "split"])
+def test_boundary_bucket_larger_than_the_workspace(layout):
     """Teacher probabilities within one octave of each other: the first histogram's boundary
     bucket holds every class, far more than the 16 keys of the workspace, so the chunked path
-    narrows it with further histogram passes before the bisection."""
+    (and a split row's selection program) narrows it with further histogram passes before the
+    bisection."""
     generator = torch.Generator().manual_seed(2)
     delta = 0.4
     teacher = torch.rand(3, 150, generator=generator, dtype=torch.float64) * 0.6
@@ -80,13 +85,14 @@ def test_boundary_bucket_larger_than_the_workspace():
     p = torch.softmax(teacher, -1)
     assert (p.max(-1).values < 2 * p.min(-1).values).all()
     student = torch.randn(2, 3, 150, generator=generator, dtype=torch.float64)
-    _check(student, teacher, temperature=1.0, delta=delta, **CHUNKED)
+    _check(student, teacher, temperature=1.0, delta=delta, **layout)
 
 
 @LAYOUTS
 def test_row_of_one_value(layout):
     """Every class tied (a uniform row of 200): the boundary bucket narrows to the one key, whose
-    tie count comes from the histogram; the first ceil(delta C) - 1 classes are the head."""
+    tie count comes from the histogram (split: and the ties before each segment from a count over
+    the row); the first ceil(delta C) - 1 classes are the head."""
     teacher = torch.zeros(1, 200, dtype=torch.float64)
     student = torch.randn(1, 1, 200, generator=torch.Generator().manual_seed(3),
                           dtype=torch.float64)
@@ -105,6 +111,36 @@ def test_layouts_choose_the_same_head(dtype):
     on_chip = _check(student, teacher, temperature=2.0, delta=0.6)
     chunked = _check(student, teacher, temperature=2.0, delta=0.6, **CHUNKED)
     torch.testing.assert_close(on_chip, chunked, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["2d", "prob_mean", "logit_mean"])
+@pytest.mark.parametrize("detach_weights", [False, True], ids=["weights", "detached"])
+def test_split_rows(mode, detach_weights):
+    """Rows of 70 classes over 5 programs, with classes tied at the boundary in different
+    segments (row 0: four at the top, two of them in the head; row 1: the boundary in a bucket of
+    its own), against the oracle and, bit for bit, against a second call."""
+    generator = torch.Generator().manual_seed(6)
+    teacher = draw_teacher(3, 70, temperature=0.7, delta=0.37, dtype=torch.float64, scale=2.0,
+                           generator=generator)
+    teacher[0] = -30.0
+    teacher[0, [3, 17, 40, 66]] = 0.0
+    teacher[0, [1, 50]] = -2.0
+    assert (boundary_margin(teacher, 0.7, 0.37) > 1e-3).all()
+    student = torch.randn(1 if mode == "2d" else 3, 3, 70, generator=generator,
+                          dtype=torch.float64)
+    loss, d_student, d_teacher = launch_hta_kl(student, teacher, 0.7, 0.37, mode == "logit_mean",
+                                               detach_weights, True, True, **SPLIT)
+    expected = oracle(student[0] if mode == "2d" else student, teacher, temperature=0.7,
+                      delta=0.37, time_reduction=mode if mode != "2d" else "prob_mean",
+                      detach_weights=detach_weights, reduction="none")
+    assert_close_to_oracle(loss, expected[0], torch.float64, "loss rows")
+    assert_close_to_oracle(d_student.reshape(expected[1].shape), expected[1], torch.float64,
+                           "d student")
+    assert_close_to_oracle(d_teacher, expected[2], torch.float64, "d teacher")
+    again = launch_hta_kl(student, teacher, 0.7, 0.37, mode == "logit_mean", detach_weights,
+                          True, True, **SPLIT)
+    for first, second in zip((loss, d_student, d_teacher), again):
+        assert torch.equal(first, second)
 
 
 @pytest.mark.slow

@@ -200,8 +200,47 @@ def _prob_mean_log2q(student_row, slice_stride, steps, offs, mask, scale, lse2_s
                            lse2_steps, step_ids, log2_steps, TINY, ACC)
 
 
+@triton.jit
+def _merge_lse2(max_a, sum_a, max_b, sum_b):
+    """Two partial base-2 logsumexps (max, sum of exp2(. - max)) as one; elementwise."""
+    new_max = tl.maximum(max_a, max_b)
+    shift = tl.where(new_max == NEG_INF, 0.0, new_max)
+    return new_max, sum_a * tl.exp2(max_a - shift) + sum_b * tl.exp2(max_b - shift)
+
+
+@triton.jit
+def _normalisers(teacher_row, student_row, slice_stride, steps, begin, end, scale, scale_q,
+                 step_ids, BLOCK: tl.constexpr, PROB_MEAN: tl.constexpr, STEPS_PAD: tl.constexpr,
+                 ACC: tl.constexpr):
+    """Pass 1 over classes [begin, end) in chunks: the partial base-2 logsumexps (max, sum) of the
+    teacher, of the student's (mean) logits, and for prob_mean of each step."""
+    lanes = tl.arange(0, BLOCK)
+    zero = tl.zeros([], ACC)
+    p_max, p_sum = zero + NEG_INF, zero
+    q_max, q_sum = zero + NEG_INF, zero
+    steps_max = tl.zeros([STEPS_PAD], ACC) + NEG_INF
+    steps_sum = tl.zeros([STEPS_PAD], ACC)
+    for start in range(begin, end, BLOCK):
+        offs = start + lanes
+        mask = offs < end
+        p_max, p_sum = _lse2_combine(p_max, p_sum, _logits(teacher_row, offs, mask, ACC) * scale)
+        if PROB_MEAN:
+            for t in range(steps):
+                x = _logits(student_row + t * slice_stride, offs, mask, ACC)
+                t_max, t_sum = _lse2_combine(_pick(steps_max, step_ids, t),
+                                             _pick(steps_sum, step_ids, t), x * scale)
+                steps_max = tl.where(step_ids == t, t_max, steps_max)
+                steps_sum = tl.where(step_ids == t, t_sum, steps_sum)
+        else:
+            q_max, q_sum = _lse2_combine(
+                q_max, q_sum,
+                _logit_sum(student_row, slice_stride, steps, offs, mask, ACC) * scale_q)
+    return p_max, p_sum, q_max, q_sum, steps_max, steps_sum
+
+
 # ---------------------------------------------------------------------------------------------
-# Head selection (SPEC 1.3) over integer keys and fixed-point masses.
+# Head selection (SPEC 1.3) over integer keys and fixed-point masses. w is the largest key whose
+# mass at or above reaches delta; [lo, hi) brackets it and mass_above is the mass at or above hi.
 
 
 @triton.jit
@@ -217,69 +256,133 @@ def _keys_and_masses(p, mask, KEY: tl.constexpr, MASS: tl.constexpr, KEY_END: tl
 
 
 @triton.jit
-def _mass_of_keys(keys, ACC: tl.constexpr, MASS: tl.constexpr, FIXED_ONE: tl.constexpr):
-    """The fixed-point masses of valid keys (zero for the -1 of an empty slot)."""
-    p = tl.where(keys >= 0, keys, 0).to(ACC, bitcast=True)
-    return tl.where(keys >= 0, (p * FIXED_ONE + 0.5).to(MASS), 0)
-
-
-@triton.jit
-def _bisect(keys, masses, lo, hi, mass_above, delta_fixed, TOP_BIT: tl.constexpr):
-    """The largest key c in [lo, hi) whose mass at or above (plus `mass_above`, the mass at or
-    above hi) reaches delta, given that lo's does: its bits are set from the top, keeping a bit
-    while the mass still reaches delta. `keys` holds every key of [lo, hi)."""
-    c = lo
-    bit = tl.full([], 1 << TOP_BIT, lo.dtype)
-    for _ in range(TOP_BIT + 1):
-        candidate = c + bit
-        mass = mass_above + tl.sum(tl.where(keys >= candidate, masses, 0), 0)
-        c = tl.where((candidate < hi) & (mass >= delta_fixed), candidate, c)
-        bit = bit >> 1
-    return c
-
-
-@triton.jit
-def _chunked_keys(teacher_row, offs, classes, scale, lse2_p, ACC: tl.constexpr,
-                  KEY: tl.constexpr, MASS: tl.constexpr, KEY_END: tl.constexpr,
-                  FIXED_ONE: tl.constexpr):
-    mask = offs < classes
+def _chunk_keys(teacher_row, offs, end, scale, lse2_p, ACC: tl.constexpr, KEY: tl.constexpr,
+                MASS: tl.constexpr, KEY_END: tl.constexpr, FIXED_ONE: tl.constexpr):
+    """Keys and masses of the classes `offs` (those < end), read from the teacher."""
+    mask = offs < end
     p = tl.exp2(_log2_softmax(_logits(teacher_row, offs, mask, ACC), scale, lse2_p))
     return _keys_and_masses(p, mask, KEY, MASS, KEY_END, FIXED_ONE)
 
 
 @triton.jit
-def _histogram_round(teacher_row, classes, scale, lse2_p, lo, hi, thresholds,
-                     RADIX_BLOCK: tl.constexpr, ACC: tl.constexpr, KEY: tl.constexpr,
-                     MASS: tl.constexpr, KEY_END: tl.constexpr, FIXED_ONE: tl.constexpr):
-    """One pass over the teacher: for each of the ascending `thresholds` (the first is lo), the
-    mass and the count of the keys in [threshold, hi)."""
-    radix_lanes = tl.arange(0, RADIX_BLOCK)
-    masses = tl.zeros(thresholds.shape, MASS)
-    counts = tl.zeros(thresholds.shape, tl.int32)
-    for start in range(0, classes, RADIX_BLOCK):
-        key, mass = _chunked_keys(teacher_row, start + radix_lanes, classes, scale, lse2_p, ACC,
-                                  KEY, MASS, KEY_END, FIXED_ONE)
-        hit = (key[:, None] >= thresholds[None, :]) & (key < hi)[:, None]
-        masses += tl.sum(tl.where(hit, mass[:, None], 0), 0)
-        counts += tl.sum(hit.to(tl.int32), 0)
-    return masses, counts
-
-
-# ---------------------------------------------------------------------------------------------
-# Passes 3 and 4: one chunk of the row as they see it.
+def _bisect(keys, masses, lo, hi, mass_above, delta_fixed, TOP_BIT: tl.constexpr):
+    """w, given `keys` holding every key of [lo, hi) (others are -1) and that lo's mass reaches
+    delta: its bits are set from the top, keeping a bit while the mass still reaches delta.
+    Returns w, the mass strictly above it and the count of keys equal to it."""
+    w = lo
+    bit = tl.full([], 1 << TOP_BIT, lo.dtype)
+    for _ in range(TOP_BIT + 1):
+        candidate = w + bit
+        mass = mass_above + tl.sum(tl.where(keys >= candidate, masses, 0), 0)
+        w = tl.where((candidate < hi) & (mass >= delta_fixed), candidate, w)
+        bit = bit >> 1
+    above = mass_above + tl.sum(tl.where(keys > w, masses, 0), 0)
+    return w, above, tl.sum((keys == w).to(tl.int32), 0)
 
 
 @triton.jit
-def _head_mask(bits, mask, boundary_bits, tied_head, tied_seen, all_head):
-    """SPEC 1.3 without a sort: {p > w} plus the first `tied_head` classes tied at w (ascending
-    class index, `tied_seen` of them in earlier chunks); every class if the row's mass < delta.
-    Returns the chunk's mask and the updated count of tied classes seen."""
-    tied = (bits == boundary_bits) & mask
-    tied_int = tied.to(tl.int32)
-    rank = tl.cumsum(tied_int, 0) - tied_int + tied_seen
-    head = ((bits > boundary_bits) | (tied & (rank < tied_head))) & mask
-    head = tl.where(all_head, mask, head)
-    return head, tied_seen + tl.sum(tied_int, 0)
+def _octave_thresholds(p_max, lse2_p, buckets, RADIX_BUCKETS: tl.constexpr, KEY: tl.constexpr,
+                       KEY_END: tl.constexpr, MANTISSA_BITS: tl.constexpr):
+    """The first histogram's thresholds (ascending, the first 0): the octaves of p below the
+    row's largest probability (from its largest scaled logit `p_max`); the lowest bucket takes
+    everything further down."""
+    top = tl.exp2(p_max - lse2_p).to(KEY, bitcast=True)
+    top_exponent = tl.minimum(tl.maximum(top >> MANTISSA_BITS, 0), KEY_END >> MANTISSA_BITS)
+    octaves = tl.maximum(top_exponent - (RADIX_BUCKETS - 1) + buckets, 0).to(KEY)
+    return tl.where(buckets == 0, 0, octaves << MANTISSA_BITS).to(KEY)
+
+
+@triton.jit
+def _histogram(teacher_row, begin, end, scale, lse2_p, hi, thresholds,
+               RADIX_BLOCK: tl.constexpr, ACC: tl.constexpr, KEY: tl.constexpr,
+               MASS: tl.constexpr, KEY_END: tl.constexpr, FIXED_ONE: tl.constexpr):
+    """One pass over the teacher's classes [begin, end): for each of the ascending `thresholds`,
+    the mass and the count of the keys in [threshold, hi)."""
+    radix_lanes = tl.arange(0, RADIX_BLOCK)
+    masses = tl.zeros(thresholds.shape, MASS)
+    counts = tl.zeros(thresholds.shape, MASS)
+    for start in range(begin, end, RADIX_BLOCK):
+        key, mass = _chunk_keys(teacher_row, start + radix_lanes, end, scale, lse2_p, ACC, KEY,
+                                MASS, KEY_END, FIXED_ONE)
+        hit = (key[:, None] >= thresholds[None, :]) & (key < hi)[:, None]
+        masses += tl.sum(tl.where(hit, mass[:, None], 0), 0)
+        counts += tl.sum(hit.to(MASS), 0)
+    return masses, counts
+
+
+@triton.jit
+def _choose_bucket(masses, counts, thresholds, buckets, hi, mass_above, delta_fixed,
+                   RADIX_BUCKETS: tl.constexpr, KEY: tl.constexpr, MASS: tl.constexpr):
+    """The histogram's bucket that holds w: the last threshold whose mass at or above reaches
+    delta (the masses decrease along the thresholds). Returns its index, its [lo, hi), the mass at
+    or above its hi and its count of classes."""
+    chosen = tl.sum((mass_above + masses >= delta_fixed).to(tl.int32), 0) - 1
+    lo = _pick(thresholds, buckets, chosen).to(KEY)
+    hi = tl.where(chosen + 1 < RADIX_BUCKETS, _pick(thresholds, buckets, chosen + 1), hi).to(KEY)
+    mass_above += _pick(masses, buckets, chosen + 1).to(MASS)
+    return chosen, lo, hi, mass_above, _bucket_count(counts, buckets, chosen)
+
+
+@triton.jit
+def _bucket_count(counts, buckets, chosen):
+    """The count of one bucket, from the counts at or above each threshold."""
+    return _pick(counts, buckets, chosen) - _pick(counts, buckets, chosen + 1)
+
+
+@triton.jit
+def _narrow(teacher_row, classes, scale, lse2_p, masses, counts, thresholds, delta_fixed,
+            CAPACITY: tl.constexpr, RADIX_BLOCK: tl.constexpr, RADIX_BUCKETS: tl.constexpr,
+            ACC: tl.constexpr, KEY: tl.constexpr, MASS: tl.constexpr, KEY_END: tl.constexpr,
+            FIXED_ONE: tl.constexpr):
+    """From the first histogram of a row whose mass reaches delta: its bucket holding w, split
+    evenly by further passes over the teacher while it holds more than CAPACITY classes and more
+    than one key. Returns lo, hi, the mass at or above hi and the bucket's count."""
+    buckets = tl.arange(0, RADIX_BUCKETS)
+    _, lo, hi, mass_above, count = _choose_bucket(masses, counts, thresholds, buckets, KEY_END,
+                                                  tl.zeros([], MASS), delta_fixed, RADIX_BUCKETS,
+                                                  KEY, MASS)
+    while (count > CAPACITY) & (hi - lo > 1):
+        width = (hi - lo + RADIX_BUCKETS - 1) // RADIX_BUCKETS
+        thresholds = tl.minimum(lo + buckets * width, hi).to(KEY)
+        masses, counts = _histogram(teacher_row, 0, classes, scale, lse2_p, hi, thresholds,
+                                    RADIX_BLOCK, ACC, KEY, MASS, KEY_END, FIXED_ONE)
+        _, lo, hi, mass_above, count = _choose_bucket(masses, counts, thresholds, buckets, hi,
+                                                      mass_above, delta_fixed, RADIX_BUCKETS, KEY,
+                                                      MASS)
+    return lo, hi, mass_above, count
+
+
+@triton.jit
+def _compact(teacher_row, begin, end, scale, lse2_p, lo, hi, keys_row, index_row, written,
+             WITH_INDEX: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+             KEY: tl.constexpr, MASS: tl.constexpr, KEY_END: tl.constexpr,
+             FIXED_ONE: tl.constexpr):
+    """Append the keys in [lo, hi) of classes [begin, end) (and, `WITH_INDEX`, their class
+    indices) to the workspace row from position `written`, in class order; returns the count."""
+    lanes = tl.arange(0, BLOCK)
+    for start in range(begin, end, BLOCK):
+        offs = start + lanes
+        key, _ = _chunk_keys(teacher_row, offs, end, scale, lse2_p, ACC, KEY, MASS, KEY_END,
+                             FIXED_ONE)
+        inside = (key >= lo) & (key < hi)
+        position = written + tl.cumsum(inside.to(tl.int32), 0) - inside.to(tl.int32)
+        tl.store(keys_row + position, key, mask=inside)
+        if WITH_INDEX:
+            tl.store(index_row + position, offs.to(KEY), mask=inside)
+        written += tl.sum(inside.to(tl.int32), 0)
+    return written
+
+
+@triton.jit
+def _bisect_workspace(keys_row, count, lo, hi, mass_above, delta_fixed, BLOCK: tl.constexpr,
+                      ACC: tl.constexpr, MASS: tl.constexpr, TOP_BIT: tl.constexpr,
+                      FIXED_ONE: tl.constexpr):
+    """`_bisect` over the `count` keys of [lo, hi) in the workspace row."""
+    lanes = tl.arange(0, BLOCK)
+    keys = tl.load(keys_row + lanes, mask=lanes < count, other=-1)
+    p = tl.where(keys >= 0, keys, 0).to(ACC, bitcast=True)
+    masses = tl.where(keys >= 0, (p * FIXED_ONE + 0.5).to(MASS), 0)
+    return _bisect(keys, masses, lo, hi, mass_above, delta_fixed, TOP_BIT)
 
 
 @triton.jit
@@ -297,8 +400,25 @@ def _tied_head_count(mass_above, boundary, tied_count, delta):
 
 
 @triton.jit
+def _head_mask(bits, mask, boundary_bits, tied_head, tied_seen, all_head):
+    """SPEC 1.3 without a sort: {p > w} plus the first `tied_head` classes tied at w (ascending
+    class index, `tied_seen` of them in earlier chunks); every class if the row's mass < delta.
+    Returns the chunk's mask and the updated count of tied classes seen."""
+    tied = (bits == boundary_bits) & mask
+    tied_int = tied.to(tl.int32)
+    rank = tl.cumsum(tied_int, 0) - tied_int + tied_seen
+    head = ((bits > boundary_bits) | (tied & (rank < tied_head))) & mask
+    head = tl.where(all_head, mask, head)
+    return head, tied_seen + tl.sum(tied_int, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Passes 3 and 4 over classes [begin, end), shared by the layouts.
+
+
+@triton.jit
 def _chunk_distributions(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row,
-                         slice_stride, steps, classes, offs, scale, scale_q, lse2_p, lse2_q,
+                         slice_stride, steps, end, offs, scale, scale_q, lse2_p, lse2_q,
                          lse2_steps, step_ids, log2_steps, boundary_bits, tied_head, tied_seen,
                          all_head, ON_CHIP: tl.constexpr, PROB_MEAN: tl.constexpr,
                          TINY: tl.constexpr, ACC: tl.constexpr, KEY: tl.constexpr):
@@ -314,7 +434,7 @@ def _chunk_distributions(row_mask, log2_p_tile, log2_q_tile, teacher_row, studen
         log2_p = log2_p_tile
         log2_q = log2_q_tile
     else:
-        mask = offs < classes
+        mask = offs < end
         log2_p = _log2_softmax(_logits(teacher_row, offs, mask, ACC), scale, lse2_p)
         if PROB_MEAN:
             log2_q = _prob_mean_log2q(student_row, slice_stride, steps, offs, mask, scale,
@@ -329,194 +449,31 @@ def _chunk_distributions(row_mask, log2_p_tile, log2_q_tile, teacher_row, studen
     return mask, log2_q, log2_p * LN2, log2_q * LN2, p, q, head, tied_seen
 
 
-# ---------------------------------------------------------------------------------------------
-# The kernel.
-
-
 @triton.jit
-def _hta_kl_kernel(
-    student_ptr, teacher_ptr, loss_ptr, d_student_ptr, d_teacher_ptr, workspace_ptr,
-    # float64 arguments (a plain Python float would be passed as float32): exact for float64 math.
-    temperature: tl.float64, head_mass: tl.float64, row_scale_in: tl.float64,
-    head_mass_fixed, steps, classes, slice_stride,
-    PROB_MEAN: tl.constexpr, TWO_D: tl.constexpr, STEPS_PAD: tl.constexpr, ON_CHIP: tl.constexpr,
-    BLOCK: tl.constexpr, RADIX_BLOCK: tl.constexpr, RADIX_BUCKETS: tl.constexpr,
-    DETACH: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
-    ACC: tl.constexpr, KEY: tl.constexpr, MASS: tl.constexpr, TOP_BIT: tl.constexpr,
-    MANTISSA_BITS: tl.constexpr, FIXED_ONE: tl.constexpr, TINY: tl.constexpr,
-):
-    if TWO_D:
-        steps = 1  # the student is one slice: the loops over time steps vanish at compile time
-    # 64-bit offsets: the row index is widened before it multiplies the row length.
-    row = tl.program_id(0).to(tl.int64)
-    teacher_row = teacher_ptr + row * classes
-    student_row = student_ptr + row * classes
-    tau64 = tl.zeros([], tl.float64) + temperature
-    tau = tau64.to(ACC)
-    scale = (tl.full([], LOG2E, tl.float64) / tau64).to(ACC)
-    delta = (tl.zeros([], tl.float64) + head_mass).to(ACC)
-    delta_fixed = (tl.zeros([], tl.int64) + head_mass_fixed).to(MASS)
-    inv_tau = 1.0 / tau
-    # The row's weight in the reduction that follows (csrc HtaKlOptions::row_scale): the loss row
-    # and every gradient carry it, the gradients through grad_scale = row_scale / tau.
-    row_scale = (tl.zeros([], tl.float64) + row_scale_in).to(ACC)
-    grad_scale = row_scale * inv_tau
-    steps_acc = tl.zeros([], ACC) + steps
-    inv_steps = 1.0 / steps_acc
-    log2_steps = tl.log2(steps_acc)
-    # logit_mean: softmax(mean_t z_t / tau), from the sum of the steps' logits.
-    scale_q = scale * inv_steps
-    # Widened here, so that t * slice_stride cannot overflow for T * R * C >= 2**31.
-    slice_stride = tl.zeros([], tl.int64) + slice_stride
+def _row_sums(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slice_stride, steps,
+              begin, end, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps,
+              boundary_bits, tied_head, tied_seen, all_head, BLOCK: tl.constexpr,
+              ON_CHIP: tl.constexpr, PROB_MEAN: tl.constexpr, STEPS_PAD: tl.constexpr,
+              GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, TINY: tl.constexpr,
+              ACC: tl.constexpr, KEY: tl.constexpr):
+    """Pass 3 (SPEC 1.4-1.6 and 2) over classes [begin, end), `tied_seen` classes tied at w
+    before them: d_head, d_tail, F, R; the signed head / tail sums of p and q (SPEC 2's
+    sum_j p_j dl_j and sum_j q_j dl_j); for prob_mean, per time step, sum_j p_j r_tj,
+    sum_j q_tj (log q_j - log p_j + 1) and the signed head / tail sums of q_tj
+    (csrc/hta_kl_math.h, time_step_g_sum)."""
     lanes = tl.arange(0, BLOCK)
-    step_ids = tl.arange(0, STEPS_PAD)
     zero = tl.zeros([], ACC)
-
-    # ---- Pass 1, SPEC 1.1-1.2: softmax normalisers (online base-2 logsumexp over chunks). ----
-    p_max, p_sum = zero + NEG_INF, zero
-    q_max, q_sum = zero + NEG_INF, zero
-    steps_max = tl.zeros([STEPS_PAD], ACC) + NEG_INF
-    steps_sum = tl.zeros([STEPS_PAD], ACC)
-    if ON_CHIP:
-        row_mask = lanes < classes
-        teacher_tile = _logits(teacher_row, lanes, row_mask, ACC)
-        p_max, p_sum = _lse2_combine(p_max, p_sum, teacher_tile * scale)
-        if PROB_MEAN:
-            # Each step's slice is read once here and its probabilities summed into q.
-            total = tl.zeros([BLOCK], ACC)
-            top = tl.full([BLOCK], NEG_INF, ACC)
-            for t in range(steps):
-                x = _logits(student_row + t * slice_stride, lanes, row_mask, ACC)
-                t_max, t_sum = _lse2_combine(zero + NEG_INF, zero, x * scale)
-                steps_max = tl.where(step_ids == t, t_max, steps_max)
-                steps_sum = tl.where(step_ids == t, t_sum, steps_sum)
-                u = _log2_softmax(x, scale, t_max + tl.log2(t_sum))
-                total += tl.exp2(u)
-                top = tl.maximum(top, u)
-        else:
-            student_tile = _logit_sum(student_row, slice_stride, steps, lanes, row_mask, ACC)
-            q_max, q_sum = _lse2_combine(q_max, q_sum, student_tile * scale_q)
-    else:
-        for start in range(0, classes, BLOCK):
-            offs = start + lanes
-            mask = offs < classes
-            p_max, p_sum = _lse2_combine(p_max, p_sum,
-                                         _logits(teacher_row, offs, mask, ACC) * scale)
-            if PROB_MEAN:
-                for t in range(steps):
-                    x = _logits(student_row + t * slice_stride, offs, mask, ACC)
-                    t_max, t_sum = _lse2_combine(_pick(steps_max, step_ids, t),
-                                                 _pick(steps_sum, step_ids, t), x * scale)
-                    steps_max = tl.where(step_ids == t, t_max, steps_max)
-                    steps_sum = tl.where(step_ids == t, t_sum, steps_sum)
-            else:
-                q_max, q_sum = _lse2_combine(
-                    q_max, q_sum,
-                    _logit_sum(student_row, slice_stride, steps, offs, mask, ACC) * scale_q)
-    lse2_p = p_max + tl.log2(p_sum)
-    lse2_q = q_max + tl.log2(q_sum)
-    lse2_steps = steps_max + tl.log2(steps_sum)
-    if ON_CHIP:
-        # The row's log2-probabilities stay on chip for passes 2-4.
-        log2_p_tile = _log2_softmax(teacher_tile, scale, lse2_p)
-        if PROB_MEAN:
-            log2_q_tile = _log2_step_mean(total, top, student_row, slice_stride, steps, lanes,
-                                          row_mask, scale, lse2_steps, step_ids, log2_steps, TINY,
-                                          ACC)
-        else:
-            log2_q_tile = _log2_softmax(student_tile, scale_q, lse2_q)
-    else:
-        # No tiles: passes 3 and 4 reload each chunk (_chunk_distributions).
-        row_mask = None
-        log2_p_tile = None
-        log2_q_tile = None
-
-    # ---- Pass 2, SPEC 1.3: the head boundary w by selection on the probability keys. ---------
-    # w is the largest key whose mass at or above reaches delta. [lo, hi) brackets it; mass_above
-    # is the mass at or above hi.
-    KEY_END: tl.constexpr = 1 << (TOP_BIT + 1)  # the key of 2.0: above every probability
-    lo = tl.zeros([], KEY)
-    hi = tl.full([], KEY_END, KEY)
-    mass_above = tl.zeros([], MASS)
-    if ON_CHIP:
-        keys, masses = _keys_and_masses(tl.exp2(log2_p_tile), row_mask, KEY, MASS, KEY_END,
-                                        FIXED_ONE)
-        total_mass = tl.sum(masses, 0)
-    else:
-        # Histogram rounds, each one pass over the teacher: the first in octaves below the
-        # largest probability (p_max's exponent; the lowest bucket takes the rest), the next ones
-        # splitting the chosen bucket evenly, until it holds at most a chunk of classes.
-        buckets = tl.arange(0, RADIX_BUCKETS)
-        p_top = tl.exp2(p_max - lse2_p).to(KEY, bitcast=True)
-        top_exponent = tl.minimum(tl.maximum(p_top >> MANTISSA_BITS, 0), KEY_END >> MANTISSA_BITS)
-        octaves = tl.maximum(top_exponent - (RADIX_BUCKETS - 1) + buckets, 0).to(KEY)
-        thresholds = tl.where(buckets == 0, 0, octaves << MANTISSA_BITS).to(KEY)
-        masses_at, counts_at = _histogram_round(teacher_row, classes, scale, lse2_p, lo, hi,
-                                                thresholds, RADIX_BLOCK, ACC, KEY, MASS, KEY_END,
-                                                FIXED_ONE)
-        total_mass = _pick(masses_at, buckets, 0)
-        candidates = classes
-        keep_going = total_mass >= delta_fixed
-        while keep_going:
-            # The masses decrease along the thresholds: the last one reaching delta bounds w.
-            chosen = tl.sum((mass_above + masses_at >= delta_fixed).to(tl.int32), 0) - 1
-            lo = _pick(thresholds, buckets, chosen).to(KEY)
-            hi = tl.where(chosen + 1 < RADIX_BUCKETS, _pick(thresholds, buckets, chosen + 1),
-                          hi).to(KEY)
-            above = _pick(masses_at, buckets, chosen + 1).to(MASS)
-            candidates = _pick(counts_at, buckets, chosen) - _pick(counts_at, buckets, chosen + 1)
-            mass_above += above
-            keep_going = (candidates > BLOCK) & (hi - lo > 1)
-            if keep_going:
-                width = (hi - lo + RADIX_BUCKETS - 1) // RADIX_BUCKETS
-                thresholds = tl.minimum(lo + buckets * width, hi).to(KEY)
-                masses_at, counts_at = _histogram_round(teacher_row, classes, scale, lse2_p, lo,
-                                                        hi, thresholds, RADIX_BLOCK, ACC, KEY,
-                                                        MASS, KEY_END, FIXED_ONE)
-        # The bucket's keys into the row's workspace, in class order.
-        workspace_row = workspace_ptr + tl.program_id(0).to(tl.int64) * BLOCK
-        written = tl.zeros([], tl.int32)
-        if (total_mass >= delta_fixed) & (hi - lo > 1):
-            for start in range(0, classes, BLOCK):
-                key, _ = _chunked_keys(teacher_row, start + lanes, classes, scale, lse2_p, ACC,
-                                       KEY, MASS, KEY_END, FIXED_ONE)
-                inside = (key >= lo) & (key < hi)
-                position = written + tl.cumsum(inside.to(tl.int32), 0) - inside.to(tl.int32)
-                tl.store(workspace_row + position, key, mask=inside)
-                written += tl.sum(inside.to(tl.int32), 0)
-            tl.debug_barrier()  # the stores above are read back by other threads
-        keys = tl.load(workspace_row + lanes, mask=lanes < written, other=-1)
-        masses = _mass_of_keys(keys, ACC, MASS, FIXED_ONE)
-    all_head = total_mass < delta_fixed
-    boundary_bits = _bisect(keys, masses, lo, hi, mass_above, delta_fixed, TOP_BIT)
-    # Mass strictly above w and the count tied at w: from the keys at hand (every key of [lo, hi))
-    # or, for a bucket of one key, from the histogram.
-    mass_above += tl.sum(tl.where(keys > boundary_bits, masses, 0), 0)
-    tied_count = tl.sum((keys == boundary_bits).to(tl.int32), 0)
-    if not ON_CHIP:
-        tied_count = tl.where(hi - lo > 1, tied_count, candidates)
-    boundary = boundary_bits.to(ACC, bitcast=True)
-    tied_head = _tied_head_count(mass_above.to(ACC) / FIXED_ONE, boundary, tied_count, delta)
-
-    # ---- Pass 3, SPEC 1.4-1.6 and 2: every per-row sum. ----------------------------------------
-    d_head = zero
-    d_tail = zero
-    fkl = zero
-    rkl = zero
-    # Signed head / tail sums of q and p (SPEC 2's sum_j q_j dl_j and sum_j p_j dl_j).
+    d_head, d_tail, fkl, rkl = zero, zero, zero, zero
     q_head, q_tail, p_head, p_tail = zero, zero, zero, zero
-    # prob_mean, per time step: sum_j p_j r_tj, sum_j q_tj (log q_j - log p_j + 1), and the signed
-    # head / tail sums of q_tj (csrc/hta_kl_math.h, time_step_g_sum).
     steps_p_ratio = tl.zeros([STEPS_PAD], ACC)
     steps_log_ratio = tl.zeros([STEPS_PAD], ACC)
     steps_head = tl.zeros([STEPS_PAD], ACC)
     steps_tail = tl.zeros([STEPS_PAD], ACC)
-    tied_seen = tl.zeros([], tl.int32)
-    for start in range(0, classes, BLOCK):
+    for start in range(begin, end, BLOCK):
         offs = start + lanes
         mask, log2_q, log_p, log_q, p, q, head, tied_seen = _chunk_distributions(
             row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slice_stride, steps,
-            classes, offs, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps,
+            end, offs, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps,
             boundary_bits, tied_head, tied_seen, all_head, ON_CHIP, PROB_MEAN, TINY, ACC, KEY)
         tail = mask & ~head
         distance = tl.abs(p - q)
@@ -547,68 +504,483 @@ def _hta_kl_kernel(
             else:
                 q_head += tl.sum(tl.where(head, q * sign, 0.0), 0)
                 q_tail += tl.sum(tl.where(tail, q * sign, 0.0), 0)
+    return (d_head, d_tail, fkl, rkl, q_head, q_tail, p_head, p_tail, steps_p_ratio,
+            steps_log_ratio, steps_head, steps_tail)
 
-    # SPEC 1.5-1.6: weights and loss; SPEC 2: the coefficients of dl_i (csrc make_row_stats).
+
+@triton.jit
+def _row_weights(d_head, d_tail, DETACH: tl.constexpr):
+    """SPEC 1.5 and 2 (csrc make_row_stats): lam_h, lam_t and the coefficients dl_head, dl_tail
+    of dl_i."""
     distance_sum = d_head + d_tail
     vanished = distance_sum == 0
     safe_sum = tl.where(vanished, 1.0, distance_sum)
     lam_h = tl.where(vanished, 0.5, d_head / safe_sum)
     lam_t = tl.where(vanished, 0.5, d_tail / safe_sum)
-    tl.store(loss_ptr + row, row_scale * (lam_h * fkl + lam_t * rkl))
     if DETACH:
-        dl_head = zero
-        dl_tail = zero
+        dl_head = tl.zeros_like(d_head)
+        dl_tail = tl.zeros_like(d_head)
     else:
         # d_tail / Sg^2 as lam_t / Sg (csrc/hta_kl_math.h, make_row_stats): Sg^2 underflows for
         # rows where student and teacher agree closely.
         dl_head = tl.where(vanished, 0.0, lam_t / safe_sum)
         dl_tail = tl.where(vanished, 0.0, -lam_h / safe_sum)
+    return lam_h, lam_t, dl_head, dl_tail
+
+
+@triton.jit
+def _write_gradients(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, d_teacher_row,
+                     d_student_row, slice_stride, steps, begin, end, scale, scale_q, lse2_p,
+                     lse2_q, lse2_steps, step_ids, log2_steps, boundary_bits, tied_head,
+                     tied_seen, all_head, lam_h, lam_t, fkl, rkl, dl_head, dl_tail, grad_scale,
+                     inv_steps, q_head, q_tail, p_head, p_tail, steps_p_ratio, steps_log_ratio,
+                     steps_head, steps_tail, BLOCK: tl.constexpr, ON_CHIP: tl.constexpr,
+                     PROB_MEAN: tl.constexpr, TWO_D: tl.constexpr, GRAD_S: tl.constexpr,
+                     GRAD_T: tl.constexpr, TINY: tl.constexpr, ACC: tl.constexpr,
+                     KEY: tl.constexpr):
+    """Pass 4, SPEC 2, over classes [begin, end): the gradients of the row's loss."""
+    lanes = tl.arange(0, BLOCK)
+    fkl_minus_rkl = fkl - rkl
+    for start in range(begin, end, BLOCK):
+        offs = start + lanes
+        mask, log2_q, log_p, log_q, p, q, head, tied_seen = _chunk_distributions(
+            row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slice_stride, steps,
+            end, offs, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps,
+            boundary_bits, tied_head, tied_seen, all_head, ON_CHIP, PROB_MEAN, TINY, ACC, KEY)
+        # SPEC 2: dl_i = s_i (d_tail [i in H] - d_head [i not in H]) / Sg^2.
+        dl = _sign_of_difference(q, p) * tl.where(head, dl_head, dl_tail)
+        if GRAD_T:
+            grad = _grad_teacher(lam_h, lam_t, fkl, rkl, grad_scale, p, log_p, q, log_q, dl,
+                                 dl_head * p_head + dl_tail * p_tail)
+            tl.store(d_teacher_row + offs, grad.to(d_teacher_row.dtype.element_ty), mask=mask)
+        if GRAD_S:
+            if PROB_MEAN:
+                for t in range(steps):
+                    log2_q_t = _step_log2_prob(student_row, slice_stride, t, offs, mask, scale,
+                                               lse2_steps, step_ids, ACC)
+                    q_t = tl.exp2(log2_q_t)
+                    # q_tk g_k and G_t = sum_j q_tj g_j (csrc q_t_times_g, time_step_g_sum).
+                    q_t_g = (-lam_h * p * _prob_ratio(log2_q_t, log2_q)
+                             + lam_t * _q_t_log_ratio(q_t, log_q, log_p)
+                             + fkl_minus_rkl * q_t * dl)
+                    g_sum = (-lam_h * _pick(steps_p_ratio, step_ids, t)
+                             + lam_t * _pick(steps_log_ratio, step_ids, t)
+                             + fkl_minus_rkl * (dl_head * _pick(steps_head, step_ids, t)
+                                                + dl_tail * _pick(steps_tail, step_ids, t)))
+                    grad = grad_scale * inv_steps * (q_t_g - q_t * g_sum)
+                    tl.store(d_student_row + t * slice_stride + offs,
+                             grad.to(d_student_row.dtype.element_ty), mask=mask)
+            else:
+                # logit_mean: the gradient of mean_t z_t, 1/T on every step (T = 1 for 2-D).
+                grad = _grad_student_softmax(lam_h, lam_t, fkl, rkl, grad_scale, p, log_p, q,
+                                             log_q, dl, dl_head * q_head + dl_tail * q_tail)
+                if not TWO_D:
+                    grad = inv_steps * grad
+                grad = grad.to(d_student_row.dtype.element_ty)
+                for t in range(steps):
+                    tl.store(d_student_row + t * slice_stride + offs, grad, mask=mask)
+
+
+@triton.jit
+def _call_constants(temperature, head_mass, head_mass_fixed, row_scale_in, steps,
+                    ACC: tl.constexpr, MASS: tl.constexpr):
+    """The call's scalars in the accumulation type: scale = log2(e) / tau, the student's scale
+    (over T for logit_mean's sum of logits), delta (also in fixed point), the row's weight
+    (csrc HtaKlOptions::row_scale: the loss row and, through grad_scale = row_scale / tau, every
+    gradient carry it), 1 / T and log2 T."""
+    tau64 = tl.zeros([], tl.float64) + temperature
+    scale = (tl.full([], LOG2E, tl.float64) / tau64).to(ACC)
+    delta = (tl.zeros([], tl.float64) + head_mass).to(ACC)
+    delta_fixed = (tl.zeros([], tl.int64) + head_mass_fixed).to(MASS)
+    row_scale = (tl.zeros([], tl.float64) + row_scale_in).to(ACC)
+    grad_scale = row_scale / tau64.to(ACC)
+    steps_acc = tl.zeros([], ACC) + steps
+    inv_steps = 1.0 / steps_acc
+    return (scale, scale * inv_steps, delta, delta_fixed, row_scale, grad_scale, inv_steps,
+            tl.log2(steps_acc))
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel: one program per row.
+
+
+@triton.jit
+def _hta_kl_kernel(
+    student_ptr, teacher_ptr, loss_ptr, d_student_ptr, d_teacher_ptr, workspace_ptr,
+    # float64 arguments (a plain Python float would be passed as float32): exact for float64 math.
+    temperature: tl.float64, head_mass: tl.float64, row_scale_in: tl.float64,
+    head_mass_fixed, steps, classes, slice_stride,
+    PROB_MEAN: tl.constexpr, TWO_D: tl.constexpr, STEPS_PAD: tl.constexpr, ON_CHIP: tl.constexpr,
+    BLOCK: tl.constexpr, RADIX_BLOCK: tl.constexpr, RADIX_BUCKETS: tl.constexpr,
+    DETACH: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    ACC: tl.constexpr, KEY: tl.constexpr, MASS: tl.constexpr, TOP_BIT: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr, FIXED_ONE: tl.constexpr, TINY: tl.constexpr,
+):
+    if TWO_D:
+        steps = 1  # the student is one slice: the loops over time steps vanish at compile time
+    # 64-bit offsets: the row index is widened before it multiplies the row length.
+    row = tl.program_id(0).to(tl.int64)
+    teacher_row = teacher_ptr + row * classes
+    student_row = student_ptr + row * classes
+    scale, scale_q, delta, delta_fixed, row_scale, grad_scale, inv_steps, log2_steps = \
+        _call_constants(temperature, head_mass, head_mass_fixed, row_scale_in, steps, ACC, MASS)
+    # Widened here, so that t * slice_stride cannot overflow for T * R * C >= 2**31.
+    slice_stride = tl.zeros([], tl.int64) + slice_stride
+    lanes = tl.arange(0, BLOCK)
+    step_ids = tl.arange(0, STEPS_PAD)
+    zero = tl.zeros([], ACC)
+    KEY_END: tl.constexpr = 1 << (TOP_BIT + 1)  # the key of 2.0: above every probability
+
+    # ---- Pass 1, SPEC 1.1-1.2: softmax normalisers (online base-2 logsumexp over chunks). ----
+    if ON_CHIP:
+        row_mask = lanes < classes
+        teacher_tile = _logits(teacher_row, lanes, row_mask, ACC)
+        p_max, p_sum = _lse2_combine(zero + NEG_INF, zero, teacher_tile * scale)
+        q_max, q_sum = zero + NEG_INF, zero
+        steps_max = tl.zeros([STEPS_PAD], ACC) + NEG_INF
+        steps_sum = tl.zeros([STEPS_PAD], ACC)
+        if PROB_MEAN:
+            # Each step's slice is read once here and its probabilities summed into q.
+            total = tl.zeros([BLOCK], ACC)
+            top = tl.full([BLOCK], NEG_INF, ACC)
+            for t in range(steps):
+                x = _logits(student_row + t * slice_stride, lanes, row_mask, ACC)
+                t_max, t_sum = _lse2_combine(zero + NEG_INF, zero, x * scale)
+                steps_max = tl.where(step_ids == t, t_max, steps_max)
+                steps_sum = tl.where(step_ids == t, t_sum, steps_sum)
+                u = _log2_softmax(x, scale, t_max + tl.log2(t_sum))
+                total += tl.exp2(u)
+                top = tl.maximum(top, u)
+        else:
+            student_tile = _logit_sum(student_row, slice_stride, steps, lanes, row_mask, ACC)
+            q_max, q_sum = _lse2_combine(q_max, q_sum, student_tile * scale_q)
+    else:
+        p_max, p_sum, q_max, q_sum, steps_max, steps_sum = _normalisers(
+            teacher_row, student_row, slice_stride, steps, 0, classes, scale, scale_q, step_ids,
+            BLOCK, PROB_MEAN, STEPS_PAD, ACC)
+    lse2_p = p_max + tl.log2(p_sum)
+    lse2_q = q_max + tl.log2(q_sum)
+    lse2_steps = steps_max + tl.log2(steps_sum)
+    if ON_CHIP:
+        # The row's log2-probabilities stay on chip for passes 2-4.
+        log2_p_tile = _log2_softmax(teacher_tile, scale, lse2_p)
+        if PROB_MEAN:
+            log2_q_tile = _log2_step_mean(total, top, student_row, slice_stride, steps, lanes,
+                                          row_mask, scale, lse2_steps, step_ids, log2_steps, TINY,
+                                          ACC)
+        else:
+            log2_q_tile = _log2_softmax(student_tile, scale_q, lse2_q)
+    else:
+        # No tiles: passes 3 and 4 reload each chunk (_chunk_distributions).
+        row_mask = None
+        log2_p_tile = None
+        log2_q_tile = None
+
+    # ---- Pass 2, SPEC 1.3: the head boundary w by selection on the probability keys. ---------
+    if ON_CHIP:
+        keys, masses = _keys_and_masses(tl.exp2(log2_p_tile), row_mask, KEY, MASS, KEY_END,
+                                        FIXED_ONE)
+        total_mass = tl.sum(masses, 0)
+        boundary_bits, mass_above, tied_count = _bisect(
+            keys, masses, tl.zeros([], KEY), tl.full([], KEY_END, KEY), tl.zeros([], MASS),
+            delta_fixed, TOP_BIT)
+    else:
+        # A histogram pass in octaves, more passes while the boundary bucket holds more than a
+        # chunk of classes, then its keys copied to the row's workspace and bisected there.
+        buckets = tl.arange(0, RADIX_BUCKETS)
+        thresholds = _octave_thresholds(p_max, lse2_p, buckets, RADIX_BUCKETS, KEY, KEY_END,
+                                        MANTISSA_BITS)
+        masses, counts = _histogram(teacher_row, 0, classes, scale, lse2_p, KEY_END, thresholds,
+                                    RADIX_BLOCK, ACC, KEY, MASS, KEY_END, FIXED_ONE)
+        total_mass = _pick(masses, buckets, 0)
+        boundary_bits = tl.zeros([], KEY)
+        mass_above = tl.zeros([], MASS)
+        tied_count = tl.zeros([], tl.int32)
+        if total_mass >= delta_fixed:
+            lo, hi, mass_above, count = _narrow(
+                teacher_row, classes, scale, lse2_p, masses, counts, thresholds, delta_fixed,
+                BLOCK, RADIX_BLOCK, RADIX_BUCKETS, ACC, KEY, MASS, KEY_END, FIXED_ONE)
+            boundary_bits = lo
+            tied_count = count.to(tl.int32)  # a bucket of one key: all tied at w
+            if hi - lo > 1:
+                keys_row = workspace_ptr + row * BLOCK
+                written = _compact(teacher_row, 0, classes, scale, lse2_p, lo, hi, keys_row,
+                                   keys_row, tl.zeros([], tl.int32), False, BLOCK, ACC, KEY,
+                                   MASS, KEY_END, FIXED_ONE)
+                tl.debug_barrier()  # the stores above are read back by other threads
+                boundary_bits, mass_above, tied_count = _bisect_workspace(
+                    keys_row, written, lo, hi, mass_above, delta_fixed, BLOCK, ACC, MASS,
+                    TOP_BIT, FIXED_ONE)
+    all_head = total_mass < delta_fixed
+    tied_head = _tied_head_count(mass_above.to(ACC) / FIXED_ONE, boundary_bits.to(ACC, bitcast=True),
+                                 tied_count, delta)
+
+    # ---- Pass 3, SPEC 1.4-1.6 and 2: every per-row sum. ----------------------------------------
+    (d_head, d_tail, fkl, rkl, q_head, q_tail, p_head, p_tail, steps_p_ratio, steps_log_ratio,
+     steps_head, steps_tail) = _row_sums(
+        row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slice_stride, steps, 0,
+        classes, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps, boundary_bits,
+        tied_head, tl.zeros([], tl.int32), all_head, BLOCK, ON_CHIP, PROB_MEAN, STEPS_PAD, GRAD_S,
+        GRAD_T, TINY, ACC, KEY)
+    # SPEC 1.5-1.6: weights and loss.
+    lam_h, lam_t, dl_head, dl_tail = _row_weights(d_head, d_tail, DETACH)
+    tl.store(loss_ptr + row, row_scale * (lam_h * fkl + lam_t * rkl))
 
     # ---- Pass 4, SPEC 2: the gradients of the row's loss. -------------------------------------
     if GRAD_S or GRAD_T:
-        fkl_minus_rkl = fkl - rkl
-        tied_seen = tl.zeros([], tl.int32)
-        for start in range(0, classes, BLOCK):
-            offs = start + lanes
-            mask, log2_q, log_p, log_q, p, q, head, tied_seen = _chunk_distributions(
-                row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slice_stride,
-                steps, classes, offs, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids,
-                log2_steps, boundary_bits, tied_head, tied_seen, all_head, ON_CHIP, PROB_MEAN,
-                TINY, ACC, KEY)
-            # SPEC 2: dl_i = s_i (d_tail [i in H] - d_head [i not in H]) / Sg^2.
-            dl = _sign_of_difference(q, p) * tl.where(head, dl_head, dl_tail)
-            if GRAD_T:
-                grad = _grad_teacher(lam_h, lam_t, fkl, rkl, grad_scale, p, log_p, q, log_q, dl,
-                                     dl_head * p_head + dl_tail * p_tail)
-                tl.store(d_teacher_ptr + row * classes + offs,
-                         grad.to(d_teacher_ptr.dtype.element_ty), mask=mask)
-            if GRAD_S:
-                if PROB_MEAN:
-                    for t in range(steps):
-                        log2_q_t = _step_log2_prob(student_row, slice_stride, t, offs, mask,
-                                                   scale, lse2_steps, step_ids, ACC)
-                        q_t = tl.exp2(log2_q_t)
-                        # q_tk g_k and G_t = sum_j q_tj g_j (csrc q_t_times_g, time_step_g_sum).
-                        q_t_g = (-lam_h * p * _prob_ratio(log2_q_t, log2_q)
-                                 + lam_t * _q_t_log_ratio(q_t, log_q, log_p)
-                                 + fkl_minus_rkl * q_t * dl)
-                        g_sum = (-lam_h * _pick(steps_p_ratio, step_ids, t)
-                                 + lam_t * _pick(steps_log_ratio, step_ids, t)
-                                 + fkl_minus_rkl * (dl_head * _pick(steps_head, step_ids, t)
-                                                    + dl_tail * _pick(steps_tail, step_ids, t)))
-                        grad = grad_scale * inv_steps * (q_t_g - q_t * g_sum)
-                        tl.store(d_student_ptr + t * slice_stride + row * classes + offs,
-                                 grad.to(d_student_ptr.dtype.element_ty), mask=mask)
-                else:
-                    # logit_mean: the gradient of mean_t z_t, 1/T on every step (T = 1 for 2-D).
-                    grad = _grad_student_softmax(lam_h, lam_t, fkl, rkl, grad_scale, p, log_p, q,
-                                                 log_q, dl, dl_head * q_head + dl_tail * q_tail)
-                    if not TWO_D:
-                        grad = inv_steps * grad
-                    grad = grad.to(d_student_ptr.dtype.element_ty)
-                    for t in range(steps):
-                        tl.store(d_student_ptr + t * slice_stride + row * classes + offs, grad,
-                                 mask=mask)
+        _write_gradients(
+            row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row,
+            d_teacher_ptr + row * classes, d_student_ptr + row * classes, slice_stride, steps, 0,
+            classes, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps,
+            boundary_bits, tied_head, tl.zeros([], tl.int32), all_head, lam_h, lam_t, fkl, rkl,
+            dl_head, dl_tail, grad_scale, inv_steps, q_head, q_tail, p_head, p_tail,
+            steps_p_ratio, steps_log_ratio, steps_head, steps_tail, BLOCK, ON_CHIP, PROB_MEAN,
+            TWO_D, GRAD_S, GRAD_T, TINY, ACC, KEY)
+
+
+# ---------------------------------------------------------------------------------------------
+# The split kernel: few long rows, each split in segments over several programs.
+#
+# Launched once per phase (grid rows x segments, or rows for phase 4); the phases pass per-row
+# partial results through small workspaces, every combination runs over the segments in a fixed
+# order (so every program of a row combines to the same bits, and calls repeat them):
+#   1. each segment's partial normalisers;
+#   2. each segment's octave histogram (exact integer masses and counts);
+#   3. the row's bucket holding w from the summed histograms; each segment copies its keys in it,
+#      and their class indices, to the row's candidates at its offset (the counts of the
+#      segments before it), when the bucket fits the candidates' capacity;
+#   4. one program per row: w by bisection over the candidates (else the single-program
+#      narrowing and copy over the whole row), the head's tie count, and for each segment the
+#      count of classes tied at w before it;
+#   5. each segment's pass-3 sums;
+#   6. the row's sums combined; the loss (by the first segment) and each segment's gradients.
+
+# Pass-3 sums per segment: d_head, d_tail, F, R, q_head, q_tail, p_head, p_tail, then 4 vectors
+# of STEPS_PAD.
+SUMS = tl.constexpr(8)
+
+
+@triton.jit
+def _load_normalisers(normalisers_row, segments, step_ids, STEPS_PAD: tl.constexpr,
+                      ACC: tl.constexpr):
+    """The row's normalisers from its segments' partial ones (phase 1), merged in order."""
+    zero = tl.zeros([], ACC)
+    p_max, p_sum, q_max, q_sum = zero + NEG_INF, zero, zero + NEG_INF, zero
+    steps_max = tl.zeros([STEPS_PAD], ACC) + NEG_INF
+    steps_sum = tl.zeros([STEPS_PAD], ACC)
+    for s in range(segments):
+        part = normalisers_row + s * (4 + 2 * STEPS_PAD)
+        p_max, p_sum = _merge_lse2(p_max, p_sum, tl.load(part), tl.load(part + 1))
+        q_max, q_sum = _merge_lse2(q_max, q_sum, tl.load(part + 2), tl.load(part + 3))
+        steps_max, steps_sum = _merge_lse2(steps_max, steps_sum, tl.load(part + 4 + step_ids),
+                                           tl.load(part + 4 + STEPS_PAD + step_ids))
+    return (p_max, p_max + tl.log2(p_sum), q_max + tl.log2(q_sum),
+            steps_max + tl.log2(steps_sum))
+
+
+@triton.jit
+def _load_histograms(histograms_row, segments, segment, buckets, RADIX_BUCKETS: tl.constexpr,
+                     MASS: tl.constexpr):
+    """The row's first histogram (phase 2), summed over its segments, and the counts of the
+    segments before `segment`."""
+    masses = tl.zeros([RADIX_BUCKETS], MASS)
+    counts = tl.zeros([RADIX_BUCKETS], MASS)
+    counts_before = tl.zeros([RADIX_BUCKETS], MASS)
+    for s in range(segments):
+        part = histograms_row + s * (2 * RADIX_BUCKETS)
+        masses += tl.load(part + buckets)
+        segment_counts = tl.load(part + RADIX_BUCKETS + buckets)
+        counts += segment_counts
+        counts_before += tl.where(s < segment, segment_counts, 0)
+    return masses, counts, counts_before
+
+
+@triton.jit
+def _hta_kl_split_kernel(
+    student_ptr, teacher_ptr, loss_ptr, d_student_ptr, d_teacher_ptr,
+    normalisers_ptr, histograms_ptr, candidates_ptr, selection_ptr, sums_ptr,
+    temperature: tl.float64, head_mass: tl.float64, row_scale_in: tl.float64,
+    head_mass_fixed, steps, classes, slice_stride, segments, segment_length,
+    PHASE: tl.constexpr, PROB_MEAN: tl.constexpr, TWO_D: tl.constexpr, STEPS_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, RADIX_BLOCK: tl.constexpr, RADIX_BUCKETS: tl.constexpr,
+    DETACH: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    ACC: tl.constexpr, KEY: tl.constexpr, MASS: tl.constexpr, TOP_BIT: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr, FIXED_ONE: tl.constexpr, TINY: tl.constexpr,
+):
+    if TWO_D:
+        steps = 1
+    if PHASE == 4:
+        row = tl.program_id(0).to(tl.int64)
+        segment = 0
+    else:
+        row = tl.program_id(0).to(tl.int64) // segments
+        segment = (tl.program_id(0) % segments).to(tl.int32)
+    begin = segment * segment_length
+    end = tl.minimum(begin + segment_length, classes)
+    teacher_row = teacher_ptr + row * classes
+    student_row = student_ptr + row * classes
+    scale, scale_q, delta, delta_fixed, row_scale, grad_scale, inv_steps, log2_steps = \
+        _call_constants(temperature, head_mass, head_mass_fixed, row_scale_in, steps, ACC, MASS)
+    slice_stride = tl.zeros([], tl.int64) + slice_stride
+    step_ids = tl.arange(0, STEPS_PAD)
+    buckets = tl.arange(0, RADIX_BUCKETS)
+    KEY_END: tl.constexpr = 1 << (TOP_BIT + 1)
+    normalisers_row = normalisers_ptr + row * segments * (4 + 2 * STEPS_PAD)
+    histograms_row = histograms_ptr + row * segments * (2 * RADIX_BUCKETS)
+    keys_row = candidates_ptr + row * (2 * BLOCK)
+    index_row = keys_row + BLOCK
+    # w, the head's tie count, all-head, then per segment the classes tied at w before it.
+    selection_row = selection_ptr + row * (3 + segments)
+    sums_row = sums_ptr + row * segments * (SUMS + 4 * STEPS_PAD)
+
+    if PHASE == 1:
+        p_max, p_sum, q_max, q_sum, steps_max, steps_sum = _normalisers(
+            teacher_row, student_row, slice_stride, steps, begin, end, scale, scale_q, step_ids,
+            BLOCK, PROB_MEAN, STEPS_PAD, ACC)
+        part = normalisers_row + segment * (4 + 2 * STEPS_PAD)
+        tl.store(part, p_max)
+        tl.store(part + 1, p_sum)
+        tl.store(part + 2, q_max)
+        tl.store(part + 3, q_sum)
+        tl.store(part + 4 + step_ids, steps_max)
+        tl.store(part + 4 + STEPS_PAD + step_ids, steps_sum)
+    else:
+        p_max, lse2_p, lse2_q, lse2_steps = _load_normalisers(normalisers_row, segments,
+                                                              step_ids, STEPS_PAD, ACC)
+        if PHASE == 2:
+            thresholds = _octave_thresholds(p_max, lse2_p, buckets, RADIX_BUCKETS, KEY, KEY_END,
+                                            MANTISSA_BITS)
+            masses, counts = _histogram(teacher_row, begin, end, scale, lse2_p, KEY_END,
+                                        thresholds, RADIX_BLOCK, ACC, KEY, MASS, KEY_END,
+                                        FIXED_ONE)
+            part = histograms_row + segment * (2 * RADIX_BUCKETS)
+            tl.store(part + buckets, masses)
+            tl.store(part + RADIX_BUCKETS + buckets, counts)
+        elif PHASE == 3 or PHASE == 4:
+            thresholds = _octave_thresholds(p_max, lse2_p, buckets, RADIX_BUCKETS, KEY, KEY_END,
+                                            MANTISSA_BITS)
+            masses, counts, counts_before = _load_histograms(histograms_row, segments, segment,
+                                                             buckets, RADIX_BUCKETS, MASS)
+            reaches = _pick(masses, buckets, 0) >= delta_fixed
+            chosen, lo, hi, mass_above, count = _choose_bucket(
+                masses, counts, thresholds, buckets, KEY_END, tl.zeros([], MASS), delta_fixed,
+                RADIX_BUCKETS, KEY, MASS)
+            copied = reaches & (count <= BLOCK) & (hi - lo > 1)
+            if PHASE == 3:
+                if copied:
+                    _compact(teacher_row, begin, end, scale, lse2_p, lo, hi, keys_row, index_row,
+                             _bucket_count(counts_before, buckets, chosen).to(tl.int32), True,
+                             BLOCK, ACC, KEY, MASS, KEY_END, FIXED_ONE)
+            else:
+                boundary_bits = tl.zeros([], KEY)
+                tied_count = tl.zeros([], tl.int32)
+                if reaches:
+                    if not copied:
+                        # The bucket is too large for the candidates: narrow it and copy it here.
+                        lo, hi, mass_above, count = _narrow(
+                            teacher_row, classes, scale, lse2_p, masses, counts, thresholds,
+                            delta_fixed, BLOCK, RADIX_BLOCK, RADIX_BUCKETS, ACC, KEY, MASS,
+                            KEY_END, FIXED_ONE)
+                        if hi - lo > 1:
+                            _compact(teacher_row, 0, classes, scale, lse2_p, lo, hi, keys_row,
+                                     index_row, tl.zeros([], tl.int32), True, BLOCK, ACC, KEY,
+                                     MASS, KEY_END, FIXED_ONE)
+                            tl.debug_barrier()
+                    boundary_bits = lo
+                    tied_count = count.to(tl.int32)
+                    if hi - lo > 1:
+                        boundary_bits, mass_above, tied_count = _bisect_workspace(
+                            keys_row, count, lo, hi, mass_above, delta_fixed, BLOCK, ACC, MASS,
+                            TOP_BIT, FIXED_ONE)
+                all_head = ~reaches
+                tied_head = _tied_head_count(mass_above.to(ACC) / FIXED_ONE,
+                                             boundary_bits.to(ACC, bitcast=True), tied_count,
+                                             delta)
+                tl.store(selection_row, boundary_bits)
+                tl.store(selection_row + 1, tied_head.to(KEY))
+                tl.store(selection_row + 2, all_head.to(KEY))
+                # Classes tied at w before each segment: from the candidates' class indices, or,
+                # for a bucket of the one key w, by counting them in the row.
+                lanes = tl.arange(0, BLOCK)
+                tied_keys = tl.load(keys_row + lanes, mask=lanes < count, other=-1) == boundary_bits
+                tied_index = tl.load(index_row + lanes, mask=lanes < count, other=0)
+                seen = tl.zeros([], tl.int32)
+                for s in range(segments):
+                    segment_begin = s * segment_length
+                    if hi - lo > 1:
+                        before = tl.sum((tied_keys & (tied_index < segment_begin)).to(tl.int32), 0)
+                    else:
+                        before = seen
+                        if reaches:
+                            for start in range(segment_begin,
+                                               tl.minimum(segment_begin + segment_length, classes),
+                                               BLOCK):
+                                key, _ = _chunk_keys(
+                                    teacher_row, start + lanes,
+                                    tl.minimum(segment_begin + segment_length, classes), scale,
+                                    lse2_p, ACC, KEY, MASS, KEY_END, FIXED_ONE)
+                                seen += tl.sum((key == boundary_bits).to(tl.int32), 0)
+                    tl.store(selection_row + 3 + s, before.to(KEY))
+        else:
+            boundary_bits = tl.load(selection_row)
+            tied_head = tl.load(selection_row + 1).to(tl.int32)
+            all_head = tl.load(selection_row + 2) != 0
+            tied_seen = tl.load(selection_row + 3 + segment).to(tl.int32)
+            if PHASE == 5:
+                (d_head, d_tail, fkl, rkl, q_head, q_tail, p_head, p_tail, steps_p_ratio,
+                 steps_log_ratio, steps_head, steps_tail) = _row_sums(
+                    None, None, None, teacher_row, student_row, slice_stride, steps, begin, end,
+                    scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps,
+                    boundary_bits, tied_head, tied_seen, all_head, BLOCK, False, PROB_MEAN,
+                    STEPS_PAD, GRAD_S, GRAD_T, TINY, ACC, KEY)
+                part = sums_row + segment * (SUMS + 4 * STEPS_PAD)
+                tl.store(part, d_head)
+                tl.store(part + 1, d_tail)
+                tl.store(part + 2, fkl)
+                tl.store(part + 3, rkl)
+                tl.store(part + 4, q_head)
+                tl.store(part + 5, q_tail)
+                tl.store(part + 6, p_head)
+                tl.store(part + 7, p_tail)
+                tl.store(part + SUMS + step_ids, steps_p_ratio)
+                tl.store(part + SUMS + STEPS_PAD + step_ids, steps_log_ratio)
+                tl.store(part + SUMS + 2 * STEPS_PAD + step_ids, steps_head)
+                tl.store(part + SUMS + 3 * STEPS_PAD + step_ids, steps_tail)
+            else:
+                zero = tl.zeros([], ACC)
+                d_head, d_tail, fkl, rkl = zero, zero, zero, zero
+                q_head, q_tail, p_head, p_tail = zero, zero, zero, zero
+                steps_p_ratio = tl.zeros([STEPS_PAD], ACC)
+                steps_log_ratio = tl.zeros([STEPS_PAD], ACC)
+                steps_head = tl.zeros([STEPS_PAD], ACC)
+                steps_tail = tl.zeros([STEPS_PAD], ACC)
+                for s in range(segments):
+                    part = sums_row + s * (SUMS + 4 * STEPS_PAD)
+                    d_head += tl.load(part)
+                    d_tail += tl.load(part + 1)
+                    fkl += tl.load(part + 2)
+                    rkl += tl.load(part + 3)
+                    q_head += tl.load(part + 4)
+                    q_tail += tl.load(part + 5)
+                    p_head += tl.load(part + 6)
+                    p_tail += tl.load(part + 7)
+                    steps_p_ratio += tl.load(part + SUMS + step_ids)
+                    steps_log_ratio += tl.load(part + SUMS + STEPS_PAD + step_ids)
+                    steps_head += tl.load(part + SUMS + 2 * STEPS_PAD + step_ids)
+                    steps_tail += tl.load(part + SUMS + 3 * STEPS_PAD + step_ids)
+                lam_h, lam_t, dl_head, dl_tail = _row_weights(d_head, d_tail, DETACH)
+                if segment == 0:
+                    tl.store(loss_ptr + row, row_scale * (lam_h * fkl + lam_t * rkl))
+                if GRAD_S or GRAD_T:
+                    _write_gradients(
+                        None, None, None, teacher_row, student_row,
+                        d_teacher_ptr + row * classes, d_student_ptr + row * classes,
+                        slice_stride, steps, begin, end, scale, scale_q, lse2_p, lse2_q,
+                        lse2_steps, step_ids, log2_steps, boundary_bits, tied_head, tied_seen,
+                        all_head, lam_h, lam_t, fkl, rkl, dl_head, dl_tail, grad_scale,
+                        inv_steps, q_head, q_tail, p_head, p_tail, steps_p_ratio,
+                        steps_log_ratio, steps_head, steps_tail, BLOCK, False, PROB_MEAN, TWO_D,
+                        GRAD_S, GRAD_T, TINY, ACC, KEY)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,14 +1038,27 @@ def head_mass_fixed(delta: float, wide: bool) -> int:
     return max(1, round(delta * (2**62 if wide else 2**30)))
 
 
+def default_segments(rows: int, classes: int, chunk: int, device: torch.device) -> int:
+    """Segments per chunked row: rows are split over several programs when there are too few to
+    give each multiprocessor two, into segments of whole chunks."""
+    if device.type != "cuda":
+        return 1
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if rows >= programs:
+        return 1
+    return max(1, min(-(-programs // rows), -(-classes // chunk)))
+
+
 def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, delta: float,
                   logit_mean: bool, detach_weights: bool, grad_student: bool, grad_teacher: bool,
                   row_scale: float = 1.0, *, on_chip_limit: int | None = None,
-                  chunk: int | None = None, radix_block: int | None = None):
+                  chunk: int | None = None, radix_block: int | None = None,
+                  segments: int | None = None):
     """Run the kernel; same arguments and results as the op, plus the layout knobs.
 
     `on_chip_limit`: the longest row (in classes) held on chip; longer rows take the chunked path
-    in chunks of `chunk` classes (both powers of two; defaults: `default_layout`).
+    in chunks of `chunk` classes (both powers of two; defaults: `default_layout`), each row split
+    over up to `segments` programs (default: `default_segments`).
     """
     _check_inputs(student, teacher)
     if not (math.isfinite(row_scale) and row_scale > 0):
@@ -692,20 +1077,46 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
         return loss_rows, d_student, d_teacher
     on_chip = classes <= on_chip_limit
     block = triton.next_power_of_2(classes) if on_chip else chunk
-    # The chunked path's boundary candidates: one chunk of keys per row.
+    if segments is None:
+        segments = 1 if on_chip else default_segments(rows, classes, chunk, teacher.device)
+    elif segments < 1 or (segments > 1 and on_chip):
+        raise ValueError(f"hta_kl_fused_triton: segments must be 1, or >= 1 for rows longer than "
+                         f"on_chip_limit, got {segments} for C = {classes}")
+    segment_length = -(-(-(-classes // segments)) // chunk) * chunk  # whole chunks
+    segments = -(-classes // segment_length)
+    steps_pad = triton.next_power_of_2(steps)
     key_dtype = torch.int64 if wide else torch.int32
-    workspace = torch.empty((0 if on_chip else rows * chunk), dtype=key_dtype,
-                            device=teacher.device)
-    torch.library.wrap_triton(_hta_kl_kernel)[(rows,)](
-        student, teacher, loss_rows, d_student, d_teacher, workspace, float(temperature),
-        float(delta), float(row_scale), head_mass_fixed(delta, wide), steps, classes,
-        rows * classes,
-        PROB_MEAN=steps > 1 and not logit_mean, TWO_D=steps == 1,
-        STEPS_PAD=triton.next_power_of_2(steps),
-        ON_CHIP=on_chip, BLOCK=block, RADIX_BLOCK=radix_block, RADIX_BUCKETS=1 << RADIX_BITS,
+    device = teacher.device
+    options = dict(
+        PROB_MEAN=steps > 1 and not logit_mean, TWO_D=steps == 1, STEPS_PAD=steps_pad,
+        BLOCK=block, RADIX_BLOCK=radix_block, RADIX_BUCKETS=1 << RADIX_BITS,
         DETACH=detach_weights, GRAD_S=grad_student, GRAD_T=grad_teacher,
-        num_warps=_num_warps(block, wide), **kernel_constants(wide),
-    )
+        num_warps=_num_warps(block, wide), **kernel_constants(wide))
+    scalars = (float(temperature), float(delta), float(row_scale), head_mass_fixed(delta, wide),
+               steps, classes, rows * classes)
+    if segments == 1:
+        # The chunked path's boundary candidates: one chunk of keys per row.
+        workspace = torch.empty((0 if on_chip else rows * chunk), dtype=key_dtype, device=device)
+        torch.library.wrap_triton(_hta_kl_kernel)[(rows,)](
+            student, teacher, loss_rows, d_student, d_teacher, workspace, *scalars,
+            ON_CHIP=on_chip, **options)
+        return loss_rows, d_student, d_teacher
+    # The split kernel's workspaces (see its phases): per segment, partial normalisers, first
+    # histogram and pass-3 sums; per row, a chunk of candidate keys and their class indices, and
+    # the selection with the ties before each segment.
+    normalisers = torch.empty(rows * segments * (4 + 2 * steps_pad), dtype=acc_dtype,
+                              device=device)
+    histograms = torch.empty(rows * segments * 2 * (1 << RADIX_BITS), dtype=key_dtype,
+                             device=device)
+    candidates = torch.empty(rows * 2 * chunk, dtype=key_dtype, device=device)
+    selection = torch.empty(rows * (3 + segments), dtype=key_dtype, device=device)
+    sums = torch.empty(rows * segments * (SUMS.value + 4 * steps_pad), dtype=acc_dtype, device=device)
+    kernel = torch.library.wrap_triton(_hta_kl_split_kernel)
+    for phase in range(1, 7):
+        kernel[(rows if phase == 4 else rows * segments,)](
+            student, teacher, loss_rows, d_student, d_teacher, normalisers, histograms,
+            candidates, selection, sums, *scalars, segments, segment_length, PHASE=phase,
+            **options)
     return loss_rows, d_student, d_teacher
 
 
