@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -123,6 +124,11 @@ def triton_cubins(source_root: str, family: str, harness: str | None = None) -> 
             entry["cubin"] = os.path.join(folder, os.path.basename(entry["cubin"]))
         with open(os.path.join(partial, "index.json"), "w") as handle:
             json.dump(entries, handle, indent=1)
-        os.replace(partial, folder)
+        try:
+            os.replace(partial, folder)
+        except OSError:
+            if not os.path.exists(index):
+                raise
+            shutil.rmtree(partial)  # another run compiled the same sources meanwhile
     with open(index) as handle:
         return json.load(handle)
