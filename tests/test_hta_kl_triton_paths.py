@@ -91,8 +91,8 @@ def test_boundary_bucket_larger_than_the_workspace(layout):
 @LAYOUTS
 def test_row_of_one_value(layout):
     """Every class tied (a uniform row of 200): the boundary bucket narrows to the one key, whose
-    tie count comes from the histogram (split: and the ties before each segment from a count over
-    the row); the first ceil(delta C) - 1 classes are the head."""
+    tie count comes from the histogram and the last tied class in the head from a count over the
+    row (more ties than the workspace holds); the first ceil(delta C) - 1 classes are the head."""
     teacher = torch.zeros(1, 200, dtype=torch.float64)
     student = torch.randn(1, 1, 200, generator=torch.Generator().manual_seed(3),
                           dtype=torch.float64)

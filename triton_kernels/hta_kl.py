@@ -56,7 +56,7 @@ MAX_CLASSES = 2**31 - 1
 # against 2**RADIX_BITS thresholds (the first pass: octaves of p; later ones: RADIX_BITS bits of
 # the key each).
 CHUNK = 4096
-RADIX_BLOCK = 256
+RADIX_BLOCK = 512
 RADIX_BITS = 4
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -297,17 +297,20 @@ def _histogram(teacher_row, begin, end, scale, lse2_p, hi, thresholds,
                RADIX_BLOCK: tl.constexpr, ACC: tl.constexpr, KEY: tl.constexpr,
                MASS: tl.constexpr, KEY_END: tl.constexpr, FIXED_ONE: tl.constexpr):
     """One pass over the teacher's classes [begin, end): for each of the ascending `thresholds`,
-    the mass and the count of the keys in [threshold, hi)."""
+    the mass and the count of the keys in [threshold, hi).
+
+    Thresholds by classes, the classes along the threads (few threads share a class's key), and
+    each lane's sums kept over the pass and reduced once at its end."""
     radix_lanes = tl.arange(0, RADIX_BLOCK)
-    masses = tl.zeros(thresholds.shape, MASS)
-    counts = tl.zeros(thresholds.shape, MASS)
+    masses = tl.zeros([thresholds.shape[0], RADIX_BLOCK], MASS)
+    counts = tl.zeros([thresholds.shape[0], RADIX_BLOCK], MASS)
     for start in range(begin, end, RADIX_BLOCK):
         key, mass = _chunk_keys(teacher_row, start + radix_lanes, end, scale, lse2_p, ACC, KEY,
                                 MASS, KEY_END, FIXED_ONE)
-        hit = (key[:, None] >= thresholds[None, :]) & (key < hi)[:, None]
-        masses += tl.sum(tl.where(hit, mass[:, None], 0), 0)
-        counts += tl.sum(hit.to(MASS), 0)
-    return masses, counts
+        hit = (key[None, :] >= thresholds[:, None]) & (key < hi)[None, :]
+        masses += tl.where(hit, mass[None, :], 0)
+        counts += hit.to(MASS)
+    return tl.sum(masses, 1), tl.sum(counts, 1)
 
 
 @triton.jit
@@ -354,35 +357,23 @@ def _narrow(teacher_row, classes, scale, lse2_p, masses, counts, thresholds, del
 
 @triton.jit
 def _compact(teacher_row, begin, end, scale, lse2_p, lo, hi, keys_row, index_row, written,
-             WITH_INDEX: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+             RADIX_BLOCK: tl.constexpr, ACC: tl.constexpr,
              KEY: tl.constexpr, MASS: tl.constexpr, KEY_END: tl.constexpr,
              FIXED_ONE: tl.constexpr):
-    """Append the keys in [lo, hi) of classes [begin, end) (and, `WITH_INDEX`, their class
-    indices) to the workspace row from position `written`, in class order; returns the count."""
-    lanes = tl.arange(0, BLOCK)
-    for start in range(begin, end, BLOCK):
+    """Append the keys in [lo, hi) of classes [begin, end) and their class indices to the
+    workspace row from position `written`, in class order; returns the count.
+    In sub-blocks of one class per thread: a scan over more classes per thread costs more."""
+    lanes = tl.arange(0, RADIX_BLOCK)
+    for start in range(begin, end, RADIX_BLOCK):
         offs = start + lanes
         key, _ = _chunk_keys(teacher_row, offs, end, scale, lse2_p, ACC, KEY, MASS, KEY_END,
                              FIXED_ONE)
         inside = (key >= lo) & (key < hi)
         position = written + tl.cumsum(inside.to(tl.int32), 0) - inside.to(tl.int32)
         tl.store(keys_row + position, key, mask=inside)
-        if WITH_INDEX:
-            tl.store(index_row + position, offs.to(KEY), mask=inside)
+        tl.store(index_row + position, offs.to(KEY), mask=inside)
         written += tl.sum(inside.to(tl.int32), 0)
     return written
-
-
-@triton.jit
-def _bisect_workspace(keys_row, count, lo, hi, mass_above, delta_fixed, BLOCK: tl.constexpr,
-                      ACC: tl.constexpr, MASS: tl.constexpr, TOP_BIT: tl.constexpr,
-                      FIXED_ONE: tl.constexpr):
-    """`_bisect` over the `count` keys of [lo, hi) in the workspace row."""
-    lanes = tl.arange(0, BLOCK)
-    keys = tl.load(keys_row + lanes, mask=lanes < count, other=-1)
-    p = tl.where(keys >= 0, keys, 0).to(ACC, bitcast=True)
-    masses = tl.where(keys >= 0, (p * FIXED_ONE + 0.5).to(MASS), 0)
-    return _bisect(keys, masses, lo, hi, mass_above, delta_fixed, TOP_BIT)
 
 
 @triton.jit
@@ -400,16 +391,93 @@ def _tied_head_count(mass_above, boundary, tied_count, delta):
 
 
 @triton.jit
-def _head_mask(bits, mask, boundary_bits, tied_head, tied_seen, all_head):
-    """SPEC 1.3 without a sort: {p > w} plus the first `tied_head` classes tied at w (ascending
-    class index, `tied_seen` of them in earlier chunks); every class if the row's mass < delta.
-    Returns the chunk's mask and the updated count of tied classes seen."""
-    tied = (bits == boundary_bits) & mask
-    tied_int = tied.to(tl.int32)
-    rank = tl.cumsum(tied_int, 0) - tied_int + tied_seen
-    head = ((bits > boundary_bits) | (tied & (rank < tied_head))) & mask
-    head = tl.where(all_head, mask, head)
-    return head, tied_seen + tl.sum(tied_int, 0)
+def _tie_limit(keys, indices, boundary_bits, tied_head):
+    """One past the class index of the `tied_head`-th class tied at w, from keys in class order
+    with their class indices: the tied classes before it are the head's (SPEC 1.3's stable
+    order)."""
+    tied = keys == boundary_bits
+    rank = tl.cumsum(tied.to(tl.int32), 0)
+    return tl.max(tl.where(tied & (rank <= tied_head), indices + 1, 0), 0).to(tl.int32)
+
+
+@triton.jit
+def _head_of_keys(keys, indices, lo, hi, mass_above, delta_fixed, delta, ACC: tl.constexpr,
+                  MASS: tl.constexpr, TOP_BIT: tl.constexpr, FIXED_ONE: tl.constexpr):
+    """w and the tie limit, from `keys` holding every key of [lo, hi) in class order (others
+    -1) with their class indices."""
+    p = tl.where(keys >= 0, keys, 0).to(ACC, bitcast=True)
+    masses = tl.where(keys >= 0, (p * FIXED_ONE + 0.5).to(MASS), 0)
+    boundary_bits, above, tied_count = _bisect(keys, masses, lo, hi, mass_above, delta_fixed,
+                                               TOP_BIT)
+    tied_head = _tied_head_count(above.to(ACC) / FIXED_ONE, boundary_bits.to(ACC, bitcast=True),
+                                 tied_count, delta)
+    return boundary_bits, _tie_limit(keys, indices, boundary_bits, tied_head)
+
+
+@triton.jit
+def _head_of_row(teacher_row, classes, scale, lse2_p, masses, counts, thresholds, keys_row,
+                 index_row, delta_fixed, delta, copied, CAPACITY: tl.constexpr,
+                 RADIX_BLOCK: tl.constexpr, RADIX_BUCKETS: tl.constexpr, ACC: tl.constexpr,
+                 KEY: tl.constexpr, MASS: tl.constexpr, KEY_END: tl.constexpr,
+                 TOP_BIT: tl.constexpr, FIXED_ONE: tl.constexpr):
+    """w and the tie limit of a chunked row whose mass reaches delta, from its first histogram:
+    the bucket holding w narrowed to at most CAPACITY classes (`_narrow`), its keys copied to the
+    workspace row (unless `copied` already) and bisected there; or, for a bucket of the one key w,
+    the tie limit by a count over the row when only some of its classes are in the head."""
+    lo, hi, mass_above, count = _narrow(teacher_row, classes, scale, lse2_p, masses, counts,
+                                        thresholds, delta_fixed, CAPACITY, RADIX_BLOCK,
+                                        RADIX_BUCKETS, ACC, KEY, MASS, KEY_END, FIXED_ONE)
+    boundary_bits = lo
+    tie_limit = tl.zeros([], tl.int32)
+    if hi - lo > 1:
+        if not copied:
+            _compact(teacher_row, 0, classes, scale, lse2_p, lo, hi, keys_row, index_row,
+                     tl.zeros([], tl.int32), RADIX_BLOCK, ACC, KEY, MASS, KEY_END, FIXED_ONE)
+            tl.debug_barrier()  # the stores above are read back by other threads
+        lanes = tl.arange(0, CAPACITY)
+        keys = tl.load(keys_row + lanes, mask=lanes < count, other=-1)
+        indices = tl.load(index_row + lanes, mask=lanes < count, other=0)
+        boundary_bits, tie_limit = _head_of_keys(keys, indices, lo, hi, mass_above, delta_fixed,
+                                                 delta, ACC, MASS, TOP_BIT, FIXED_ONE)
+    else:
+        tied_count = count.to(tl.int32)
+        tied_head = _tied_head_count(mass_above.to(ACC) / FIXED_ONE,
+                                     boundary_bits.to(ACC, bitcast=True), tied_count, delta)
+        tie_limit = tl.where(tied_head > 0, classes, 0)
+        if (tied_head > 0) & (tied_head < tied_count):
+            tie_limit = _tie_limit_in_row(teacher_row, classes, scale, lse2_p, boundary_bits,
+                                          tied_head, RADIX_BLOCK, ACC, KEY, MASS, KEY_END,
+                                          FIXED_ONE)
+    return boundary_bits, tie_limit
+
+
+@triton.jit
+def _tie_limit_in_row(teacher_row, classes, scale, lse2_p, boundary_bits, tied_head,
+                      RADIX_BLOCK: tl.constexpr, ACC: tl.constexpr, KEY: tl.constexpr,
+                      MASS: tl.constexpr, KEY_END: tl.constexpr, FIXED_ONE: tl.constexpr):
+    """`_tie_limit` by a pass over the row (a boundary tied in more classes than the workspace
+    holds)."""
+    radix_lanes = tl.arange(0, RADIX_BLOCK)
+    seen = tl.zeros([], tl.int32)
+    tie_limit = tl.zeros([], tl.int32)
+    for start in range(0, classes, RADIX_BLOCK):
+        offs = start + radix_lanes
+        key, _ = _chunk_keys(teacher_row, offs, classes, scale, lse2_p, ACC, KEY, MASS, KEY_END,
+                             FIXED_ONE)
+        tied = key == boundary_bits
+        rank = seen + tl.cumsum(tied.to(tl.int32), 0)
+        tie_limit = tl.maximum(
+            tie_limit, tl.max(tl.where(tied & (rank <= tied_head), offs + 1, 0), 0))
+        seen += tl.sum(tied.to(tl.int32), 0)
+    return tie_limit
+
+
+@triton.jit
+def _head_mask(bits, offs, mask, boundary_bits, tie_limit, all_head):
+    """SPEC 1.3 without a sort: {p > w} plus the classes tied at w before the tie limit; every
+    class if the row's mass is below delta."""
+    head = (bits > boundary_bits) | ((bits == boundary_bits) & (offs < tie_limit))
+    return tl.where(all_head, mask, head & mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,11 +487,11 @@ def _head_mask(bits, mask, boundary_bits, tied_head, tied_seen, all_head):
 @triton.jit
 def _chunk_distributions(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row,
                          slice_stride, steps, end, offs, scale, scale_q, lse2_p, lse2_q,
-                         lse2_steps, step_ids, log2_steps, boundary_bits, tied_head, tied_seen,
-                         all_head, ON_CHIP: tl.constexpr, PROB_MEAN: tl.constexpr,
+                         lse2_steps, step_ids, log2_steps, boundary_bits, tie_limit, all_head,
+                         ON_CHIP: tl.constexpr, PROB_MEAN: tl.constexpr,
                          TINY: tl.constexpr, ACC: tl.constexpr, KEY: tl.constexpr):
     """One chunk of the row as passes 3 and 4 see it (SPEC 1.1-1.3): its mask, log2 q, log p,
-    log q, p, q and head mask, and the updated count of tied classes seen (`_head_mask`).
+    log q, p, q and head mask.
 
     On chip the row is one chunk and its log2-probabilities are the tiles, nothing is reloaded;
     chunked, the chunk is reloaded and normalised with pass 1's normalisers (then `row_mask`,
@@ -444,20 +512,18 @@ def _chunk_distributions(row_mask, log2_p_tile, log2_q_tile, teacher_row, studen
                                    scale_q, lse2_q)
     p = tl.exp2(log2_p)
     q = tl.exp2(log2_q)
-    head, tied_seen = _head_mask(p.to(KEY, bitcast=True), mask, boundary_bits, tied_head,
-                                 tied_seen, all_head)
-    return mask, log2_q, log2_p * LN2, log2_q * LN2, p, q, head, tied_seen
+    head = _head_mask(p.to(KEY, bitcast=True), offs, mask, boundary_bits, tie_limit, all_head)
+    return mask, log2_q, log2_p * LN2, log2_q * LN2, p, q, head
 
 
 @triton.jit
 def _row_sums(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slice_stride, steps,
               begin, end, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps,
-              boundary_bits, tied_head, tied_seen, all_head, BLOCK: tl.constexpr,
+              boundary_bits, tie_limit, all_head, BLOCK: tl.constexpr,
               ON_CHIP: tl.constexpr, PROB_MEAN: tl.constexpr, STEPS_PAD: tl.constexpr,
               GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, TINY: tl.constexpr,
               ACC: tl.constexpr, KEY: tl.constexpr):
-    """Pass 3 (SPEC 1.4-1.6 and 2) over classes [begin, end), `tied_seen` classes tied at w
-    before them: d_head, d_tail, F, R; the signed head / tail sums of p and q (SPEC 2's
+    """Pass 3 (SPEC 1.4-1.6 and 2) over classes [begin, end): d_head, d_tail, F, R; the signed head / tail sums of p and q (SPEC 2's
     sum_j p_j dl_j and sum_j q_j dl_j); for prob_mean, per time step, sum_j p_j r_tj,
     sum_j q_tj (log q_j - log p_j + 1) and the signed head / tail sums of q_tj
     (csrc/hta_kl_math.h, time_step_g_sum)."""
@@ -471,10 +537,10 @@ def _row_sums(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slic
     steps_tail = tl.zeros([STEPS_PAD], ACC)
     for start in range(begin, end, BLOCK):
         offs = start + lanes
-        mask, log2_q, log_p, log_q, p, q, head, tied_seen = _chunk_distributions(
+        mask, log2_q, log_p, log_q, p, q, head = _chunk_distributions(
             row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slice_stride, steps,
             end, offs, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps,
-            boundary_bits, tied_head, tied_seen, all_head, ON_CHIP, PROB_MEAN, TINY, ACC, KEY)
+            boundary_bits, tie_limit, all_head, ON_CHIP, PROB_MEAN, TINY, ACC, KEY)
         tail = mask & ~head
         distance = tl.abs(p - q)
         d_head += tl.sum(tl.where(head, distance, 0.0), 0)
@@ -531,8 +597,8 @@ def _row_weights(d_head, d_tail, DETACH: tl.constexpr):
 @triton.jit
 def _write_gradients(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, d_teacher_row,
                      d_student_row, slice_stride, steps, begin, end, scale, scale_q, lse2_p,
-                     lse2_q, lse2_steps, step_ids, log2_steps, boundary_bits, tied_head,
-                     tied_seen, all_head, lam_h, lam_t, fkl, rkl, dl_head, dl_tail, grad_scale,
+                     lse2_q, lse2_steps, step_ids, log2_steps, boundary_bits, tie_limit,
+                     all_head, lam_h, lam_t, fkl, rkl, dl_head, dl_tail, grad_scale,
                      inv_steps, q_head, q_tail, p_head, p_tail, steps_p_ratio, steps_log_ratio,
                      steps_head, steps_tail, BLOCK: tl.constexpr, ON_CHIP: tl.constexpr,
                      PROB_MEAN: tl.constexpr, TWO_D: tl.constexpr, GRAD_S: tl.constexpr,
@@ -543,10 +609,10 @@ def _write_gradients(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_ro
     fkl_minus_rkl = fkl - rkl
     for start in range(begin, end, BLOCK):
         offs = start + lanes
-        mask, log2_q, log_p, log_q, p, q, head, tied_seen = _chunk_distributions(
+        mask, log2_q, log_p, log_q, p, q, head = _chunk_distributions(
             row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slice_stride, steps,
             end, offs, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps,
-            boundary_bits, tied_head, tied_seen, all_head, ON_CHIP, PROB_MEAN, TINY, ACC, KEY)
+            boundary_bits, tie_limit, all_head, ON_CHIP, PROB_MEAN, TINY, ACC, KEY)
         # SPEC 2: dl_i = s_i (d_tail [i in H] - d_head [i not in H]) / Sg^2.
         dl = _sign_of_difference(q, p) * tl.where(head, dl_head, dl_tail)
         if GRAD_T:
@@ -681,9 +747,9 @@ def _hta_kl_kernel(
         keys, masses = _keys_and_masses(tl.exp2(log2_p_tile), row_mask, KEY, MASS, KEY_END,
                                         FIXED_ONE)
         total_mass = tl.sum(masses, 0)
-        boundary_bits, mass_above, tied_count = _bisect(
-            keys, masses, tl.zeros([], KEY), tl.full([], KEY_END, KEY), tl.zeros([], MASS),
-            delta_fixed, TOP_BIT)
+        boundary_bits, tie_limit = _head_of_keys(
+            keys, lanes, tl.zeros([], KEY), tl.full([], KEY_END, KEY), tl.zeros([], MASS),
+            delta_fixed, delta, ACC, MASS, TOP_BIT, FIXED_ONE)
     else:
         # A histogram pass in octaves, more passes while the boundary bucket holds more than a
         # chunk of classes, then its keys copied to the row's workspace and bisected there.
@@ -694,34 +760,21 @@ def _hta_kl_kernel(
                                     RADIX_BLOCK, ACC, KEY, MASS, KEY_END, FIXED_ONE)
         total_mass = _pick(masses, buckets, 0)
         boundary_bits = tl.zeros([], KEY)
-        mass_above = tl.zeros([], MASS)
-        tied_count = tl.zeros([], tl.int32)
+        tie_limit = tl.zeros([], tl.int32)
         if total_mass >= delta_fixed:
-            lo, hi, mass_above, count = _narrow(
-                teacher_row, classes, scale, lse2_p, masses, counts, thresholds, delta_fixed,
-                BLOCK, RADIX_BLOCK, RADIX_BUCKETS, ACC, KEY, MASS, KEY_END, FIXED_ONE)
-            boundary_bits = lo
-            tied_count = count.to(tl.int32)  # a bucket of one key: all tied at w
-            if hi - lo > 1:
-                keys_row = workspace_ptr + row * BLOCK
-                written = _compact(teacher_row, 0, classes, scale, lse2_p, lo, hi, keys_row,
-                                   keys_row, tl.zeros([], tl.int32), False, BLOCK, ACC, KEY,
-                                   MASS, KEY_END, FIXED_ONE)
-                tl.debug_barrier()  # the stores above are read back by other threads
-                boundary_bits, mass_above, tied_count = _bisect_workspace(
-                    keys_row, written, lo, hi, mass_above, delta_fixed, BLOCK, ACC, MASS,
-                    TOP_BIT, FIXED_ONE)
+            keys_row = workspace_ptr + row * (2 * BLOCK)
+            boundary_bits, tie_limit = _head_of_row(
+                teacher_row, classes, scale, lse2_p, masses, counts, thresholds, keys_row,
+                keys_row + BLOCK, delta_fixed, delta, False, BLOCK, RADIX_BLOCK, RADIX_BUCKETS,
+                ACC, KEY, MASS, KEY_END, TOP_BIT, FIXED_ONE)
     all_head = total_mass < delta_fixed
-    tied_head = _tied_head_count(mass_above.to(ACC) / FIXED_ONE, boundary_bits.to(ACC, bitcast=True),
-                                 tied_count, delta)
 
     # ---- Pass 3, SPEC 1.4-1.6 and 2: every per-row sum. ----------------------------------------
     (d_head, d_tail, fkl, rkl, q_head, q_tail, p_head, p_tail, steps_p_ratio, steps_log_ratio,
      steps_head, steps_tail) = _row_sums(
         row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slice_stride, steps, 0,
         classes, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps, boundary_bits,
-        tied_head, tl.zeros([], tl.int32), all_head, BLOCK, ON_CHIP, PROB_MEAN, STEPS_PAD, GRAD_S,
-        GRAD_T, TINY, ACC, KEY)
+        tie_limit, all_head, BLOCK, ON_CHIP, PROB_MEAN, STEPS_PAD, GRAD_S, GRAD_T, TINY, ACC, KEY)
     # SPEC 1.5-1.6: weights and loss.
     lam_h, lam_t, dl_head, dl_tail = _row_weights(d_head, d_tail, DETACH)
     tl.store(loss_ptr + row, row_scale * (lam_h * fkl + lam_t * rkl))
@@ -732,7 +785,7 @@ def _hta_kl_kernel(
             row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row,
             d_teacher_ptr + row * classes, d_student_ptr + row * classes, slice_stride, steps, 0,
             classes, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps,
-            boundary_bits, tied_head, tl.zeros([], tl.int32), all_head, lam_h, lam_t, fkl, rkl,
+            boundary_bits, tie_limit, all_head, lam_h, lam_t, fkl, rkl,
             dl_head, dl_tail, grad_scale, inv_steps, q_head, q_tail, p_head, p_tail,
             steps_p_ratio, steps_log_ratio, steps_head, steps_tail, BLOCK, ON_CHIP, PROB_MEAN,
             TWO_D, GRAD_S, GRAD_T, TINY, ACC, KEY)
@@ -750,8 +803,7 @@ def _hta_kl_kernel(
 #      and their class indices, to the row's candidates at its offset (the counts of the
 #      segments before it), when the bucket fits the candidates' capacity;
 #   4. one program per row: w by bisection over the candidates (else the single-program
-#      narrowing and copy over the whole row), the head's tie count, and for each segment the
-#      count of classes tied at w before it;
+#      narrowing and copy over the whole row) and the tie limit (`_head_of_row`);
 #   5. each segment's pass-3 sums;
 #   6. the row's sums combined; the loss (by the first segment) and each segment's gradients.
 
@@ -829,8 +881,8 @@ def _hta_kl_split_kernel(
     histograms_row = histograms_ptr + row * segments * (2 * RADIX_BUCKETS)
     keys_row = candidates_ptr + row * (2 * BLOCK)
     index_row = keys_row + BLOCK
-    # w, the head's tie count, all-head, then per segment the classes tied at w before it.
-    selection_row = selection_ptr + row * (3 + segments)
+    # w, the tie limit and whether the whole row is head.
+    selection_row = selection_ptr + row * 3
     sums_row = sums_ptr + row * segments * (SUMS + 4 * STEPS_PAD)
 
     if PHASE == 1:
@@ -869,69 +921,29 @@ def _hta_kl_split_kernel(
             if PHASE == 3:
                 if copied:
                     _compact(teacher_row, begin, end, scale, lse2_p, lo, hi, keys_row, index_row,
-                             _bucket_count(counts_before, buckets, chosen).to(tl.int32), True,
-                             BLOCK, ACC, KEY, MASS, KEY_END, FIXED_ONE)
+                             _bucket_count(counts_before, buckets, chosen).to(tl.int32),
+                             RADIX_BLOCK, ACC, KEY, MASS, KEY_END, FIXED_ONE)
             else:
                 boundary_bits = tl.zeros([], KEY)
-                tied_count = tl.zeros([], tl.int32)
+                tie_limit = tl.zeros([], tl.int32)
                 if reaches:
-                    if not copied:
-                        # The bucket is too large for the candidates: narrow it and copy it here.
-                        lo, hi, mass_above, count = _narrow(
-                            teacher_row, classes, scale, lse2_p, masses, counts, thresholds,
-                            delta_fixed, BLOCK, RADIX_BLOCK, RADIX_BUCKETS, ACC, KEY, MASS,
-                            KEY_END, FIXED_ONE)
-                        if hi - lo > 1:
-                            _compact(teacher_row, 0, classes, scale, lse2_p, lo, hi, keys_row,
-                                     index_row, tl.zeros([], tl.int32), True, BLOCK, ACC, KEY,
-                                     MASS, KEY_END, FIXED_ONE)
-                            tl.debug_barrier()
-                    boundary_bits = lo
-                    tied_count = count.to(tl.int32)
-                    if hi - lo > 1:
-                        boundary_bits, mass_above, tied_count = _bisect_workspace(
-                            keys_row, count, lo, hi, mass_above, delta_fixed, BLOCK, ACC, MASS,
-                            TOP_BIT, FIXED_ONE)
-                all_head = ~reaches
-                tied_head = _tied_head_count(mass_above.to(ACC) / FIXED_ONE,
-                                             boundary_bits.to(ACC, bitcast=True), tied_count,
-                                             delta)
+                    boundary_bits, tie_limit = _head_of_row(
+                        teacher_row, classes, scale, lse2_p, masses, counts, thresholds,
+                        keys_row, index_row, delta_fixed, delta, copied, BLOCK, RADIX_BLOCK,
+                        RADIX_BUCKETS, ACC, KEY, MASS, KEY_END, TOP_BIT, FIXED_ONE)
                 tl.store(selection_row, boundary_bits)
-                tl.store(selection_row + 1, tied_head.to(KEY))
-                tl.store(selection_row + 2, all_head.to(KEY))
-                # Classes tied at w before each segment: from the candidates' class indices, or,
-                # for a bucket of the one key w, by counting them in the row.
-                lanes = tl.arange(0, BLOCK)
-                tied_keys = tl.load(keys_row + lanes, mask=lanes < count, other=-1) == boundary_bits
-                tied_index = tl.load(index_row + lanes, mask=lanes < count, other=0)
-                seen = tl.zeros([], tl.int32)
-                for s in range(segments):
-                    segment_begin = s * segment_length
-                    if hi - lo > 1:
-                        before = tl.sum((tied_keys & (tied_index < segment_begin)).to(tl.int32), 0)
-                    else:
-                        before = seen
-                        if reaches:
-                            for start in range(segment_begin,
-                                               tl.minimum(segment_begin + segment_length, classes),
-                                               BLOCK):
-                                key, _ = _chunk_keys(
-                                    teacher_row, start + lanes,
-                                    tl.minimum(segment_begin + segment_length, classes), scale,
-                                    lse2_p, ACC, KEY, MASS, KEY_END, FIXED_ONE)
-                                seen += tl.sum((key == boundary_bits).to(tl.int32), 0)
-                    tl.store(selection_row + 3 + s, before.to(KEY))
+                tl.store(selection_row + 1, tie_limit.to(KEY))
+                tl.store(selection_row + 2, (~reaches).to(KEY))
         else:
             boundary_bits = tl.load(selection_row)
-            tied_head = tl.load(selection_row + 1).to(tl.int32)
+            tie_limit = tl.load(selection_row + 1).to(tl.int32)
             all_head = tl.load(selection_row + 2) != 0
-            tied_seen = tl.load(selection_row + 3 + segment).to(tl.int32)
             if PHASE == 5:
                 (d_head, d_tail, fkl, rkl, q_head, q_tail, p_head, p_tail, steps_p_ratio,
                  steps_log_ratio, steps_head, steps_tail) = _row_sums(
                     None, None, None, teacher_row, student_row, slice_stride, steps, begin, end,
                     scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps,
-                    boundary_bits, tied_head, tied_seen, all_head, BLOCK, False, PROB_MEAN,
+                    boundary_bits, tie_limit, all_head, BLOCK, False, PROB_MEAN,
                     STEPS_PAD, GRAD_S, GRAD_T, TINY, ACC, KEY)
                 part = sums_row + segment * (SUMS + 4 * STEPS_PAD)
                 tl.store(part, d_head)
@@ -976,8 +988,8 @@ def _hta_kl_split_kernel(
                         None, None, None, teacher_row, student_row,
                         d_teacher_ptr + row * classes, d_student_ptr + row * classes,
                         slice_stride, steps, begin, end, scale, scale_q, lse2_p, lse2_q,
-                        lse2_steps, step_ids, log2_steps, boundary_bits, tied_head, tied_seen,
-                        all_head, lam_h, lam_t, fkl, rkl, dl_head, dl_tail, grad_scale,
+                        lse2_steps, step_ids, log2_steps, boundary_bits, tie_limit, all_head,
+                        lam_h, lam_t, fkl, rkl, dl_head, dl_tail, grad_scale,
                         inv_steps, q_head, q_tail, p_head, p_tail, steps_p_ratio,
                         steps_log_ratio, steps_head, steps_tail, BLOCK, False, PROB_MEAN, TWO_D,
                         GRAD_S, GRAD_T, TINY, ACC, KEY)
@@ -1095,21 +1107,23 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     scalars = (float(temperature), float(delta), float(row_scale), head_mass_fixed(delta, wide),
                steps, classes, rows * classes)
     if segments == 1:
-        # The chunked path's boundary candidates: one chunk of keys per row.
-        workspace = torch.empty((0 if on_chip else rows * chunk), dtype=key_dtype, device=device)
+        # The chunked path's boundary candidates: a chunk of keys and their class indices
+        # per row.
+        workspace = torch.empty((0 if on_chip else rows * 2 * chunk), dtype=key_dtype,
+                                device=device)
         torch.library.wrap_triton(_hta_kl_kernel)[(rows,)](
             student, teacher, loss_rows, d_student, d_teacher, workspace, *scalars,
             ON_CHIP=on_chip, **options)
         return loss_rows, d_student, d_teacher
     # The split kernel's workspaces (see its phases): per segment, partial normalisers, first
     # histogram and pass-3 sums; per row, a chunk of candidate keys and their class indices, and
-    # the selection with the ties before each segment.
+    # the selection.
     normalisers = torch.empty(rows * segments * (4 + 2 * steps_pad), dtype=acc_dtype,
                               device=device)
     histograms = torch.empty(rows * segments * 2 * (1 << RADIX_BITS), dtype=key_dtype,
                              device=device)
     candidates = torch.empty(rows * 2 * chunk, dtype=key_dtype, device=device)
-    selection = torch.empty(rows * (3 + segments), dtype=key_dtype, device=device)
+    selection = torch.empty(rows * 3, dtype=key_dtype, device=device)
     sums = torch.empty(rows * segments * (SUMS.value + 4 * steps_pad), dtype=acc_dtype, device=device)
     kernel = torch.library.wrap_triton(_hta_kl_split_kernel)
     for phase in range(1, 7):
