@@ -70,6 +70,62 @@ def test_unaligned_storage_uses_the_scalar_path(dtype):
                                time_reduction="prob_mean", what="unaligned")
 
 
+# The head selection sweeps the row until the classes left in it fit its shared-memory list of
+# kCandidates = 2048 keys (hta_kl_cuda.cu), then reads only the list: rows listed in the first
+# sweep and after the first digit, each for the three kernels (one softmax, prob_mean,
+# logit_mean).
+SELECTION_ROWS = {
+    "listed at once": (2047, 8.0),
+    "exactly the list": (2048, 8.0),
+    "listed after a digit": (2049, 8.0),
+    "long row": (50257, 8.0),
+}
+STUDENTS = {"2-D": (None, "prob_mean"), "prob_mean": (3, "prob_mean"),
+            "logit_mean": (3, "logit_mean")}
+
+
+@pytest.mark.parametrize("student_kind", sorted(STUDENTS))
+@pytest.mark.parametrize("row_kind", sorted(SELECTION_ROWS))
+def test_head_selection_paths_agree_with_the_oracle(row_kind, student_kind):
+    classes, scale = SELECTION_ROWS[row_kind]
+    steps, time_reduction = STUDENTS[student_kind]
+    generator = torch.Generator().manual_seed(classes)
+    teacher = draw_teacher(3, classes, temperature=2.0, delta=0.5, dtype=torch.float32,
+                           scale=scale, generator=generator)
+    shape = (3, classes) if steps is None else (steps, 3, classes)
+    student = torch.randn(shape, generator=generator) * 6
+    check_fused_against_oracle(CUDA, student.cuda(), teacher.cuda(), temperature=2.0, delta=0.5,
+                               time_reduction=time_reduction, what=f"{row_kind}, {student_kind}")
+
+
+# (classes, logit levels): the top level's group of tied classes is listed in the first sweep,
+# after the first digit, or never (more ties than the list holds: every round sweeps the row).
+TIED_GROUPS = {"listed at once": (2000, 4), "listed after a digit": (5000, 4),
+               "larger than the list": (5000, 2)}
+
+
+@pytest.mark.parametrize("group", sorted(TIED_GROUPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_boundary_inside_a_group_of_ties(group, dtype):
+    # Integer logits: the top level is one group of about C / levels classes with equal p; delta
+    # puts the boundary half a class inside it, so the head takes the first r of them by
+    # ascending index (SPEC 1.3) and the rest go to the tail.
+    classes, levels = TIED_GROUPS[group]
+    generator = torch.Generator().manual_seed(classes + levels)
+    teacher = torch.randint(0, levels, (1, classes), generator=generator).to(dtype)
+    p = torch.softmax(teacher.double(), dim=-1)[0]
+    top = p.max()
+    tied = int((p == top).sum())
+    delta = float(top * (tied // 2 + 0.5))
+    student = (torch.randn(1, classes, generator=generator) * 3).to(dtype)
+    first = check_fused_against_oracle(CUDA, student.cuda(), teacher.cuda(), temperature=1.0,
+                                       delta=delta, time_reduction="prob_mean", what="ties")
+    # The list is filled by atomics in any order; the results do not depend on it.
+    again = fused(CUDA, student.cuda(), teacher.cuda(), temperature=1.0, delta=delta)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b.cpu())
+
+
 # The binding's own errors (c10::Error thrown from the CUDA binding) are checked in a child
 # process: on the first H100 run (2026-11-26, torch 2.11, the image's /opt/gcc toolchain) both of
 # these crashed the interpreter with a segmentation fault instead of raising, which would abort

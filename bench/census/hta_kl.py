@@ -65,7 +65,8 @@ CUDA_LAUNCHER_LINES = (
 
 def cuda_constants(text: str) -> dict[str, int]:
     values = {}
-    for name in ("kWarpSize", "kMaxThreads", "kRadixBits", "kStepGroup", "kVectorBytes"):
+    for name in ("kWarpSize", "kMaxThreads", "kRadixBits", "kCandidates", "kStepGroup",
+                 "kVectorBytes"):
         match = re.search(rf"constexpr int {name} = ([^;]+);", text)
         if match is None:
             raise ValueError(f"hta_kl_cuda.cu: `constexpr int {name}` not found; the census reads "
@@ -83,17 +84,19 @@ class CudaKernels:
         self.path = os.path.join(source_root, "csrc", "cuda", "hta_kl_cuda.cu")
         self.constants = cuda_constants(open(self.path).read())
         functions = disassemble(build.cuda_cubin(source_root, "hta_kl_cuda.cu"))
-        tags = {"float32": "IfEE", "bfloat16": "I13__nv_bfloat16EE", "float16": "I6__halfEE"}
-        self.functions = {dtype: next(f for n, f in functions.items()
-                                      if f"hta_kl_fused_kernel{tag}" in n)
-                          for dtype, tag in tags.items()}
+        tags = {"float32": "f", "bfloat16": "13__nv_bfloat16", "float16": "6__half"}
+        # One kernel per dtype and student (the launcher's Student: 0 one softmax, 2 prob_mean).
+        self.functions = {(dtype, student): next(
+            f for n, f in functions.items()
+            if f"hta_kl_fused_kernelI{tag}LNS0_7StudentE{student}EE" in n)
+            for dtype, tag in tags.items() for student in (0, 2)}
 
     def launch(self, card: Card, dtype: str, steps: int, rows: int, classes: int):
         """`steps`: 0 for a 2-D student (the kernel sees T = 1)."""
         steps = max(steps, 1)
         c = self.constants
         b = STORAGE_BYTES[dtype]
-        function = self.functions[dtype]
+        function = self.functions[(dtype, 0 if steps == 1 else 2)]
         width = c["kVectorBytes"] // b
         chunks = math.ceil(classes / width)
         threads = c["kMaxThreads"] if chunks >= c["kMaxThreads"] else \
@@ -104,16 +107,27 @@ class CudaKernels:
         cached = cache_bytes <= SHARED_OPTIN - function.shared_bytes - steps_bytes
         shared = function.shared_bytes + steps_bytes + (cache_bytes if cached else 0)
         radix_rounds = 32 // c["kRadixBits"]  # float32 keys for every storage but float64
+        # The head selection sweeps the row until its candidates fit the shared-memory list
+        # (kCandidates keys), listing them in that sweep; later rounds read the list. A row that
+        # fits is swept once; a longer one is taken to fit after its first digit (two sweeps).
+        listed = min(classes, c["kCandidates"])
+        sweeps = 1 if classes <= c["kCandidates"] else 2
         groups = math.ceil(steps / c["kStepGroup"])
 
         def factor(loop) -> float:
             h = loop.header
+            # The selection's two loops carry their own round counts (the loop over the digits
+            # around them, when matched, counts once).
+            if "first - lane_offset" in h:  # its sweeps
+                return sweeps / width
+            if "i < listed_count" in h:  # its listed rounds: per-row work
+                return (radix_rounds - sweeps) * max(1.0, listed / threads)
             if "first_chunk_start" in h:
                 return 1.0 / width  # one thread's chunk of `width` classes per iteration
             if re.search(r"\bt < (row\.|params\.)?steps", h):
                 return steps
             if "shift >= 0" in h:
-                return radix_rounds
+                return 1.0
             if "group < row.steps" in h:
                 return groups
             if re.search(r"j < kWidth", h):

@@ -6,7 +6,8 @@
 //   1. teacher log-sum-exp (SPEC 1.1);
 //   2. student log-sum-exp: of each step for prob_mean / 2-D, of the mean logits for logit_mean
 //      (SPEC 1.2);
-//   3. head boundary: radix select over the bits of p, 8 bits per pass (SPEC 1.3);
+//   3. head boundary: radix select over the bits of p, 8 bits per round; the row is swept until
+//      the candidates left fit a shared-memory list, later rounds read the list (SPEC 1.3);
 //   4. the row sums: d_head, d_tail, F, R and the signed sums the gradient needs (SPEC 1.4-1.6);
 //   5. gradients (SPEC 2): teacher and single-softmax student in one pass; prob_mean students with
 //      T > 1 need per-step sums first (one pass per group of kStepGroup steps) and then one pass.
@@ -14,7 +15,9 @@
 // Pass 1, 3 its Pass 2, 4 its Pass 3, 5 its Pass 4 (the numbers here are bench/census's anchors).
 // p, q and their logs are recomputed from the logits in every pass with the same expressions
 // (explicit fma, so the compiler cannot contract them differently), hence bit-identical between
-// passes: the head membership found in pass 3 is exactly the one passes 4 and 5 see.
+// passes: the head membership found in pass 3 is exactly the one passes 4 and 5 see. float math
+// works in base 2 (LogBase: one exp2 per softmax, no log per class). Each kind of student (one
+// softmax, logit_mean, prob_mean) is its own kernel (Student), so no pass carries another's code.
 //
 // Memory. When the row (teacher plus T student steps, storage dtype) fits in shared memory, the
 // block copies it there once with 16-byte loads and every pass reads shared memory: the kernel
@@ -29,7 +32,10 @@
 // mass of the candidates per 8-bit digit, then the largest digit whose suffix mass (plus the mass
 // already known to lie above) reaches delta. The masses are summed in 2^-62 fixed point with
 // integer atomics: exact, hence independent of the atomics' order, and the mass of a digit's bucket
-// equals the sum of its sub-buckets at the next digit, so the selection is self-consistent.
+// equals the sum of its sub-buckets at the next digit, so the selection is self-consistent. Once
+// the candidates (classes whose key has the digits chosen so far) number at most kCandidates, the
+// sweep of that round also lists their keys in shared memory, and the later rounds read only the
+// list: a row is swept once when C <= kCandidates, typically twice otherwise.
 // Head = {p > w} plus the first r classes tied at w by ascending index (a block-wide ordered count
 // finds the r-th only when 0 < r < #ties). If the row's whole mass is below delta, every class is
 // in the head.
@@ -58,6 +64,7 @@ constexpr int kMaxWarps = kMaxThreads / kWarpSize;
 constexpr int kRadixBits = 8;
 constexpr int kRadixBuckets = 1 << kRadixBits;
 constexpr int kBucketsPerLane = kRadixBuckets / kWarpSize;
+constexpr int kCandidates = 2048;  // boundary candidates whose keys pass 3 keeps in shared memory
 constexpr int kStepGroup = 4;                 // prob_mean steps whose sums one pass gathers
 constexpr int kSumsPerStep = 4;               // sum p r_t, sum q_t (log q - log p + 1), signed H/T
 constexpr int kMaxSums = kStepGroup * kSumsPerStep;
@@ -162,7 +169,33 @@ struct Chunk {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Log-sum-exp in one sweep: the running maximum and the sum of exp(x - max). -inf contributes
+// The base of the kernel's logarithms. float math works in base 2: logits are scaled once by
+// log2(e) / tau, so every softmax is one exp2 (one MUFU op) of one fma and every normaliser a
+// base-2 log-sum-exp; the natural logs that hta_kl_math.h's SPEC 1.6 and 2 formulas take are
+// base-2 logs times ln 2, so no log is taken per class except the one of a prob_mean student's
+// step mean. double keeps the full-precision natural exp and log (its factors are 1 and fold away).
+
+template <typename acc_t>
+struct LogBase;
+
+template <>
+struct LogBase<float> {
+  static constexpr double kPerNatural = 1.4426950408889634;  // log2(e): base-2 units per nat
+  __device__ __forceinline__ static float exp(float x) { return exp2f(x); }
+  __device__ __forceinline__ static float log(float x) { return log2f(x); }
+  __device__ __forceinline__ static float to_natural(float x) { return x * 0.6931471805599453f; }
+};
+
+template <>
+struct LogBase<double> {
+  static constexpr double kPerNatural = 1.0;
+  __device__ __forceinline__ static double exp(double x) { return ::exp(x); }
+  __device__ __forceinline__ static double log(double x) { return ::log(x); }
+  __device__ __forceinline__ static double to_natural(double x) { return x; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Log-sum-exp in one sweep, in LogBase units: the running maximum and the sum of exp(x - max). -inf contributes
 // nothing; NaN poisons the sum (so the row's result is NaN, as the reference's softmax gives);
 // +inf gives max = +inf and a NaN sum as soon as anything is compared against it, again like the
 // reference (exp(inf - inf)).
@@ -176,10 +209,10 @@ struct LogSumExp {
 
   __device__ __forceinline__ void add(acc_t x) {
     if (x > max_value) {
-      scaled_sum = scaled_sum * exp(max_value - x) + acc_t(1);
+      scaled_sum = scaled_sum * LogBase<acc_t>::exp(max_value - x) + acc_t(1);
       max_value = x;
     } else if (!(x == acc_t(-INFINITY))) {
-      scaled_sum += exp(x - max_value);  // NaN x lands here and poisons the sum
+      scaled_sum += LogBase<acc_t>::exp(x - max_value);  // NaN x lands here: poisons the sum
     }
   }
 
@@ -189,13 +222,15 @@ struct LogSumExp {
     if (merged_max == acc_t(-INFINITY)) {
       scaled_sum += other.scaled_sum;  // both empty (or NaN-poisoned): no rescaling to do
     } else {
-      scaled_sum = scaled_sum * exp(max_value - merged_max) +
-                   other.scaled_sum * exp(other.max_value - merged_max);
+      scaled_sum = scaled_sum * LogBase<acc_t>::exp(max_value - merged_max) +
+                   other.scaled_sum * LogBase<acc_t>::exp(other.max_value - merged_max);
     }
     max_value = merged_max;
   }
 
-  __device__ __forceinline__ acc_t value() const { return max_value + log(scaled_sum); }
+  __device__ __forceinline__ acc_t value() const {
+    return max_value + LogBase<acc_t>::log(scaled_sum);
+  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -214,6 +249,8 @@ struct BlockScratch {
   unsigned int selected_digit;
   unsigned int selected_count;
   int selected_found;
+  radix_key_t<acc_t> candidate_key[kCandidates];  // keys of the classes left in the selection
+  unsigned int candidate_count;
   unsigned int warp_tied[kMaxWarps];  // tie search: tied classes per warp in one sweep
   long long tie_limit;
 };
@@ -281,16 +318,26 @@ struct KernelParams {
   scalar_t* grad_student;  // nullptr: not requested
   scalar_t* grad_teacher;  // nullptr: not requested
   int64_t steps, rows, classes;
-  acc_t inv_tau, delta, inv_steps, log_steps;
+  acc_t inv_tau, delta, inv_steps;
+  acc_t logit_scale;               // LogBase units per logit: log_b(e) / tau
+  acc_t log_steps;                 // log_b T
   acc_t row_scale;                 // HtaKlOptions::row_scale
   unsigned long long delta_fixed;  // delta in 2^-62 fixed point, at least 1
-  bool logit_mean, detach_weights;
+  bool detach_weights;
   bool cache_rows;             // copy the row to shared memory first
   int64_t cache_row_stride;    // classes rounded up to whole chunks (shared-memory row stride)
   size_t step_values_bytes;    // shared-memory bytes in front of the row cache
 };
 
-template <typename scalar_t>
+// How a row's student distribution is formed (SPEC 1.2); each is its own kernel, so no pass carries
+// the code of another.
+enum class Student {
+  kSingle,     // one softmax: a 2-D student, or T = 1
+  kLogitMean,  // softmax of the mean logits, T > 1
+  kProbMean,   // mean of the T > 1 steps' softmaxes
+};
+
+template <typename scalar_t, Student kStudent>
 struct RowView {
   using acc_t = htakl::acc_t<scalar_t>;
   using key_t = radix_key_t<scalar_t>;
@@ -301,8 +348,9 @@ struct RowView {
   int64_t step_stride;      // elements from one step's row to the next
   int64_t classes;
   int64_t steps;
-  acc_t inv_tau, inv_steps, log_steps;
-  bool logit_mean;
+  acc_t logit_scale, inv_steps, log_steps;  // KernelParams'
+  // Log-sum-exps and every log below are in LogBase<acc_t> units (natural for double, base 2
+  // otherwise).
   acc_t teacher_lse;        // SPEC 1.1: logsumexp(a / tau)
   acc_t mean_lse;           // SPEC 1.2 logit_mean: logsumexp(mean_t z_t / tau)
   const acc_t* step_lse;    // SPEC 1.2 otherwise: logsumexp(z_t / tau) per step (shared memory)
@@ -313,9 +361,13 @@ struct RowView {
     return student + t * step_stride;
   }
 
-  // SPEC 1.1: log p = a / tau - logsumexp(a / tau). Every pass computes it with this expression.
+  // SPEC 1.1: log p = a / tau - logsumexp(a / tau), and p = exp(log p). Every pass computes them
+  // with these expressions, so every pass sees the same bits of p.
   __device__ __forceinline__ acc_t teacher_log_prob(acc_t logit) const {
-    return fused_multiply_add(logit, inv_tau, -teacher_lse);
+    return fused_multiply_add(logit, logit_scale, -teacher_lse);
+  }
+  __device__ __forceinline__ static acc_t prob(acc_t log_prob) {
+    return LogBase<acc_t>::exp(log_prob);
   }
 
   __device__ __forceinline__ void teacher_log_probs(int64_t first, acc_t (&log_p)[kWidth]) const {
@@ -326,13 +378,13 @@ struct RowView {
 
   // log softmax(z_t / tau) of one step (prob_mean and 2-D students).
   __device__ __forceinline__ acc_t step_log_prob(acc_t logit, int64_t t) const {
-    return fused_multiply_add(logit, inv_tau, -step_lse[t]);
+    return fused_multiply_add(logit, logit_scale, -step_lse[t]);
   }
 
   // SPEC 1.2: log q of a chunk of classes, from all T steps.
   __device__ __forceinline__ void student_log_probs(int64_t first, acc_t (&log_q)[kWidth]) const {
     acc_t logits[kWidth];
-    if (logit_mean) {
+    if constexpr (kStudent == Student::kLogitMean) {
       acc_t sums[kWidth] = {};
       for (int64_t t = 0; t < steps; ++t) {
         Chunk<scalar_t>::load(step(t), first, classes, logits);
@@ -341,10 +393,14 @@ struct RowView {
       }
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
-        log_q[j] = fused_multiply_add(sums[j] * inv_steps, inv_tau, -mean_lse);
+        log_q[j] = fused_multiply_add(sums[j] * inv_steps, logit_scale, -mean_lse);
       }
+    } else if constexpr (kStudent == Student::kSingle) {
+      Chunk<scalar_t>::load(step(0), first, classes, logits);
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) log_q[j] = step_log_prob(logits[j], 0);
     } else {
-      // log q = logsumexp_t(log softmax(z_t / tau)) - log T; exactly log softmax(z / tau) if T = 1.
+      // log q = logsumexp_t(log softmax(z_t / tau)) - log T.
       LogSumExp<acc_t> per_class[kWidth];
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) per_class[j] = LogSumExp<acc_t>::empty();
@@ -356,6 +412,25 @@ struct RowView {
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) log_q[j] = per_class[j].value() - log_steps;
     }
+  }
+
+  // hta_kl_math.h's prob_ratio q_t / q in LogBase units: exp(log q_t - log q), zero where q_t is.
+  __device__ __forceinline__ static acc_t step_ratio(acc_t q_t, acc_t log_q_t, acc_t log_q) {
+    return q_t > acc_t(0) ? prob(log_q_t - log_q) : acc_t(0);
+  }
+
+  // log sum_t q_t. Where every step's q_t underflows (a class the student all but rules out,
+  // whose log q the loss may still need), the steps are summed again relative to the largest
+  // log q_t, as a log-sum-exp does: rare, and exact either way.
+  __device__ __forceinline__ acc_t step_mean_log(acc_t total, acc_t top, int64_t index) const {
+    if (!(total < LogBase<acc_t>::kTiny && top > acc_t(-INFINITY) && index < classes)) {
+      return LogBase<acc_t>::log(total);
+    }
+    acc_t rescaled = acc_t(0);
+    for (int64_t t = 0; t < steps; ++t) {
+      rescaled += prob(step_log_prob(to_acc(step(t)[index]), t) - top);
+    }
+    return top + LogBase<acc_t>::log(rescaled);
   }
 
   __device__ __forceinline__ bool in_head(acc_t p, int64_t index) const {
@@ -377,8 +452,8 @@ __device__ __forceinline__ int64_t chunk_stride() {
 // ---------------------------------------------------------------------------------------------
 // Passes 1 and 2: the log-sum-exps of SPEC 1.1 and 1.2.
 
-template <typename scalar_t>
-__device__ void compute_log_sum_exps(RowView<scalar_t>& row, htakl::acc_t<scalar_t>* step_lse,
+template <typename scalar_t, Student kStudent>
+__device__ void compute_log_sum_exps(RowView<scalar_t, kStudent>& row, htakl::acc_t<scalar_t>* step_lse,
                                      BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
@@ -391,12 +466,12 @@ __device__ void compute_log_sum_exps(RowView<scalar_t>& row, htakl::acc_t<scalar
     Chunk<scalar_t>::load(row.teacher, first, classes, values);
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
-      if (first + j < classes) teacher_acc.add(values[j] * row.inv_tau);
+      if (first + j < classes) teacher_acc.add(values[j] * row.logit_scale);
     }
   }
   row.teacher_lse = block_logsumexp(teacher_acc, scratch);
 
-  if (row.logit_mean) {
+  if constexpr (kStudent == Student::kLogitMean) {
     LogSumExp<acc_t> mean_acc = LogSumExp<acc_t>::empty();
     for (int64_t first = first_chunk_start<scalar_t>(); first < classes;
          first += chunk_stride<scalar_t>()) {
@@ -408,26 +483,26 @@ __device__ void compute_log_sum_exps(RowView<scalar_t>& row, htakl::acc_t<scalar
       }
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
-        if (first + j < classes) mean_acc.add(sums[j] * row.inv_steps * row.inv_tau);
+        if (first + j < classes) mean_acc.add(sums[j] * row.inv_steps * row.logit_scale);
       }
     }
     row.mean_lse = block_logsumexp(mean_acc, scratch);
-    return;
-  }
-  for (int64_t t = 0; t < row.steps; ++t) {
-    LogSumExp<acc_t> step_acc = LogSumExp<acc_t>::empty();
-    for (int64_t first = first_chunk_start<scalar_t>(); first < classes;
-         first += chunk_stride<scalar_t>()) {
-      Chunk<scalar_t>::load(row.step(t), first, classes, values);
+  } else {
+    for (int64_t t = 0; t < row.steps; ++t) {
+      LogSumExp<acc_t> step_acc = LogSumExp<acc_t>::empty();
+      for (int64_t first = first_chunk_start<scalar_t>(); first < classes;
+           first += chunk_stride<scalar_t>()) {
+        Chunk<scalar_t>::load(row.step(t), first, classes, values);
 #pragma unroll
-      for (int j = 0; j < kWidth; ++j) {
-        if (first + j < classes) step_acc.add(values[j] * row.inv_tau);
+        for (int j = 0; j < kWidth; ++j) {
+          if (first + j < classes) step_acc.add(values[j] * row.logit_scale);
+        }
       }
+      const acc_t lse = block_logsumexp(step_acc, scratch);
+      if (threadIdx.x == 0) step_lse[t] = lse;
     }
-    const acc_t lse = block_logsumexp(step_acc, scratch);
-    if (threadIdx.x == 0) step_lse[t] = lse;
+    __syncthreads();  // step_lse written by thread 0, read by all
   }
-  __syncthreads();  // step_lse written by thread 0, read by all
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -477,8 +552,8 @@ __device__ void select_digit(BlockScratch<acc_t>& scratch, unsigned long long ma
 
 // The class index one past the r-th class (1-based, ascending index) whose p equals the boundary
 // value: the tied classes below it are the head's tied members (SPEC 1.3's stable order).
-template <typename scalar_t>
-__device__ int64_t tie_limit_of(const RowView<scalar_t>& row, int64_t head_ties,
+template <typename scalar_t, Student kStudent>
+__device__ int64_t tie_limit_of(const RowView<scalar_t, kStudent>& row, int64_t head_ties,
                                 BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
@@ -489,7 +564,7 @@ __device__ int64_t tie_limit_of(const RowView<scalar_t>& row, int64_t head_ties,
     const int64_t index = sweep + threadIdx.x;
     bool tied = false;
     if (index < row.classes) {
-      const auto p = exp(row.teacher_log_prob(to_acc(row.teacher[index])));
+      const auto p = row.prob(row.teacher_log_prob(to_acc(row.teacher[index])));
       tied = key_of(p) == row.boundary_key;
     }
     const unsigned ballot = __ballot_sync(kFullMask, tied);
@@ -509,8 +584,8 @@ __device__ int64_t tie_limit_of(const RowView<scalar_t>& row, int64_t head_ties,
   return scratch.tie_limit;
 }
 
-template <typename scalar_t>
-__device__ void find_head_boundary(RowView<scalar_t>& row, const KernelParams<scalar_t>& params,
+template <typename scalar_t, Student kStudent>
+__device__ void find_head_boundary(RowView<scalar_t, kStudent>& row, const KernelParams<scalar_t>& params,
                                    BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
   using key_t = radix_key_t<scalar_t>;
@@ -528,23 +603,41 @@ __device__ void find_head_boundary(RowView<scalar_t>& row, const KernelParams<sc
   key_t known = 0;   // mask of those digits
   unsigned long long mass_above = 0;
   unsigned int tied_count = 0;
+  // The candidates: classes whose key has the digits chosen so far. Once they fit in
+  // scratch.candidate_key, the round that sweeps the row lists their keys there as well, and the
+  // later rounds read only that list: a typical row is swept once or twice, not once per digit.
+  int64_t candidates = classes;
+  bool listed = false;
+  unsigned int listed_count = 0;
+  const int lane = static_cast<int>(threadIdx.x % kWarpSize);
   acc_t log_p[kWidth];
+#pragma unroll 1  // one copy of the sweep, not one per digit
   for (int shift = kKeyBits - kRadixBits; shift >= 0; shift -= kRadixBits) {
+    const bool compact = !listed && candidates <= kCandidates;  // uniform over the block
     for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
       scratch.radix_mass[b] = 0;
       scratch.radix_count[b] = 0;
     }
+    if (threadIdx.x == 0 && compact) scratch.candidate_count = 0;
     __syncthreads();
-    // The whole warp runs the same number of iterations (the loop ends when the warp's first
-    // chunk is past the row, lanes past it see only padding), so the warp-wide intrinsics below
-    // see all 32 lanes.
-    const int64_t lane_offset = static_cast<int64_t>(threadIdx.x % kWarpSize) * kWidth;
-    for (int64_t first = first_chunk_start<scalar_t>(); first - lane_offset < classes;
+    // Listed rounds: one shared-memory atomic per remaining candidate (at most kCandidates).
+    for (unsigned int i = threadIdx.x; listed && i < listed_count; i += blockDim.x) {
+      const key_t key = scratch.candidate_key[i];
+      if ((key & known) != prefix) continue;
+      const int digit = static_cast<int>((key >> shift) & key_t(kRadixBuckets - 1));
+      atomicAdd(&scratch.radix_mass[digit], fixed_mass(value_of_key(key)));
+      atomicAdd(&scratch.radix_count[digit], 1u);
+    }
+    // Sweeping rounds. The whole warp runs the same number of iterations (the loop ends when the
+    // warp's first chunk is past the row, lanes past it see only padding), so the warp-wide
+    // intrinsics below see all 32 lanes.
+    const int64_t lane_offset = static_cast<int64_t>(lane) * kWidth;
+    for (int64_t first = first_chunk_start<scalar_t>(); !listed && first - lane_offset < classes;
          first += chunk_stride<scalar_t>()) {
       row.teacher_log_probs(first, log_p);
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
-        const acc_t p = exp(log_p[j]);
+        const acc_t p = row.prob(log_p[j]);
         const key_t key = key_of(p);
         const bool candidate = first + j < classes && (key & known) == prefix;
         const int digit = candidate
@@ -554,13 +647,21 @@ __device__ void find_head_boundary(RowView<scalar_t>& row, const KernelParams<sc
         // of one digit add their masses first and one of them updates the histogram, instead of
         // 32 atomics on one address. Integer sums are exact, so the order does not matter.
         const unsigned same_digit = __match_any_sync(kFullMask, digit);
+        const unsigned listing = __ballot_sync(kFullMask, candidate && compact);
         if (!candidate) continue;
+        if (compact) {  // one slot range per warp; the list's order does not matter
+          const int leader = __ffs(static_cast<int>(listing)) - 1;
+          unsigned int slot = 0;
+          if (lane == leader) slot = atomicAdd(&scratch.candidate_count, __popc(listing));
+          slot = __shfl_sync(listing, slot, leader);
+          scratch.candidate_key[slot + __popc(listing & ((1u << lane) - 1u))] = key;
+        }
         const unsigned long long mass = fixed_mass(p);
         unsigned long long group_mass = 0;
         for (unsigned rest = same_digit; rest != 0; rest &= rest - 1) {
           group_mass += __shfl_sync(same_digit, mass, __ffs(static_cast<int>(rest)) - 1);
         }
-        if (static_cast<int>(threadIdx.x % kWarpSize) == __ffs(static_cast<int>(same_digit)) - 1) {
+        if (lane == __ffs(static_cast<int>(same_digit)) - 1) {
           atomicAdd(&scratch.radix_mass[digit], group_mass);
           atomicAdd(&scratch.radix_count[digit], static_cast<unsigned>(__popc(same_digit)));
         }
@@ -573,6 +674,10 @@ __device__ void find_head_boundary(RowView<scalar_t>& row, const KernelParams<sc
     const unsigned int digit = scratch.selected_digit;
     const unsigned long long selected_mass_above = scratch.selected_mass_above;
     const unsigned int selected_count = scratch.selected_count;
+    if (compact) {
+      listed = true;
+      listed_count = scratch.candidate_count;
+    }
     __syncthreads();  // read before the next round resets the histogram and the selection
     // Not found only in the first round (later rounds split a bucket that reaches delta): the
     // row's whole mass is below delta and every class is in the head.
@@ -581,6 +686,7 @@ __device__ void find_head_boundary(RowView<scalar_t>& row, const KernelParams<sc
     known |= key_t(kRadixBuckets - 1) << shift;
     mass_above = selected_mass_above;
     tied_count = selected_count;
+    candidates = selected_count;
   }
   // Every bit is chosen: prefix is the boundary value's key, tied_count (>= 1) classes hold it.
   row.boundary_key = prefix;
@@ -596,10 +702,11 @@ __device__ void find_head_boundary(RowView<scalar_t>& row, const KernelParams<sc
 }
 
 // Passes 4 and 5 walk the row the same way: calls visit(first, log_p, log_q) for each of this
-// thread's chunks, with the teacher's and the student's log-probabilities (SPEC 1.1, 1.2) of
-// classes first .. first + kWidth - 1 (entries past the row's end are padding).
-template <typename scalar_t, typename Visit>
-__device__ __forceinline__ void for_each_chunk(const RowView<scalar_t>& row, Visit visit) {
+// thread's chunks, with the teacher's and the student's log-probabilities (SPEC 1.1, 1.2, in
+// LogBase units: row.prob gives p and q, LogBase::to_natural the natural logs) of classes
+// first .. first + kWidth - 1 (entries past the row's end are padding).
+template <typename scalar_t, Student kStudent, typename Visit>
+__device__ __forceinline__ void for_each_chunk(const RowView<scalar_t, kStudent>& row, Visit visit) {
   using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   acc_t log_p[kWidth], log_q[kWidth];
@@ -626,8 +733,8 @@ enum RowSum {
   kRowSums
 };
 
-template <typename scalar_t>
-__device__ void compute_row_sums(const RowView<scalar_t>& row,
+template <typename scalar_t, Student kStudent>
+__device__ void compute_row_sums(const RowView<scalar_t, kStudent>& row,
                                  htakl::acc_t<scalar_t> (&sums)[kRowSums],
                                  BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
@@ -638,16 +745,18 @@ __device__ void compute_row_sums(const RowView<scalar_t>& row,
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
       if (first + j >= row.classes) continue;
-      const acc_t p = exp(log_p[j]);
-      const acc_t q = exp(log_q[j]);
+      const acc_t p = row.prob(log_p[j]);
+      const acc_t q = row.prob(log_q[j]);
+      const acc_t ln_p = LogBase<acc_t>::to_natural(log_p[j]);
+      const acc_t ln_q = LogBase<acc_t>::to_natural(log_q[j]);
       const bool head = row.in_head(p, first + j);
       const acc_t distance = fabs(p - q);
       const acc_t sign = sign_of_difference(q, p);
       // Selects, not a computed index: the sums stay in registers.
       sums[kDistanceHead] += head ? distance : acc_t(0);
       sums[kDistanceTail] += head ? acc_t(0) : distance;
-      sums[kForwardKl] += fkl_term(p, log_p[j], log_q[j]);
-      sums[kReverseKl] += rkl_term(q, log_q[j], log_p[j]);
+      sums[kForwardKl] += fkl_term(p, ln_p, ln_q);
+      sums[kReverseKl] += rkl_term(q, ln_q, ln_p);
       sums[kSignedQHead] += head ? q * sign : acc_t(0);
       sums[kSignedQTail] += head ? acc_t(0) : q * sign;
       sums[kSignedPHead] += head ? p * sign : acc_t(0);
@@ -662,8 +771,8 @@ __device__ void compute_row_sums(const RowView<scalar_t>& row,
 
 // Teacher gradient and the student gradient of a single softmax (2-D students, T = 1, and
 // logit_mean, whose gradient is the same for every step, divided by T).
-template <typename scalar_t>
-__device__ void write_softmax_gradients(const RowView<scalar_t>& row,
+template <typename scalar_t, Student kStudent>
+__device__ void write_softmax_gradients(const RowView<scalar_t, kStudent>& row,
                                         const RowStats<htakl::acc_t<scalar_t>>& stats,
                                         htakl::acc_t<scalar_t> sum_q_dl,
                                         htakl::acc_t<scalar_t> sum_p_dl,
@@ -675,12 +784,14 @@ __device__ void write_softmax_gradients(const RowView<scalar_t>& row,
   for_each_chunk(row, [&](int64_t first, const acc_t(&log_p)[kWidth], const acc_t(&log_q)[kWidth]) {
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
-      const acc_t p = exp(log_p[j]);
-      const acc_t q = exp(log_q[j]);
+      const acc_t p = row.prob(log_p[j]);
+      const acc_t q = row.prob(log_q[j]);
+      const acc_t ln_p = LogBase<acc_t>::to_natural(log_p[j]);
+      const acc_t ln_q = LogBase<acc_t>::to_natural(log_q[j]);
       const acc_t dl = dlam_h_dq(stats, sign_of_difference(q, p), row.in_head(p, first + j));
-      teacher_grad[j] = grad_teacher(stats, p, log_p[j], q, log_q[j], dl, sum_p_dl);
+      teacher_grad[j] = grad_teacher(stats, p, ln_p, q, ln_q, dl, sum_p_dl);
       student_grad[j] =
-          grad_student_softmax(stats, p, log_p[j], q, log_q[j], dl, sum_q_dl) * row.inv_steps;
+          grad_student_softmax(stats, p, ln_p, q, ln_q, dl, sum_q_dl) * row.inv_steps;
     }
     if (grad_teacher_row != nullptr) {
       Chunk<scalar_t>::store(grad_teacher_row, first, row.classes, teacher_grad);
@@ -696,9 +807,9 @@ __device__ void write_softmax_gradients(const RowView<scalar_t>& row,
 
 // prob_mean with T > 1: first G_t = sum_j q_tj g_j for every step (kStepGroup steps per pass, so
 // the sums stay in registers), then dL/dz_tk (SPEC 2).
-template <typename scalar_t>
+template <typename scalar_t, Student kStudent>
 __device__ void write_prob_mean_student_gradient(
-    const RowView<scalar_t>& row, const RowStats<htakl::acc_t<scalar_t>>& stats,
+    const RowView<scalar_t, kStudent>& row, const RowStats<htakl::acc_t<scalar_t>>& stats,
     htakl::acc_t<scalar_t>* step_g_sums, scalar_t* grad_student_row,
     int64_t grad_step_stride, BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
@@ -716,13 +827,15 @@ __device__ void write_prob_mean_student_gradient(
 #pragma unroll
         for (int j = 0; j < kWidth; ++j) {
           if (first + j >= row.classes) continue;
-          const acc_t p = exp(log_p[j]);
-          const acc_t q = exp(log_q[j]);
+          const acc_t p = row.prob(log_p[j]);
+          const acc_t q = row.prob(log_q[j]);
           const acc_t log_q_t = row.step_log_prob(logits[j], t);
-          const acc_t q_t = exp(log_q_t);
+          const acc_t q_t = row.prob(log_q_t);
           const acc_t signed_q_t = q_t * sign_of_difference(q, p);
-          sums[g * kSumsPerStep + 0] += p * prob_ratio(q_t, log_q_t, log_q[j]);
-          sums[g * kSumsPerStep + 1] += q_t_log_ratio(q_t, log_q[j], log_p[j]);
+          sums[g * kSumsPerStep + 0] += p * row.step_ratio(q_t, log_q_t, log_q[j]);
+          sums[g * kSumsPerStep + 1] +=
+              q_t_log_ratio(q_t, LogBase<acc_t>::to_natural(log_q[j]),
+                            LogBase<acc_t>::to_natural(log_p[j]));
           if (row.in_head(p, first + j)) {
             sums[g * kSumsPerStep + 2] += signed_q_t;
           } else {
@@ -746,8 +859,8 @@ __device__ void write_prob_mean_student_gradient(
     acc_t p[kWidth], dl[kWidth];
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
-      p[j] = exp(log_p[j]);
-      const acc_t q = exp(log_q[j]);
+      p[j] = row.prob(log_p[j]);
+      const acc_t q = row.prob(log_q[j]);
       dl[j] = dlam_h_dq(stats, sign_of_difference(q, p[j]), row.in_head(p[j], first + j));
     }
     for (int64_t t = 0; t < row.steps; ++t) {
@@ -755,10 +868,12 @@ __device__ void write_prob_mean_student_gradient(
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
         const acc_t log_q_t = row.step_log_prob(logits[j], t);
-        const acc_t q_t = exp(log_q_t);
-        const acc_t q_t_g =
-            q_t_times_g(stats, p[j], prob_ratio(q_t, log_q_t, log_q[j]), q_t,
-                        q_t_log_ratio(q_t, log_q[j], log_p[j]), dl[j]);
+        const acc_t q_t = row.prob(log_q_t);
+        const acc_t q_t_g = q_t_times_g(
+            stats, p[j], row.step_ratio(q_t, log_q_t, log_q[j]), q_t,
+            q_t_log_ratio(q_t, LogBase<acc_t>::to_natural(log_q[j]),
+                          LogBase<acc_t>::to_natural(log_p[j])),
+            dl[j]);
         grad[j] = grad_student_prob_mean(stats, q_t_g, q_t, step_g_sums[t], row.inv_steps);
       }
       Chunk<scalar_t>::store(grad_student_row + t * grad_step_stride, first, row.classes, grad);
@@ -769,7 +884,7 @@ __device__ void write_prob_mean_student_gradient(
 // ---------------------------------------------------------------------------------------------
 // The kernel.
 
-template <typename scalar_t>
+template <typename scalar_t, Student kStudent>
 __global__ void __launch_bounds__(kMaxThreads)
     hta_kl_fused_kernel(const KernelParams<scalar_t> params) {
   using acc_t = htakl::acc_t<scalar_t>;
@@ -786,13 +901,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t step_elements = params.rows * classes;  // 64-bit: may exceed 2^31
   for (int64_t r = blockIdx.x; r < params.rows; r += gridDim.x) {
     const int64_t row_offset = r * classes;
-    RowView<scalar_t> row;
+    RowView<scalar_t, kStudent> row;
     row.classes = classes;
     row.steps = params.steps;
-    row.inv_tau = params.inv_tau;
+    row.logit_scale = params.logit_scale;
     row.inv_steps = params.inv_steps;
     row.log_steps = params.log_steps;
-    row.logit_mean = params.logit_mean;
     row.step_lse = step_lse;
     if (params.cache_rows) {
       const int64_t stride = params.cache_row_stride;
@@ -824,7 +938,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (threadIdx.x == 0) params.loss_rows[r] = row_loss(stats);  // SPEC 1.6
 
     // SPEC 2.
-    const bool single_softmax = params.steps == 1 || params.logit_mean;
+    constexpr bool single_softmax = kStudent != Student::kProbMean;
     scalar_t* grad_teacher_row =
         params.grad_teacher != nullptr ? params.grad_teacher + row_offset : nullptr;
     scalar_t* grad_student_row =
@@ -876,16 +990,21 @@ cudaError_t dynamic_shared_limit(size_t* limit) {
   int optin = 0;
   error = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (error != cudaSuccess) return error;
-  cudaFuncAttributes attributes;
-  error = cudaFuncGetAttributes(&attributes, hta_kl_fused_kernel<scalar_t>);
-  if (error != cudaSuccess) return error;
   const size_t total = static_cast<size_t>(optin);
-  const size_t dynamic =
-      total > attributes.sharedSizeBytes ? total - attributes.sharedSizeBytes : 0;
-  error = cudaFuncSetAttribute(hta_kl_fused_kernel<scalar_t>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(dynamic));
-  if (error != cudaSuccess) return error;
+  size_t dynamic = total;  // the smallest over the kernels of this dtype
+  for (const auto kernel : {hta_kl_fused_kernel<scalar_t, Student::kSingle>,
+                            hta_kl_fused_kernel<scalar_t, Student::kLogitMean>,
+                            hta_kl_fused_kernel<scalar_t, Student::kProbMean>}) {
+    cudaFuncAttributes attributes;
+    error = cudaFuncGetAttributes(&attributes, kernel);
+    if (error != cudaSuccess) return error;
+    const size_t kernel_dynamic =
+        total > attributes.sharedSizeBytes ? total - attributes.sharedSizeBytes : 0;
+    error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(kernel_dynamic));
+    if (error != cudaSuccess) return error;
+    if (kernel_dynamic < dynamic) dynamic = kernel_dynamic;
+  }
   limits.emplace(device, dynamic);
   *limit = dynamic;
   return cudaSuccess;
@@ -923,11 +1042,12 @@ cudaError_t launch(const HtaKlCudaProblem& problem, cudaStream_t stream) {
   params.delta = static_cast<acc_t>(options.delta);
   params.row_scale = static_cast<acc_t>(options.row_scale);
   params.inv_steps = static_cast<acc_t>(1.0 / static_cast<double>(problem.steps));
-  params.log_steps = static_cast<acc_t>(std::log(static_cast<double>(problem.steps)));
+  params.logit_scale = static_cast<acc_t>(LogBase<acc_t>::kPerNatural / options.temperature);
+  params.log_steps = static_cast<acc_t>(LogBase<acc_t>::kPerNatural *
+                                        std::log(static_cast<double>(problem.steps)));
   // delta <= 1, so at most 2^62; at least 1 so that the selected bucket always holds mass.
   const double delta_fixed = options.delta * kFixedOne;
   params.delta_fixed = delta_fixed < 1.0 ? 1ull : static_cast<unsigned long long>(delta_fixed);
-  params.logit_mean = options.logit_mean && problem.steps > 1;
   params.detach_weights = options.detach_weights;
   params.cache_row_stride = round_up(problem.classes, kWidth);
   params.step_values_bytes = steps_bytes;
@@ -945,7 +1065,16 @@ cudaError_t launch(const HtaKlCudaProblem& problem, cudaStream_t stream) {
       chunks >= kMaxThreads ? kMaxThreads : round_up(chunks, kWarpSize));
   const unsigned blocks =
       static_cast<unsigned>(problem.rows < INT_MAX ? problem.rows : int64_t(INT_MAX));
-  hta_kl_fused_kernel<scalar_t><<<blocks, threads, dynamic_bytes, stream>>>(params);
+  if (problem.steps == 1) {  // a 2-D student, or one step: logit_mean and prob_mean agree
+    hta_kl_fused_kernel<scalar_t, Student::kSingle>
+        <<<blocks, threads, dynamic_bytes, stream>>>(params);
+  } else if (options.logit_mean) {
+    hta_kl_fused_kernel<scalar_t, Student::kLogitMean>
+        <<<blocks, threads, dynamic_bytes, stream>>>(params);
+  } else {
+    hta_kl_fused_kernel<scalar_t, Student::kProbMean>
+        <<<blocks, threads, dynamic_bytes, stream>>>(params);
+  }
   return cudaGetLastError();
 }
 
