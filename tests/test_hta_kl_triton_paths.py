@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hta_kl_oracle import assert_close_to_oracle, boundary_margin, draw_teacher, oracle
+from triton_compile import parse_usage, run_compiler_script
 
 triton = pytest.importorskip("triton")
 from htakl_kernels.triton_kernels.hta_kl import launch_hta_kl  # noqa: E402
@@ -154,3 +155,28 @@ def test_long_awkward_row(logit_mean):
                            scale=12.0, generator=generator)
     student = torch.randn(2, 1, classes, generator=generator) * 4.0
     _check(student, teacher, temperature=2.0, delta=0.5, logit_mean=logit_mean)
+
+
+@pytest.mark.slow
+def test_compiled_layouts_do_not_spill():
+    """Compiled for sm_90 (no GPU needed), the layouts the benchmark shapes run keep every value in
+    registers: a row of 1000 classes on chip, the chunked kernel and every phase of the split one,
+    for 2-D and prob_mean students in float32 and bfloat16 (cuobjdump's STACK is 0)."""
+    script = (
+        "from htakl_kernels.triton_kernels.hta_kl_aot import (\n"
+        "    SPLIT_PHASES, compile_split_variant, compile_variant, resource_usage)\n"
+        "for storage in ('float32', 'bfloat16'):\n"
+        "    for prob_mean, steps_pad in ((False, 1), (True, 4)):\n"
+        "        kernels = [compile_variant(storage, on_chip=True, block=1024,\n"
+        "                                   prob_mean=prob_mean, steps_pad=steps_pad),\n"
+        "                   compile_variant(storage, on_chip=False, block=4096,\n"
+        "                                   prob_mean=prob_mean, steps_pad=steps_pad)]\n"
+        "        kernels += [compile_split_variant(storage, phase=phase, block=4096,\n"
+        "                                          prob_mean=prob_mean, steps_pad=steps_pad)\n"
+        "                    for phase in SPLIT_PHASES]\n"
+        "        for kernel in kernels:\n"
+        "            print(*resource_usage(kernel))\n"
+    )
+    usage = parse_usage(run_compiler_script(script))
+    assert len(usage) == 2 * 2 * 8
+    assert all(0 < registers <= 255 and spill == 0 for registers, spill in usage), usage

@@ -1024,9 +1024,10 @@ def default_layout(wide: bool) -> tuple[int, int]:
 
 
 def _num_warps(block: int, wide: bool) -> int:
-    # 8 classes of each row vector per thread (4 in float64 math; see ON_CHIP_LIMIT), between 4
-    # and 16 warps.
-    return max(4, min(16, block // (128 if wide else 256)))
+    # 4 classes of each row vector per thread (2 in float64 math), up to 16 warps: 8 at the
+    # on-chip limit and in a chunk. ptxas' report (hta_kl_aot.py): a row of 1024 on 4 warps
+    # takes 128 registers and spills, on 8 warps 80 without spill.
+    return max(4, min(16, block // (64 if wide else 128)))
 
 
 def kernel_constants(wide: bool) -> dict:
@@ -1051,14 +1052,16 @@ def head_mass_fixed(delta: float, wide: bool) -> int:
 
 
 def default_segments(rows: int, classes: int, chunk: int, device: torch.device) -> int:
-    """Segments per chunked row: rows are split over several programs when there are too few to
-    give each multiprocessor two, into segments of whole chunks."""
+    """Segments per chunked row: when there are fewer rows than multiprocessors, each row is split
+    over several programs (segments of whole chunks), about two programs per multiprocessor. With
+    more rows every multiprocessor is busy anyway, and one program's passes over its row may hit
+    L2 where a split row's phases, each a launch of its own, re-read it from memory."""
     if device.type != "cuda":
         return 1
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    if rows >= programs:
+    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    if rows >= processors:
         return 1
-    return max(1, min(-(-programs // rows), -(-classes // chunk)))
+    return max(1, min(-(-2 * processors // rows), -(-classes // chunk)))
 
 
 def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, delta: float,
