@@ -19,6 +19,15 @@
 
 #include "common.h"
 
+// Fully unrolls the loop it precedes in device code, where the segment's H must sit in registers
+// (an array indexed by a loop counter stays in registers only when every index is a constant);
+// nothing on the host, whose segments are memory buffers.
+#if defined(__CUDA_ARCH__)
+#define HTAKL_UNROLL _Pragma("unroll")
+#else
+#define HTAKL_UNROLL
+#endif
+
 namespace htakl {
 
 // The surrogate whose derivative replaces the Heaviside's in the backward (SPEC 3). Adding one:
@@ -42,14 +51,32 @@ struct LifParams {
   bool detach_reset;  // backward only
   LifSurrogate surrogate;  // backward only
   acc_t alpha;             // backward only: surrogate sharpness
+  // 1 - 1/tau, dH[t]/dV[t-1]: set by with_lif_constants once per call, as the GPU does not hoist
+  // a division (a subroutine there) out of its loops.
+  acc_t v_prev_factor;
 };
+
+// p with its derived constants set (every LifParams a kernel receives has them).
+template <typename acc_t>
+HTAKL_HD LifParams<acc_t> with_lif_constants(LifParams<acc_t> p) {
+  p.v_prev_factor = acc_t(1) - acc_t(1) / p.tau;
+  return p;
+}
 
 // The same options in another precision: each value rounded once (to nearest), as a kernel whose
 // state is float rounds the double options it is given.
 template <typename to_t, typename from_t>
 HTAKL_HD LifParams<to_t> cast_lif_params(const LifParams<from_t>& p) {
-  return {to_t(p.tau), to_t(p.v_threshold), to_t(p.v_reset), p.soft_reset, p.decay_input,
-          p.detach_reset, p.surrogate, to_t(p.alpha)};
+  LifParams<to_t> cast{};
+  cast.tau = to_t(p.tau);
+  cast.v_threshold = to_t(p.v_threshold);
+  cast.v_reset = to_t(p.v_reset);
+  cast.soft_reset = p.soft_reset;
+  cast.decay_input = p.decay_input;
+  cast.detach_reset = p.detach_reset;
+  cast.surrogate = p.surrogate;
+  cast.alpha = to_t(p.alpha);
+  return with_lif_constants(cast);
 }
 
 // SPEC 3: the membrane after charging, H[t], from V[t-1] and X[t].
@@ -127,7 +154,65 @@ HTAKL_HD LifStepGrad<acc_t> lif_step_grad(acc_t g_spike, acc_t g_v, acc_t h,
                          : (g_spike + g_v * (p.v_reset - h)) * sg + g_v * keep;
   }
   // dH[t]/dX[t] = 1/tau (decay_input) or 1; dH[t]/dV[t-1] = 1 - 1/tau either way.
-  return {p.decay_input ? g_h / p.tau : g_h, g_h * (acc_t(1) - acc_t(1) / p.tau)};
+  return {p.decay_input ? g_h / p.tau : g_h, g_h * p.v_prev_factor};
+}
+
+// The backward's walk over time for one group of neurons (one thread's on the GPU, one block's on
+// the CPU), holding H for at most `segment` steps at a time, with no buffer the size of x:
+//
+//   sweep 1   runs SPEC 3's forward from v_init over the segments before the last, saving V at
+//             the start of each but the first (the checkpoints);
+//   sweep 2   walks the segments from the last to the first: each computes its H from x, the last
+//             continuing from sweep 1's V, the others restarting from their checkpoint (v_init
+//             for the first), then runs SPEC 3's table over it from its last step down to its
+//             first.
+//
+// H is recomputed by the forward's own functions (lif_charge, lif_fire, lif_reset) from the very V
+// the forward had at that step, so every H, spike and gradient is bit for bit what a single sweep
+// storing all of H would give. When steps <= segment there is one segment and x is read once;
+// otherwise the steps before the last segment read x twice.
+//
+// `segment` is an int or a std::integral_constant (the GPU's, whose segment of H lives in
+// registers: the loops over a segment then unroll). `group` provides
+//   begin_forward()            V = v_init
+//   save(c) / restore(c)       V at the start of segment c: save for 1 <= c <= segments - 2,
+//                              restore for 0 <= c <= segments - 2 (restore(0) reloads v_init)
+//   forward(t, k, keep)        one forward step at time t; keep: H[t] into slot k of the segment
+//   begin_backward()           the gradient reaching V[T-1] = grad_v_last
+//   backward(t, k)             SPEC 3's table at time t from H in slot k (lif_step_grad)
+//   end_backward()             grad_v_init = the gradient reaching V[-1]
+template <typename Segment, typename Group>
+HTAKL_HD void lif_backward_segments(int64_t steps, Segment segment, Group& group) {
+  const int length = static_cast<int>(segment);
+  const int64_t segments = (steps + length - 1) / length;  // 0 when steps == 0
+  group.begin_forward();
+  for (int64_t c = 0; c + 1 < segments; ++c) {
+    if (c > 0) group.save(c);
+    HTAKL_UNROLL
+    for (int k = 0; k < length; ++k) group.forward(c * length + k, k, false);
+  }
+  group.begin_backward();
+  for (int64_t c = segments - 1; c >= 0; --c) {
+    const int64_t first = c * length;
+    const int64_t count = steps - first < length ? steps - first : length;
+    if (c + 1 < segments) group.restore(c);  // the last segment continues sweep 1
+    HTAKL_UNROLL
+    for (int k = 0; k < length; ++k) {
+      if (k < count) group.forward(first + k, k, true);
+    }
+    HTAKL_UNROLL
+    for (int k = length - 1; k >= 0; --k) {
+      if (k < count) group.backward(first + k, k);
+    }
+  }
+  group.end_backward();
+}
+
+// Rows of the checkpoint buffer lif_backward_segments needs per neuron: one V for each segment
+// but the first and the last.
+HTAKL_HD int64_t lif_checkpoints(int64_t steps, int64_t segment) {
+  const int64_t segments = (steps + segment - 1) / segment;
+  return segments > 2 ? segments - 2 : 0;
 }
 
 }  // namespace htakl

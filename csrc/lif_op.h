@@ -94,14 +94,16 @@ LifParams<acc_t> make_lif_params(double tau, double v_threshold, double v_reset,
   const LifSurrogate surrogate_id = parse_lif_surrogate(surrogate);
   TORCH_CHECK(std::isfinite(alpha) && alpha > 0, "lif: alpha must be a finite number > 0, got ",
               alpha);
-  return {acc_t(tau),
-          acc_t(v_threshold),
-          soft_reset ? acc_t(0) : acc_t(v_reset),  // SPEC 3: Vr = 0 when soft
-          soft_reset,
-          decay_input,
-          detach_reset,
-          surrogate_id,
-          acc_t(alpha)};
+  LifParams<acc_t> p{};
+  p.tau = acc_t(tau);
+  p.v_threshold = acc_t(v_threshold);
+  p.v_reset = soft_reset ? acc_t(0) : acc_t(v_reset);  // SPEC 3: Vr = 0 when soft
+  p.soft_reset = soft_reset;
+  p.decay_input = decay_input;
+  p.detach_reset = detach_reset;
+  p.surrogate = surrogate_id;
+  p.alpha = acc_t(alpha);
+  return with_lif_constants(p);
 }
 
 }  // namespace htakl

@@ -1,10 +1,15 @@
 """Census of the multi-step LIF kernels (CUDA csrc/cuda/lif_cuda.cu, Triton triton_kernels/lif.py).
 
-Both run one thread (CUDA) or one lane group (Triton) per neuron looping over time: the forward
-reads x and writes the spikes; the backward recomputes H[t] into a float32 scratch (sweep 1:
-reads x), then walks t down (sweep 2: reads H and the spikes' gradient, writes x's gradient).
-The scratch is grad_x itself where x is float32 (csrc: `h_scratch` may alias `grad_x`; Triton:
-H_IN_GRAD_X), a separate float32 buffer otherwise.
+Both loop over time for a few neurons per thread: the forward reads x and writes the spikes. Two
+backward schedules:
+  * "segments" (CUDA): lif_backward_segments of csrc/lif_math.h. H of up to K steps sits in
+    registers; sweep 1 runs the forward over all but the last segment (reading x) and checkpoints
+    V, sweep 2 recomputes each segment's H (reading x again for all but the last) and walks it
+    down (reads the spikes' gradient, writes x's gradient). K depends on T (the launcher's short
+    and long segments, read from the compiled kernels' template arguments).
+  * "scratch" (Triton, and the CUDA kernels before the segments, for --calibrate): H[t] recomputed
+    into a float32 scratch of x's size (sweep 1: reads x), then read back by the walk down (sweep
+    2). The scratch is grad_x itself where x is float32 (H_IN_GRAD_X), a separate buffer otherwise.
 """
 
 from __future__ import annotations
@@ -31,15 +36,25 @@ def cuda_constant(text: str, name: str) -> int:
     return int(match.group(1))
 
 
+# Template arguments of the compiled CUDA kernels: storage type, then (segments schedule) the
+# neurons per thread and, for the backward, the segment length. The old kernels (one neuron per
+# thread, scratch schedule) carry the storage and state types instead: IffEE.
+_CUDA_TYPES = {"float32": "f", "bfloat16": "13__nv_bfloat16"}
+
+
 def cuda_kernels(source_root: str) -> dict:
-    """{(direction, dtype): (function, counts, threads, neurons per thread, chunk)} of the CUDA
-    kernels, with the launch constants read from the source."""
+    """{(direction, dtype): (function, counts, threads, neurons per thread, steps per loop
+    iteration, schedule)} of the CUDA kernels, with the launch constants read from the source. A
+    segments schedule adds ("backward-short", dtype): the kernel short sequences take."""
     path = os.path.join(source_root, "csrc", "cuda", "lif_cuda.cu")
     text = open(path).read()
-    threads = cuda_constant(text, "kThreads")  # blocks_for(): one thread per neuron
+    threads = cuda_constant(text, "kThreads")
     chunk = cuda_constant(text, "kChunk")  # time steps whose loads a thread issues together
     functions = disassemble(build.cuda_cubin(source_root, "lif_cuda.cu"))
-    names = {"float32": "IffEE", "bfloat16": "I13__nv_bfloat16fEE"}
+    if any(re.search(r"lif_backward_kernelI\w+Li\d+ELi\d+EE", n) for n in functions):
+        return _segment_kernels(source_root, path, functions, threads, chunk)
+    # the first template argument of each kernel's mangled name: its storage type
+    names = {"float32": "f", "bfloat16": "13__nv_bfloat16"}
     anchors = {"forward": [("forward", r"lif_forward_kernel\(")],
                "backward": [("recompute H", r"// Sweep 1"), ("gradient", r"// Sweep 2")]}
 
@@ -50,11 +65,53 @@ def cuda_kernels(source_root: str) -> dict:
     kernels = {}
     for direction in ("forward", "backward"):
         for dtype, tag in names.items():
-            function = next(f for n, f in functions.items()
-                            if f"lif_{direction}_kernel{tag}" in n)
+            function = _one_instantiation(functions, f"lif_{direction}_kernelI{tag}")
             counts = analysis.count(function, path, anchors[direction], factor)
-            kernels[direction, dtype] = (function, counts, threads, 1, chunk)
+            kernels[direction, dtype] = (function, counts, threads, 1, chunk, "scratch")
     return kernels
+
+
+def _segment_kernels(source_root, path, functions, threads, chunk) -> dict:
+    """The segments schedule's kernels: the vector ones (the widest per dtype), the backward at
+    its short and long segment. Passes: the forward kernel's loop; the backward's two sweeps, by
+    their lines in lif_math.h's lif_backward_segments."""
+    math_path = os.path.join(source_root, "csrc", "lif_math.h")
+    backward_anchors = [("sweep 1: checkpoints", r"^\s*group\.begin_forward\(\);"),
+                        ("sweep 2: segments", r"^\s*group\.begin_backward\(\);"),
+                        (None, r"^\s*group\.end_backward\(\);")]
+    kernels = {}
+    for dtype, tag in _CUDA_TYPES.items():
+        found = {}  # (direction, width, segment) -> function
+        for name, function in functions.items():
+            match = re.search(rf"lif_(forward|backward)_kernelI{tag}Li(\d+)E(?:Li(\d+)E)?E", name)
+            if match:
+                found[match.group(1), int(match.group(2)), int(match.group(3) or 0)] = function
+        width = max(w for _, w, _ in found)
+        (_, forward), = [(k, f) for k, f in found.items() if k[:2] == ("forward", width)]
+        counts = analysis.count(
+            forward, path, [("forward", r"lif_forward_kernel\(")],
+            lambda loop: 1.0 / (chunk * width) if analysis.header_matches(loop, r"kChunk") else 1.0)
+        kernels["forward", dtype] = (forward, counts, threads, width, chunk, "segments")
+        segments = sorted(k[2] for k in found if k[:2] == ("backward", width))
+        for key, segment in (("backward-short", segments[0]), ("backward", segments[-1])):
+            function = found["backward", width, segment]
+            counts = analysis.count(
+                function, math_path, backward_anchors,
+                lambda loop, segment=segment: 1.0 / (segment * width) if analysis.header_matches(
+                    loop, r"segments") else 1.0)
+            kernels[key, dtype] = (function, counts, threads, width, segment, "segments")
+    return kernels
+
+
+def _one_instantiation(functions: dict, prefix: str):
+    """The function whose mangled name holds `prefix` (kernel name and storage type); the
+    census models one launch configuration per dtype and says so when the source has more."""
+    found = [f for name, f in functions.items() if prefix in name]
+    if len(found) != 1:
+        raise ValueError(f"lif_cuda.cu: {len(found)} instantiations of {prefix!r} "
+                         f"({[f.name for f in found]}); bench/census/lif.py models exactly one "
+                         f"per dtype: update it with the launcher")
+    return found[0]
 
 
 def triton_kernels(source_root: str, harness: str | None = None) -> dict:
@@ -77,7 +134,7 @@ def triton_kernels(source_root: str, harness: str | None = None) -> dict:
                 function, path, anchors,
                 lambda loop: 1.0 / per_thread if analysis.header_matches(
                     loop, r"in range\(steps\)") else 1.0)
-            kernels[direction, dtype] = (function, counts, threads, per_thread, 1)
+            kernels[direction, dtype] = (function, counts, threads, per_thread, 1, "scratch")
     return kernels
 
 
@@ -87,14 +144,35 @@ def launches(card: Card, kernels: dict, dtype: str, steps: int, neurons: int) ->
     elements = steps * neurons
     result = []
     for direction in ("forward", "backward"):
-        function, counts, threads, per_thread, chunk = kernels[direction, dtype]
+        function, counts, threads, per_thread, chunk, schedule = kernels[direction, dtype]
+        short = kernels.get(("backward-short", dtype))
+        if direction == "backward" and short is not None and steps <= short[4]:
+            function, counts, threads, per_thread, chunk, schedule = short
         blocks = -(-neurons // (threads * per_thread))
-        in_chunk = min(chunk, steps)  # loads a thread issues before it waits
+        instructions = counts.instructions * elements
+        mufu = counts.mufu * elements
         notes = []
         if direction == "forward":
             # read x, write the spikes; v_init in, v_last out
             dram = 2 * elements * b + 2 * neurons * b
-            inflight = in_chunk * per_thread * b
+            inflight = min(chunk, steps) * per_thread * b
+        elif schedule == "segments":
+            # sweep 2 runs every step once; sweep 1 the steps before the last segment
+            segments = -(-steps // chunk)
+            reread = (segments - 1) * chunk / steps
+            sweep1 = counts.passes[0]
+            instructions += (reread - 1) * sweep1.instructions * elements
+            mufu += (reread - 1) * sweep1.mufu * elements
+            checkpoint_rows = max(segments - 2, 0)
+            # read x (once, plus again for the recomputed segments), read grad_spikes, write
+            # grad_x; v_init, grad_v_last, grad_v_init; checkpoints written and read back
+            dram = ((3 + reread) * elements * b + 3 * neurons * b
+                    + 2 * checkpoint_rows * neurons * SCRATCH_BYTES)
+            notes.append(f"segment {chunk}: H in registers" + (
+                f"; x read {1 + reread:.2f} times, {checkpoint_rows} checkpoint rows"
+                if segments > 1 else ", x read once"))
+            # a segment's loads before its first use: up to one forward chunk
+            inflight = min(chunk, steps, cuda_chunk(kernels)) * per_thread * b
         else:
             # read x (sweep 1), read grad_spikes, write grad_x (sweep 2); grad_v_last, grad_v_init
             dram = 3 * elements * b + 2 * neurons * b
@@ -112,13 +190,18 @@ def launches(card: Card, kernels: dict, dtype: str, steps: int, neurons: int) ->
                 dram += 2 * elements * SCRATCH_BYTES
                 notes.append("H scratch round trip through DRAM")
             # sweep 1 has the fewest bytes in flight: x alone
-            inflight = in_chunk * per_thread * b
+            inflight = min(chunk, steps) * per_thread * b
         result.append(model.Launch(
             name=direction, blocks=blocks, threads=threads, registers=function.registers,
             shared_bytes=function.shared_bytes, dram_bytes=dram,
-            instructions=counts.instructions * elements, mufu=counts.mufu * elements,
+            instructions=instructions, mufu=mufu,
             inflight_bytes_per_thread=inflight, notes=notes))
     return result
+
+
+def cuda_chunk(kernels: dict) -> int:
+    """The forward's steps per loop iteration (kChunk), which bounds the loads issued together."""
+    return next(entry[4] for (direction, _), entry in kernels.items() if direction == "forward")
 
 
 def model_bytes(dtype: str, steps: int, neurons: int) -> int:

@@ -120,11 +120,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
   return {spikes, v_last, v_seq};
 }
 
-std::tuple<at::Tensor, at::Tensor> lif_backward_cpu(
+// Steps of H the backward holds per block (lif_backward_segments): enough that the usual T runs
+// as one segment, reading x once; longer sequences recompute all but their last segment.
+constexpr int64_t kCpuSegment = 64;
+
+std::tuple<at::Tensor, at::Tensor> lif_backward_cpu_segments(
     const at::Tensor& grad_spikes_in, const at::Tensor& grad_v_last_in,
     const at::Tensor& grad_v_seq_in, const at::Tensor& x_in, const at::Tensor& v_init_in,
     double tau, double v_threshold, double v_reset, bool soft_reset, bool decay_input,
-    bool detach_reset, c10::string_view surrogate, double alpha) {
+    bool detach_reset, c10::string_view surrogate, double alpha, int64_t segment) {
+  TORCH_CHECK(segment >= 1, "lif_backward: segment must be >= 1, got ", segment);
   const LifBackwardInputs in =
       prepare_lif_backward(grad_spikes_in, grad_v_last_in, grad_v_seq_in, x_in, v_init_in);
   at::Tensor grad_x = empty_like_huge_pages(in.x);
@@ -137,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> lif_backward_cpu(
       kernel(data_or_null<scalar_t>(in.grad_spikes), data_or_null<scalar_t>(in.grad_v_last),
              data_or_null<scalar_t>(in.grad_v_seq), in.x.const_data_ptr<scalar_t>(),
              in.v_init.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-             grad_v_init.mutable_data_ptr<scalar_t>(), in.layout, p);
+             grad_v_init.mutable_data_ptr<scalar_t>(), in.layout, p, segment);
     };
     with_lif_flags(p, /*backward_flags=*/true, [&](auto flags) {
       using Flags = decltype(flags);
@@ -150,11 +155,33 @@ std::tuple<at::Tensor, at::Tensor> lif_backward_cpu(
   return {grad_x, grad_v_init};
 }
 
+std::tuple<at::Tensor, at::Tensor> lif_backward_cpu(
+    const at::Tensor& grad_spikes, const at::Tensor& grad_v_last, const at::Tensor& grad_v_seq,
+    const at::Tensor& x, const at::Tensor& v_init, double tau, double v_threshold, double v_reset,
+    bool soft_reset, bool decay_input, bool detach_reset, c10::string_view surrogate,
+    double alpha) {
+  return lif_backward_cpu_segments(grad_spikes, grad_v_last, grad_v_seq, x, v_init, tau,
+                                   v_threshold, v_reset, soft_reset, decay_input, detach_reset,
+                                   surrogate, alpha, kCpuSegment);
+}
+
 }  // namespace
+
+// Not part of the API: lif_backward with H held `segment` steps at a time instead of
+// kCpuSegment, so that tests run the checkpoint and recompute path of lif_backward_segments (the
+// GPU kernel's schedule) at small T.
+TORCH_LIBRARY_FRAGMENT(htakl, m) {
+  m.def(
+      "_lif_backward_segments(Tensor grad_spikes, Tensor grad_v_last, Tensor grad_v_seq, "
+      "Tensor x, Tensor v_init, float tau, float v_threshold, float v_reset, bool soft_reset, "
+      "bool decay_input, bool detach_reset, str surrogate, float alpha, int segment) "
+      "-> (Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(htakl, CPU, m) {
   m.impl("lif_forward", &lif_forward_cpu);
   m.impl("lif_backward", &lif_backward_cpu);
+  m.impl("_lif_backward_segments", &lif_backward_cpu_segments);
 }
 
 }  // namespace htakl

@@ -30,12 +30,16 @@ struct LifBackwardArgs {
   const void* v_init;
   void* grad_x;
   void* grad_v_init;
-  // [steps, neurons] in the state type (float, or double for float64): H[t] recomputed by the
-  // first sweep. May be grad_x itself when the storage type is the state type.
-  void* scratch;
+  // [lif_backward_checkpoint_rows(...), neurons] in the state type (float, or double for
+  // float64): V at the start of each recomputed segment; nullptr when that is 0 rows.
+  void* checkpoints;
   int64_t steps;
   int64_t neurons;
 };
+
+// Rows of the checkpoint buffer lif_backward_cuda needs for these arguments (their pointers and
+// shape; `checkpoints` is not read): 0 while the sequence fits in the kernel's registers.
+int64_t lif_backward_checkpoint_rows(Storage storage, const LifBackwardArgs& args);
 
 // Both return the launch's error code (cudaSuccess when nothing had to run).
 cudaError_t lif_forward_cuda(Storage storage, const LifForwardArgs& args,

@@ -52,16 +52,20 @@ std::tuple<at::Tensor, at::Tensor> lif_backward_cuda_op(
   const Storage storage = storage_of(in.x.scalar_type(), "lif: x");
   at::Tensor grad_x = at::empty_like(in.x);
   at::Tensor grad_v_init = at::empty_like(in.v_init);
-  // H[t] of the first sweep: in grad_x itself when x's dtype is the state's (float32, float64).
-  const at::ScalarType state = acc_dtype(in.x.scalar_type());
-  at::Tensor scratch = in.x.scalar_type() == state
-                           ? grad_x
-                           : at::empty(in.x.sizes(), in.x.options().dtype(state));
-  const LifBackwardArgs args{data_or_null(in.grad_spikes), data_or_null(in.grad_v_last),
-                             data_or_null(in.grad_v_seq), in.x.const_data_ptr(),
-                             in.v_init.const_data_ptr(), grad_x.mutable_data_ptr(),
-                             grad_v_init.mutable_data_ptr(), scratch.mutable_data_ptr(),
-                             in.layout.steps, in.layout.neurons};
+  LifBackwardArgs args{data_or_null(in.grad_spikes), data_or_null(in.grad_v_last),
+                       data_or_null(in.grad_v_seq),  in.x.const_data_ptr(),
+                       in.v_init.const_data_ptr(),   grad_x.mutable_data_ptr(),
+                       grad_v_init.mutable_data_ptr(), nullptr,
+                       in.layout.steps,              in.layout.neurons};
+  // V at the start of each recomputed segment: a few rows of the state type, none while the
+  // sequence fits in the kernel's registers.
+  const int64_t rows = lif_backward_checkpoint_rows(storage, args);
+  at::Tensor checkpoints;
+  if (rows > 0) {
+    checkpoints = at::empty({rows, in.layout.neurons},
+                            in.x.options().dtype(acc_dtype(in.x.scalar_type())));
+    args.checkpoints = checkpoints.mutable_data_ptr();
+  }
   C10_CUDA_CHECK(lif_backward_cuda(storage, args, params, c10::cuda::getCurrentCUDAStream()));
   return {grad_x, grad_v_init};
 }
