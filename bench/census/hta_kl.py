@@ -56,8 +56,9 @@ TRITON_ANCHORS = [
 # The CUDA launcher's choices, as hta_kl_cuda.cu's launch() writes them; census_launch mirrors
 # them and checks that these lines are still there (a changed launcher must change the census).
 CUDA_LAUNCHER_LINES = (
-    "chunks >= kMaxThreads ? kMaxThreads : round_up(chunks, kWarpSize));",
-    "params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - steps_bytes);",
+    "thread_chunks >= kMaxThreads ? kMaxThreads : round_up(thread_chunks, kWarpSize));",
+    "params.list_capacity = problem.classes < kCandidates ? problem.classes : kCandidates;",
+    "params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - front_bytes);",
     "static_cast<unsigned>(problem.rows < INT_MAX ? problem.rows : int64_t(INT_MAX));",
     "return static_cast<size_t>(round_up(2 * steps * static_cast<int64_t>(sizeof(acc_t)), kVectorBytes));",
 )
@@ -65,8 +66,8 @@ CUDA_LAUNCHER_LINES = (
 
 def cuda_constants(text: str) -> dict[str, int]:
     values = {}
-    for name in ("kWarpSize", "kMaxThreads", "kRadixBits", "kCandidates", "kStepGroup",
-                 "kVectorBytes"):
+    for name in ("kWarpSize", "kMaxThreads", "kRadixBits", "kCandidates", "kChunksPerThread",
+                 "kStepGroup", "kVectorBytes"):
         match = re.search(rf"constexpr int {name} = ([^;]+);", text)
         if match is None:
             raise ValueError(f"hta_kl_cuda.cu: `constexpr int {name}` not found; the census reads "
@@ -99,13 +100,18 @@ class CudaKernels:
         function = self.functions[(dtype, 0 if steps == 1 else 2)]
         width = c["kVectorBytes"] // b
         chunks = math.ceil(classes / width)
-        threads = c["kMaxThreads"] if chunks >= c["kMaxThreads"] else \
-            math.ceil(chunks / c["kWarpSize"]) * c["kWarpSize"]
+        thread_chunks = math.ceil(chunks / c["kChunksPerThread"])
+        threads = c["kMaxThreads"] if thread_chunks >= c["kMaxThreads"] else \
+            math.ceil(thread_chunks / c["kWarpSize"]) * c["kWarpSize"]
         steps_bytes = math.ceil(2 * steps * 4 / c["kVectorBytes"]) * c["kVectorBytes"]
+        # the selection's candidate list: float32 keys for every storage but float64
+        list_bytes = math.ceil(min(classes, c["kCandidates"]) * 4 / c["kVectorBytes"]) * \
+            c["kVectorBytes"]
+        front_bytes = steps_bytes + list_bytes
         stride = math.ceil(classes / width) * width
         cache_bytes = (steps + 1) * stride * b
-        cached = cache_bytes <= SHARED_OPTIN - function.shared_bytes - steps_bytes
-        shared = function.shared_bytes + steps_bytes + (cache_bytes if cached else 0)
+        cached = cache_bytes <= SHARED_OPTIN - function.shared_bytes - front_bytes
+        shared = function.shared_bytes + front_bytes + (cache_bytes if cached else 0)
         radix_rounds = 32 // c["kRadixBits"]  # float32 keys for every storage but float64
         # The head selection sweeps the row until its candidates fit the shared-memory list
         # (kCandidates keys), listing them in that sweep; later rounds read the list. A row that

@@ -65,6 +65,9 @@ constexpr int kRadixBits = 8;
 constexpr int kRadixBuckets = 1 << kRadixBits;
 constexpr int kBucketsPerLane = kRadixBuckets / kWarpSize;
 constexpr int kCandidates = 2048;  // boundary candidates whose keys pass 3 keeps in shared memory
+// Chunks each thread takes at least: a short row gets fewer threads, so that its per-row work
+// (block reductions, the selection's bookkeeping) is spread over more classes per thread.
+constexpr int kChunksPerThread = 4;
 constexpr int kStepGroup = 4;                 // prob_mean steps whose sums one pass gathers
 constexpr int kSumsPerStep = 4;               // sum p r_t, sum q_t (log q - log p + 1), signed H/T
 constexpr int kMaxSums = kStepGroup * kSumsPerStep;
@@ -249,8 +252,7 @@ struct BlockScratch {
   unsigned int selected_digit;
   unsigned int selected_count;
   int selected_found;
-  radix_key_t<acc_t> candidate_key[kCandidates];  // keys of the classes left in the selection
-  unsigned int candidate_count;
+  unsigned int candidate_count;  // keys listed (in the dynamic shared memory, KernelParams)
   unsigned int warp_tied[kMaxWarps];  // tie search: tied classes per warp in one sweep
   long long tie_limit;
 };
@@ -326,7 +328,9 @@ struct KernelParams {
   bool detach_weights;
   bool cache_rows;             // copy the row to shared memory first
   int64_t cache_row_stride;    // classes rounded up to whole chunks (shared-memory row stride)
-  size_t step_values_bytes;    // shared-memory bytes in front of the row cache
+  size_t step_values_bytes;    // shared-memory bytes in front of the candidate list
+  int64_t list_capacity;       // keys the candidate list holds: min(C, kCandidates)
+  size_t list_bytes;           // its shared-memory bytes (16-byte multiple), then the row cache
 };
 
 // How a row's student distribution is formed (SPEC 1.2); each is its own kernel, so no pass carries
@@ -586,6 +590,7 @@ __device__ int64_t tie_limit_of(const RowView<scalar_t, kStudent>& row, int64_t 
 
 template <typename scalar_t, Student kStudent>
 __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row, const KernelParams<scalar_t>& params,
+                                   radix_key_t<scalar_t>* candidate_key,
                                    BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
   using key_t = radix_key_t<scalar_t>;
@@ -604,7 +609,7 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row, const Kerne
   unsigned long long mass_above = 0;
   unsigned int tied_count = 0;
   // The candidates: classes whose key has the digits chosen so far. Once they fit in
-  // scratch.candidate_key, the round that sweeps the row lists their keys there as well, and the
+  // candidate_key, the round that sweeps the row lists their keys there as well, and the
   // later rounds read only that list: a typical row is swept once or twice, not once per digit.
   int64_t candidates = classes;
   bool listed = false;
@@ -613,7 +618,7 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row, const Kerne
   acc_t log_p[kWidth];
 #pragma unroll 1  // one copy of the sweep, not one per digit
   for (int shift = kKeyBits - kRadixBits; shift >= 0; shift -= kRadixBits) {
-    const bool compact = !listed && candidates <= kCandidates;  // uniform over the block
+    const bool compact = !listed && candidates <= params.list_capacity;  // uniform
     for (int b = threadIdx.x; b < kRadixBuckets; b += blockDim.x) {
       scratch.radix_mass[b] = 0;
       scratch.radix_count[b] = 0;
@@ -622,7 +627,7 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row, const Kerne
     __syncthreads();
     // Listed rounds: one shared-memory atomic per remaining candidate (at most kCandidates).
     for (unsigned int i = threadIdx.x; listed && i < listed_count; i += blockDim.x) {
-      const key_t key = scratch.candidate_key[i];
+      const key_t key = candidate_key[i];
       if ((key & known) != prefix) continue;
       const int digit = static_cast<int>((key >> shift) & key_t(kRadixBuckets - 1));
       atomicAdd(&scratch.radix_mass[digit], fixed_mass(value_of_key(key)));
@@ -654,7 +659,7 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row, const Kerne
           unsigned int slot = 0;
           if (lane == leader) slot = atomicAdd(&scratch.candidate_count, __popc(listing));
           slot = __shfl_sync(listing, slot, leader);
-          scratch.candidate_key[slot + __popc(listing & ((1u << lane) - 1u))] = key;
+          candidate_key[slot + __popc(listing & ((1u << lane) - 1u))] = key;
         }
         const unsigned long long mass = fixed_mass(p);
         unsigned long long group_mass = 0;
@@ -889,13 +894,16 @@ __global__ void __launch_bounds__(kMaxThreads)
     hta_kl_fused_kernel(const KernelParams<scalar_t> params) {
   using acc_t = htakl::acc_t<scalar_t>;
   __shared__ BlockScratch<acc_t> scratch;
-  // Dynamic shared memory: step_lse[steps], step_g_sums[steps], then (when cache_rows) the
-  // teacher row and the T student rows, each cache_row_stride elements (16-byte aligned).
+  // Dynamic shared memory: step_lse[steps], step_g_sums[steps], the head selection's candidate
+  // list, then (when cache_rows) the teacher row and the T student rows, each cache_row_stride
+  // elements (16-byte aligned).
   extern __shared__ uint4 dynamic_shared[];
   acc_t* step_lse = reinterpret_cast<acc_t*>(dynamic_shared);
   acc_t* step_g_sums = step_lse + params.steps;
-  scalar_t* row_cache = reinterpret_cast<scalar_t*>(
-      reinterpret_cast<unsigned char*>(dynamic_shared) + params.step_values_bytes);
+  unsigned char* const list_start =
+      reinterpret_cast<unsigned char*>(dynamic_shared) + params.step_values_bytes;
+  radix_key_t<acc_t>* candidate_key = reinterpret_cast<radix_key_t<acc_t>*>(list_start);
+  scalar_t* row_cache = reinterpret_cast<scalar_t*>(list_start + params.list_bytes);
 
   const int64_t classes = params.classes;
   const int64_t step_elements = params.rows * classes;  // 64-bit: may exceed 2^31
@@ -929,7 +937,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
 
     compute_log_sum_exps(row, step_lse, scratch);       // SPEC 1.1, 1.2
-    find_head_boundary(row, params, scratch);           // SPEC 1.3
+    find_head_boundary(row, params, candidate_key, scratch);  // SPEC 1.3
     acc_t sums[kRowSums];
     compute_row_sums(row, sums, scratch);               // SPEC 1.4, 1.6
     const RowStats<acc_t> stats =                       // SPEC 1.5
@@ -1027,7 +1035,6 @@ cudaError_t launch(const HtaKlCudaProblem& problem, cudaStream_t stream) {
   cudaError_t error = dynamic_shared_limit<scalar_t>(&shared_limit);
   if (error != cudaSuccess) return error;
   const size_t steps_bytes = step_values_bytes<scalar_t>(problem.steps);
-  if (steps_bytes > shared_limit) return cudaErrorInvalidValue;  // T beyond hta_kl_cuda_max_steps
 
   KernelParams<scalar_t> params;
   params.student = static_cast<const scalar_t*>(problem.student);
@@ -1051,18 +1058,24 @@ cudaError_t launch(const HtaKlCudaProblem& problem, cudaStream_t stream) {
   params.detach_weights = options.detach_weights;
   params.cache_row_stride = round_up(problem.classes, kWidth);
   params.step_values_bytes = steps_bytes;
+  params.list_capacity = problem.classes < kCandidates ? problem.classes : kCandidates;
+  params.list_bytes = static_cast<size_t>(
+      round_up(params.list_capacity * static_cast<int64_t>(sizeof(radix_key_t<scalar_t>)), kVectorBytes));
+  const size_t front_bytes = steps_bytes + params.list_bytes;
+  if (front_bytes > shared_limit) return cudaErrorInvalidValue;  // T beyond hta_kl_cuda_max_steps
   // Keep the row in shared memory when the teacher and all steps fit (the size is compared in
   // double: (T + 1) * C may overflow 64 bits only far beyond any shared memory).
   const double cache_bytes = static_cast<double>(problem.steps + 1) *
                              static_cast<double>(params.cache_row_stride) * sizeof(scalar_t);
-  params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - steps_bytes);
+  params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - front_bytes);
   const size_t dynamic_bytes =
-      steps_bytes + (params.cache_rows ? static_cast<size_t>(cache_bytes) : size_t(0));
+      front_bytes + (params.cache_rows ? static_cast<size_t>(cache_bytes) : size_t(0));
 
-  // Whole warps, enough for one chunk per thread on small rows, at most kMaxThreads.
+  // Whole warps, kChunksPerThread chunks per thread on short rows, at most kMaxThreads.
   const int64_t chunks = (problem.classes + kWidth - 1) / kWidth;
+  const int64_t thread_chunks = (chunks + kChunksPerThread - 1) / kChunksPerThread;
   const int threads = static_cast<int>(
-      chunks >= kMaxThreads ? kMaxThreads : round_up(chunks, kWarpSize));
+      thread_chunks >= kMaxThreads ? kMaxThreads : round_up(thread_chunks, kWarpSize));
   const unsigned blocks =
       static_cast<unsigned>(problem.rows < INT_MAX ? problem.rows : int64_t(INT_MAX));
   if (problem.steps == 1) {  // a 2-D student, or one step: logit_mean and prob_mean agree
@@ -1084,7 +1097,8 @@ int64_t max_steps(cudaError_t* error) {
   *error = dynamic_shared_limit<scalar_t>(&limit);
   if (*error != cudaSuccess) return -1;
   using acc_t = htakl::acc_t<scalar_t>;
-  return static_cast<int64_t>(limit / (2 * sizeof(acc_t)));
+  const size_t list_bytes = kCandidates * sizeof(radix_key_t<scalar_t>);  // the longest list
+  return static_cast<int64_t>((limit - list_bytes) / (2 * sizeof(acc_t)));
 }
 
 }  // namespace

@@ -37,8 +37,8 @@ struct HtaKlCudaProblem {
 cudaError_t hta_kl_fused_cuda(Storage dtype, const HtaKlCudaProblem& problem,
                               cudaStream_t stream);
 
-// The largest T the kernel accepts for this dtype on the current device (tens of thousands on
-// sm_80 and later), or -1 with the CUDA error in *error when the device cannot be queried.
+// The largest T the kernel accepts for this dtype on the current device, whatever C (tens of
+// thousands on sm_80 and later), or -1 with the CUDA error in *error when the device cannot be queried.
 int64_t hta_kl_cuda_max_steps(Storage dtype, cudaError_t* error);
 
 }  // namespace htakl
