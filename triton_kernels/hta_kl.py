@@ -265,13 +265,20 @@ def _chunk_keys(teacher_row, offs, end, scale, lse2_p, ACC: tl.constexpr, KEY: t
 
 
 @triton.jit
-def _bisect(keys, masses, lo, hi, mass_above, delta_fixed, TOP_BIT: tl.constexpr):
+def _bisect(keys, masses, lo, hi, mass_above, delta_fixed, ACC: tl.constexpr,
+            MANTISSA_BITS: tl.constexpr, KEY_END: tl.constexpr):
     """w, given `keys` holding every key of [lo, hi) (others are -1) and that lo's mass reaches
-    delta: its bits are set from the top, keeping a bit while the mass still reaches delta.
-    Returns w, the mass strictly above it and the count of keys equal to it."""
+    delta: the bits of w - lo are set from the top, keeping a bit while the mass still reaches
+    delta. Returns w, the mass strictly above it and the count of keys equal to it."""
+    # As many steps as hi - lo - 1 has bits, read off its exponent as a float (rounding up to
+    # the next power of two only adds a step that is never taken).
+    span = hi - lo - 1
+    exponent = (span.to(ACC).to(lo.dtype, bitcast=True) >> MANTISSA_BITS) - (
+        (KEY_END >> MANTISSA_BITS) - 1)
+    key_bits = tl.where(span > 0, exponent + 1, 0)
     w = lo
-    bit = tl.full([], 1 << TOP_BIT, lo.dtype)
-    for _ in range(TOP_BIT + 1):
+    bit = tl.where(span > 0, tl.full([], 1, lo.dtype) << tl.maximum(key_bits - 1, 0), 0)
+    for _ in range(key_bits):
         candidate = w + bit
         mass = mass_above + tl.sum(tl.where(keys >= candidate, masses, 0), 0)
         w = tl.where((candidate < hi) & (mass >= delta_fixed), candidate, w)
@@ -402,13 +409,14 @@ def _tie_limit(keys, indices, boundary_bits, tied_head):
 
 @triton.jit
 def _head_of_keys(keys, indices, lo, hi, mass_above, delta_fixed, delta, ACC: tl.constexpr,
-                  MASS: tl.constexpr, TOP_BIT: tl.constexpr, FIXED_ONE: tl.constexpr):
+                  MASS: tl.constexpr, MANTISSA_BITS: tl.constexpr, KEY_END: tl.constexpr,
+                  FIXED_ONE: tl.constexpr):
     """w and the tie limit, from `keys` holding every key of [lo, hi) in class order (others
     -1) with their class indices."""
     p = tl.where(keys >= 0, keys, 0).to(ACC, bitcast=True)
     masses = tl.where(keys >= 0, (p * FIXED_ONE + 0.5).to(MASS), 0)
-    boundary_bits, above, tied_count = _bisect(keys, masses, lo, hi, mass_above, delta_fixed,
-                                               TOP_BIT)
+    boundary_bits, above, tied_count = _bisect(keys, masses, lo, hi, mass_above, delta_fixed, ACC,
+                                               MANTISSA_BITS, KEY_END)
     tied_head = _tied_head_count(above.to(ACC) / FIXED_ONE, boundary_bits.to(ACC, bitcast=True),
                                  tied_count, delta)
     return boundary_bits, _tie_limit(keys, indices, boundary_bits, tied_head)
@@ -419,7 +427,7 @@ def _head_of_row(teacher_row, classes, scale, lse2_p, masses, counts, thresholds
                  index_row, delta_fixed, delta, copied, CAPACITY: tl.constexpr,
                  RADIX_BLOCK: tl.constexpr, RADIX_BUCKETS: tl.constexpr, ACC: tl.constexpr,
                  KEY: tl.constexpr, MASS: tl.constexpr, KEY_END: tl.constexpr,
-                 TOP_BIT: tl.constexpr, FIXED_ONE: tl.constexpr):
+                 MANTISSA_BITS: tl.constexpr, FIXED_ONE: tl.constexpr):
     """w and the tie limit of a chunked row whose mass reaches delta, from its first histogram:
     the bucket holding w narrowed to at most CAPACITY classes (`_narrow`), its keys copied to the
     workspace row (unless `copied` already) and bisected there; or, for a bucket of the one key w,
@@ -438,7 +446,8 @@ def _head_of_row(teacher_row, classes, scale, lse2_p, masses, counts, thresholds
         keys = tl.load(keys_row + lanes, mask=lanes < count, other=-1)
         indices = tl.load(index_row + lanes, mask=lanes < count, other=0)
         boundary_bits, tie_limit = _head_of_keys(keys, indices, lo, hi, mass_above, delta_fixed,
-                                                 delta, ACC, MASS, TOP_BIT, FIXED_ONE)
+                                                 delta, ACC, MASS, MANTISSA_BITS, KEY_END,
+                                                 FIXED_ONE)
     else:
         tied_count = count.to(tl.int32)
         tied_head = _tied_head_count(mass_above.to(ACC) / FIXED_ONE,
@@ -749,7 +758,7 @@ def _hta_kl_kernel(
         total_mass = tl.sum(masses, 0)
         boundary_bits, tie_limit = _head_of_keys(
             keys, lanes, tl.zeros([], KEY), tl.full([], KEY_END, KEY), tl.zeros([], MASS),
-            delta_fixed, delta, ACC, MASS, TOP_BIT, FIXED_ONE)
+            delta_fixed, delta, ACC, MASS, MANTISSA_BITS, KEY_END, FIXED_ONE)
     else:
         # A histogram pass in octaves, more passes while the boundary bucket holds more than a
         # chunk of classes, then its keys copied to the row's workspace and bisected there.
@@ -766,7 +775,7 @@ def _hta_kl_kernel(
             boundary_bits, tie_limit = _head_of_row(
                 teacher_row, classes, scale, lse2_p, masses, counts, thresholds, keys_row,
                 keys_row + BLOCK, delta_fixed, delta, False, BLOCK, RADIX_BLOCK, RADIX_BUCKETS,
-                ACC, KEY, MASS, KEY_END, TOP_BIT, FIXED_ONE)
+                ACC, KEY, MASS, KEY_END, MANTISSA_BITS, FIXED_ONE)
     all_head = total_mass < delta_fixed
 
     # ---- Pass 3, SPEC 1.4-1.6 and 2: every per-row sum. ----------------------------------------
@@ -930,7 +939,7 @@ def _hta_kl_split_kernel(
                     boundary_bits, tie_limit = _head_of_row(
                         teacher_row, classes, scale, lse2_p, masses, counts, thresholds,
                         keys_row, index_row, delta_fixed, delta, copied, BLOCK, RADIX_BLOCK,
-                        RADIX_BUCKETS, ACC, KEY, MASS, KEY_END, TOP_BIT, FIXED_ONE)
+                        RADIX_BUCKETS, ACC, KEY, MASS, KEY_END, MANTISSA_BITS, FIXED_ONE)
                 tl.store(selection_row, boundary_bits)
                 tl.store(selection_row + 1, tie_limit.to(KEY))
                 tl.store(selection_row + 2, (~reaches).to(KEY))
@@ -1072,8 +1081,8 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     """Run the kernel; same arguments and results as the op, plus the layout knobs.
 
     `on_chip_limit`: the longest row (in classes) held on chip; longer rows take the chunked path
-    in chunks of `chunk` classes (both powers of two; defaults: `default_layout`), each row split
-    over up to `segments` programs (default: `default_segments`).
+    in chunks of `chunk` classes (both powers of two; defaults: `default_layout`), each of those
+    rows split over up to `segments` programs (default: `default_segments`).
     """
     _check_inputs(student, teacher)
     if not (math.isfinite(row_scale) and row_scale > 0):
@@ -1092,11 +1101,12 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
         return loss_rows, d_student, d_teacher
     on_chip = classes <= on_chip_limit
     block = triton.next_power_of_2(classes) if on_chip else chunk
-    if segments is None:
-        segments = 1 if on_chip else default_segments(rows, classes, chunk, teacher.device)
-    elif segments < 1 or (segments > 1 and on_chip):
-        raise ValueError(f"hta_kl_fused_triton: segments must be 1, or >= 1 for rows longer than "
-                         f"on_chip_limit, got {segments} for C = {classes}")
+    if segments is not None and segments < 1:
+        raise ValueError(f"hta_kl_fused_triton: segments must be >= 1, got {segments}")
+    if on_chip:
+        segments = 1
+    elif segments is None:
+        segments = default_segments(rows, classes, chunk, teacher.device)
     segment_length = -(-(-(-classes // segments)) // chunk) * chunk  # whole chunks
     segments = -(-classes // segment_length)
     steps_pad = triton.next_power_of_2(steps)
