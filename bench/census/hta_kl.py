@@ -135,7 +135,7 @@ class CudaKernels:
             if "shift >= 0" in h:
                 return 1.0
             if "group < row.steps" in h:
-                return groups
+                return groups - 1  # the first group's sums come with the row sums
             if re.search(r"j < kWidth", h):
                 return width  # not unrolled where a data-dependent loop sits inside
             if "sweep < row.classes" in h:

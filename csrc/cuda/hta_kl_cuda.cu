@@ -738,15 +738,75 @@ enum RowSum {
   kRowSums
 };
 
+// prob_mean: the class sums that SPEC 2's G_t = sum_j q_tj g_j of the steps group ..
+// group + kStepGroup - 1 is made of (time_step_g_sum), added over one chunk: per step, sum p r_t,
+// sum q_t (log q - log p + 1), and q_t s summed over the head and over the tail.
+template <typename scalar_t, Student kStudent>
+__device__ __forceinline__ void add_step_sums(
+    const RowView<scalar_t, kStudent>& row, int64_t group, int64_t first,
+    const htakl::acc_t<scalar_t> (&log_p)[Chunk<scalar_t>::kWidth],
+    const htakl::acc_t<scalar_t> (&log_q)[Chunk<scalar_t>::kWidth],
+    htakl::acc_t<scalar_t> (&sums)[kMaxSums]) {
+  using acc_t = htakl::acc_t<scalar_t>;
+  constexpr int kWidth = Chunk<scalar_t>::kWidth;
+  acc_t logits[kWidth];
+#pragma unroll
+  for (int g = 0; g < kStepGroup; ++g) {
+    const int64_t t = group + g;
+    if (t >= row.steps) break;
+    Chunk<scalar_t>::load(row.step(t), first, row.classes, logits);
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) {
+      if (first + j >= row.classes) continue;
+      const acc_t p = row.prob(log_p[j]);
+      const acc_t q = row.prob(log_q[j]);
+      const acc_t log_q_t = row.step_log_prob(logits[j], t);
+      const acc_t q_t = row.prob(log_q_t);
+      const acc_t signed_q_t = q_t * sign_of_difference(q, p);
+      sums[g * kSumsPerStep + 0] += p * row.step_ratio(q_t, log_q_t, log_q[j]);
+      sums[g * kSumsPerStep + 1] +=
+          q_t_log_ratio(q_t, LogBase<acc_t>::to_natural(log_q[j]),
+                        LogBase<acc_t>::to_natural(log_p[j]));
+      if (row.in_head(p, first + j)) {
+        sums[g * kSumsPerStep + 2] += signed_q_t;
+      } else {
+        sums[g * kSumsPerStep + 3] += signed_q_t;
+      }
+    }
+  }
+}
+
+// G_t of the steps group .. group + kStepGroup - 1 from their block-wide sums; thread 0 writes.
+template <typename acc_t>
+__device__ __forceinline__ void write_step_g_sums(const RowStats<acc_t>& stats, int64_t group,
+                                                  int64_t steps, const acc_t (&sums)[kMaxSums],
+                                                  acc_t* step_g_sums) {
+  if (threadIdx.x != 0) return;
+  for (int g = 0; g < kStepGroup && group + g < steps; ++g) {
+    step_g_sums[group + g] =
+        time_step_g_sum(stats, sums[g * kSumsPerStep + 0], sums[g * kSumsPerStep + 1],
+                        sums[g * kSumsPerStep + 2], sums[g * kSumsPerStep + 3]);
+  }
+}
+
+// The row sums, and for a prob_mean student whose gradient is asked for (`with_step_sums`) the
+// first kStepGroup steps' sums of SPEC 2's G_t in the same pass.
 template <typename scalar_t, Student kStudent>
 __device__ void compute_row_sums(const RowView<scalar_t, kStudent>& row,
                                  htakl::acc_t<scalar_t> (&sums)[kRowSums],
+                                 htakl::acc_t<scalar_t> (&step_sums)[kMaxSums],
+                                 bool with_step_sums,
                                  BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
 #pragma unroll
   for (int k = 0; k < kRowSums; ++k) sums[k] = acc_t(0);
+#pragma unroll
+  for (int k = 0; k < kMaxSums; ++k) step_sums[k] = acc_t(0);
   for_each_chunk(row, [&](int64_t first, const acc_t(&log_p)[kWidth], const acc_t(&log_q)[kWidth]) {
+    if constexpr (kStudent == Student::kProbMean) {
+      if (with_step_sums) add_step_sums(row, 0, first, log_p, log_q, step_sums);
+    }
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
       if (first + j >= row.classes) continue;
@@ -769,6 +829,9 @@ __device__ void compute_row_sums(const RowView<scalar_t, kStudent>& row,
     }
   });
   block_sum(sums, scratch);
+  if constexpr (kStudent == Student::kProbMean) {
+    if (with_step_sums) block_sum(step_sums, scratch);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -810,53 +873,27 @@ __device__ void write_softmax_gradients(const RowView<scalar_t, kStudent>& row,
   });
 }
 
-// prob_mean with T > 1: first G_t = sum_j q_tj g_j for every step (kStepGroup steps per pass, so
-// the sums stay in registers), then dL/dz_tk (SPEC 2).
+// prob_mean with T > 1: G_t = sum_j q_tj g_j for every step (the first kStepGroup steps' sums
+// come from pass 4; each further group of kStepGroup steps takes one pass, so the sums stay in
+// registers), then dL/dz_tk (SPEC 2).
 template <typename scalar_t, Student kStudent>
 __device__ void write_prob_mean_student_gradient(
     const RowView<scalar_t, kStudent>& row, const RowStats<htakl::acc_t<scalar_t>>& stats,
+    const htakl::acc_t<scalar_t> (&first_group_sums)[kMaxSums],
     htakl::acc_t<scalar_t>* step_g_sums, scalar_t* grad_student_row,
     int64_t grad_step_stride, BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   acc_t logits[kWidth], grad[kWidth];
-  for (int64_t group = 0; group < row.steps; group += kStepGroup) {
+  write_step_g_sums(stats, 0, row.steps, first_group_sums, step_g_sums);
+  for (int64_t group = kStepGroup; group < row.steps; group += kStepGroup) {
     acc_t sums[kMaxSums] = {};
     for_each_chunk(row, [&](int64_t first, const acc_t(&log_p)[kWidth],
                             const acc_t(&log_q)[kWidth]) {
-#pragma unroll
-      for (int g = 0; g < kStepGroup; ++g) {
-        const int64_t t = group + g;
-        if (t >= row.steps) break;
-        Chunk<scalar_t>::load(row.step(t), first, row.classes, logits);
-#pragma unroll
-        for (int j = 0; j < kWidth; ++j) {
-          if (first + j >= row.classes) continue;
-          const acc_t p = row.prob(log_p[j]);
-          const acc_t q = row.prob(log_q[j]);
-          const acc_t log_q_t = row.step_log_prob(logits[j], t);
-          const acc_t q_t = row.prob(log_q_t);
-          const acc_t signed_q_t = q_t * sign_of_difference(q, p);
-          sums[g * kSumsPerStep + 0] += p * row.step_ratio(q_t, log_q_t, log_q[j]);
-          sums[g * kSumsPerStep + 1] +=
-              q_t_log_ratio(q_t, LogBase<acc_t>::to_natural(log_q[j]),
-                            LogBase<acc_t>::to_natural(log_p[j]));
-          if (row.in_head(p, first + j)) {
-            sums[g * kSumsPerStep + 2] += signed_q_t;
-          } else {
-            sums[g * kSumsPerStep + 3] += signed_q_t;
-          }
-        }
-      }
+      add_step_sums(row, group, first, log_p, log_q, sums);
     });
     block_sum(sums, scratch);
-    if (threadIdx.x == 0) {
-      for (int g = 0; g < kStepGroup && group + g < row.steps; ++g) {
-        step_g_sums[group + g] = time_step_g_sum(
-            stats, sums[g * kSumsPerStep + 0], sums[g * kSumsPerStep + 1],
-            sums[g * kSumsPerStep + 2], sums[g * kSumsPerStep + 3]);
-      }
-    }
+    write_step_g_sums(stats, group, row.steps, sums, step_g_sums);
   }
   __syncthreads();  // step_g_sums written by thread 0, read by all
 
@@ -938,8 +975,12 @@ __global__ void __launch_bounds__(kMaxThreads)
 
     compute_log_sum_exps(row, step_lse, scratch);       // SPEC 1.1, 1.2
     find_head_boundary(row, params, candidate_key, scratch);  // SPEC 1.3
-    acc_t sums[kRowSums];
-    compute_row_sums(row, sums, scratch);               // SPEC 1.4, 1.6
+    scalar_t* grad_teacher_row =
+        params.grad_teacher != nullptr ? params.grad_teacher + row_offset : nullptr;
+    scalar_t* grad_student_row =
+        params.grad_student != nullptr ? params.grad_student + row_offset : nullptr;
+    acc_t sums[kRowSums], step_sums[kMaxSums];
+    compute_row_sums(row, sums, step_sums, grad_student_row != nullptr, scratch);  // SPEC 1.4, 1.6
     const RowStats<acc_t> stats =                       // SPEC 1.5
         make_row_stats(sums[kDistanceHead], sums[kDistanceTail], sums[kForwardKl],
                        sums[kReverseKl], params.detach_weights, params.inv_tau, params.row_scale);
@@ -947,10 +988,6 @@ __global__ void __launch_bounds__(kMaxThreads)
 
     // SPEC 2.
     constexpr bool single_softmax = kStudent != Student::kProbMean;
-    scalar_t* grad_teacher_row =
-        params.grad_teacher != nullptr ? params.grad_teacher + row_offset : nullptr;
-    scalar_t* grad_student_row =
-        params.grad_student != nullptr ? params.grad_student + row_offset : nullptr;
     if (grad_teacher_row != nullptr || (grad_student_row != nullptr && single_softmax)) {
       write_softmax_gradients(row, stats,
                               weighted_dl_sum(stats, sums[kSignedQHead], sums[kSignedQTail]),
@@ -959,8 +996,8 @@ __global__ void __launch_bounds__(kMaxThreads)
                               step_elements);
     }
     if (grad_student_row != nullptr && !single_softmax) {
-      write_prob_mean_student_gradient(row, stats, step_g_sums, grad_student_row, step_elements,
-                                       scratch);
+      write_prob_mean_student_gradient(row, stats, step_sums, step_g_sums, grad_student_row,
+                                       step_elements, scratch);
     }
     __syncthreads();  // the next row overwrites the row cache and the per-step values
   }
