@@ -532,10 +532,10 @@ def _row_sums(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slic
               ON_CHIP: tl.constexpr, PROB_MEAN: tl.constexpr, STEPS_PAD: tl.constexpr,
               GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, TINY: tl.constexpr,
               ACC: tl.constexpr, KEY: tl.constexpr):
-    """Pass 3 (SPEC 1.4-1.6 and 2) over classes [begin, end): d_head, d_tail, F, R; the signed head / tail sums of p and q (SPEC 2's
-    sum_j p_j dl_j and sum_j q_j dl_j); for prob_mean, per time step, sum_j p_j r_tj,
-    sum_j q_tj (log q_j - log p_j + 1) and the signed head / tail sums of q_tj
-    (csrc/hta_kl_math.h, time_step_g_sum)."""
+    """Pass 3 (SPEC 1.4-1.6 and 2) over classes [begin, end): d_head, d_tail, F, R; the signed
+    head / tail sums of p and q (SPEC 2's sum_j p_j dl_j and sum_j q_j dl_j); for prob_mean, per
+    time step, sum_j p_j r_tj, sum_j q_tj (log q_j - log p_j + 1) and the signed head / tail
+    sums of q_tj (csrc/hta_kl_math.h, time_step_g_sum)."""
     lanes = tl.arange(0, BLOCK)
     zero = tl.zeros([], ACC)
     d_head, d_tail, fkl, rkl = zero, zero, zero, zero
@@ -1137,7 +1137,8 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
                              device=device)
     candidates = torch.empty(rows * 2 * chunk, dtype=key_dtype, device=device)
     selection = torch.empty(rows * 3, dtype=key_dtype, device=device)
-    sums = torch.empty(rows * segments * (SUMS.value + 4 * steps_pad), dtype=acc_dtype, device=device)
+    sums = torch.empty(rows * segments * (SUMS.value + 4 * steps_pad), dtype=acc_dtype,
+                       device=device)
     kernel = torch.library.wrap_triton(_hta_kl_split_kernel)
     for phase in range(1, 7):
         kernel[(rows if phase == 4 else rows * segments,)](
