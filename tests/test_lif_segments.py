@@ -17,6 +17,7 @@ import torch
 
 import htakl_kernels  # noqa: F401  (loads the ops)
 from htakl_kernels import reference
+from htakl_kernels._library import extension_built_with_cuda
 
 from lif_cases import GRAD_TOLERANCE, make_inputs
 
@@ -43,8 +44,8 @@ def gradients(steps, dtype, v_reset, decay_input, *, seed=0, neurons=(3, 7)):
     x, v_init = make_inputs(steps, neurons, v_threshold=0.5, v_reset=v_reset,
                             decay_input=decay_input, tau=1.7, dtype=dtype, seed=seed)
     generator = torch.Generator().manual_seed(seed + 100)
-    grad_spikes, grad_v_seq = (torch.randn(x.shape, generator=generator, dtype=torch.float64).to(dtype)
-                               for _ in range(2))
+    grad_spikes, grad_v_seq = (
+        torch.randn(x.shape, generator=generator, dtype=torch.float64).to(dtype) for _ in range(2))
     grad_v_last = torch.randn(v_init.shape, generator=generator, dtype=torch.float64).to(dtype)
     return x, v_init, grad_spikes, grad_v_last, grad_v_seq
 
@@ -132,3 +133,40 @@ def test_segment_must_be_positive():
     grads = gradients(4, torch.float32, None, True)
     with pytest.raises(RuntimeError, match="segment must be >= 1"):
         backward(grads, op_options(None, False, True, "sigmoid"), 0)
+
+
+# The GPU kernels' own segments (Triton: lif.SEGMENTS = 4, 8; CUDA: 8, then 32 in float32 and 16
+# in 16-bit types and float64): one step short of each, on it, one past, and several segments.
+GPU_STEPS = (3, 4, 5, 7, 8, 9, 15, 16, 17, 26, 31, 32, 33, 64, 98)
+
+
+def assert_close_to_cpu(backward_op, device, dtype, steps_list):
+    for index, steps in enumerate(steps_list):
+        v_reset, detach_reset, decay_input, surrogate = OPTIONS[index % len(OPTIONS)]
+        grads = gradients(steps, dtype, v_reset, decay_input, seed=index)
+        options = op_options(v_reset, detach_reset, decay_input, surrogate)
+        want = backward(grads, options)
+        x, v_init, grad_spikes, grad_v_last, grad_v_seq = (g.to(device) for g in grads)
+        got = backward_op(grad_spikes, grad_v_last, grad_v_seq, x, v_init, *options)
+        rtol, atol = GRAD_TOLERANCE[dtype]
+        for name, g, w in zip(("grad_x", "grad_v_init"), got, want):
+            torch.testing.assert_close(g.cpu(), w, rtol=rtol, atol=atol,
+                                       msg=lambda m: f"{name} T={steps} options={options}\n{m}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_segments_match_the_cpu_kernel(dtype):
+    """Not bit for bit: the CPU kernel's exp is its own. The Triton segments' boundaries."""
+    triton_lif = pytest.importorskip("htakl_kernels.triton_kernels.lif")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    steps = GPU_STEPS if dtype == torch.float32 else (7, 9, 26)
+    assert_close_to_cpu(triton_lif.lif_backward_triton, device, dtype, steps)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_segments_match_the_cpu_kernel(dtype):
+    if not torch.cuda.is_available() or not extension_built_with_cuda():
+        pytest.skip("needs a CUDA device and the extension built with CUDA")
+    assert_close_to_cpu(torch.ops.htakl.lif_backward, "cuda", dtype, GPU_STEPS)

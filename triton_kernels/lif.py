@@ -8,9 +8,10 @@ with the CPU and CUDA kernels and the reference:
     float64 and are rounded to ACC once, as the C++ kernels do;
   * divisions by tau are IEEE divisions (Triton's plain float32 `/` is approximate);
   * the hard reset is the product form, whose products are exact, so FMA contraction is harmless.
-The backward recomputes H[t] into a scratch buffer (grad_x itself when x's dtype is ACC: each
-lane reads H[t] back before it writes grad_x[t] at the same address), then sweeps t from T-1 down
-to 0 through SPEC 3's table.
+The backward holds no buffer of x's size: it runs csrc/lif_math.h's schedule
+(lif_backward_segments), H of up to SEGMENT steps in registers, V checkpointed at each segment's
+start when T is longer than one segment and H recomputed from x, each H by the forward's own
+helpers, so the gradients are those of a single sweep that kept every H.
 
 A tensor is never passed to two pointer parameters of one launch, and unused pointers are None:
 under torch.compile the kernel call is functionalized, which copies each mutated argument
@@ -169,16 +170,38 @@ def _lif_forward_kernel(
     tl.store(v_last_ptr + offs, v.to(v_last_ptr.dtype.element_ty), mask=mask)
 
 
+# The backward's segment: H of SEGMENT steps held in registers, as csrc/lif_math.h's
+# lif_backward_segments holds it (the same schedule: sweep 1 checkpoints V at each segment's start
+# but the first and the last, sweep 2 recomputes each segment's H and walks it down). The launcher
+# takes the smallest of these that covers T, so T <= 8 reads x once. Longer segments do not fit:
+# the compiler keeps every step's addresses and loads live across the unrolled segment (about 15
+# registers per step and neuron: 16 steps take 180 registers at one neuron per thread).
+SEGMENTS = (4, 8)
+# One neuron per thread in the backward (BLOCK over 16 warps): with two, ptxas spills at
+# SEGMENT = 4 in 16-bit types; with four, SEGMENT = 4 takes 150 registers.
+BACKWARD_NUM_WARPS = 16
+
+
+def backward_segment(steps: int) -> int:
+    """The SEGMENT lif_backward_triton runs for T = steps."""
+    return next((s for s in SEGMENTS if steps <= s), SEGMENTS[-1])
+
+
+def checkpoint_rows(steps: int, segment: int) -> int:
+    """Rows of the checkpoint buffer (V of each segment but the first and the last)."""
+    return max(triton.cdiv(steps, segment) - 2, 0)
+
+
 @triton.jit(do_not_specialize=["steps", "neurons"])
 def _lif_backward_kernel(
     grad_spikes_ptr, grad_v_last_ptr, grad_v_seq_ptr, x_ptr, v_init_ptr,
-    grad_x_ptr, grad_v_init_ptr, h_ptr,
+    grad_x_ptr, grad_v_init_ptr, checkpoint_ptr,
     tau_in: tl.float64, v_threshold_in: tl.float64, v_reset_in: tl.float64,
     alpha_in: tl.float64, half_pi_in: tl.float64,
     steps, neurons,
     ACC: tl.constexpr, SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
     DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, HAS_GRAD_SPIKES: tl.constexpr,
-    HAS_GRAD_V_LAST: tl.constexpr, HAS_GRAD_V_SEQ: tl.constexpr, H_IN_GRAD_X: tl.constexpr,
+    HAS_GRAD_V_LAST: tl.constexpr, HAS_GRAD_V_SEQ: tl.constexpr, SEGMENT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -188,35 +211,54 @@ def _lif_backward_kernel(
     v_reset = _option(v_reset_in, ACC)
     alpha = _option(alpha_in, ACC)
     half_pi = _option(half_pi_in, ACC)
-    # Sweep 1: recompute H[t] (SPEC 3 forward) into the scratch buffer.
+    segments = (steps + SEGMENT - 1) // SEGMENT
+    # Sweep 1: SPEC 3's forward over the segments before the last, V checkpointed at the start of
+    # each but the first.
     v = tl.load(v_init_ptr + offs, mask=mask, other=0).to(ACC)
-    for t in range(steps):
-        index = tl.cast(t, tl.int64) * neurons + offs
-        h, _, v = _lif_step(x_ptr, index, mask, v, tau, v_threshold, v_reset, ACC, SOFT_RESET,
-                            DECAY_INPUT)
-        if H_IN_GRAD_X:
-            tl.store(grad_x_ptr + index, h, mask=mask)
-        else:
-            tl.store(h_ptr + index, h, mask=mask)
-    # Sweep 2: SPEC 3's table from t = T-1 down to 0; g_v is the gradient reaching V[t].
+    for c in range(segments - 1):
+        if c > 0:
+            tl.store(checkpoint_ptr + tl.cast(c - 1, tl.int64) * neurons + offs, v, mask=mask)
+        for k in tl.static_range(SEGMENT):
+            index = tl.cast(c * SEGMENT + k, tl.int64) * neurons + offs
+            _, _, v = _lif_step(x_ptr, index, mask, v, tau, v_threshold, v_reset, ACC, SOFT_RESET,
+                                DECAY_INPUT)
+    # Sweep 2: from the last segment to the first, H of the segment (the last continues from
+    # sweep 1's V, the others restart from their checkpoint, the first from v_init), then SPEC 3's
+    # table from its last step down to its first; g_v_next is the gradient reaching V[t].
     g_v_next = tl.zeros((BLOCK,), dtype=ACC)
     if HAS_GRAD_V_LAST:
         g_v_next = tl.load(grad_v_last_ptr + offs, mask=mask, other=0).to(ACC)
-    for step in range(steps):
-        index = tl.cast(steps - 1 - step, tl.int64) * neurons + offs
-        if H_IN_GRAD_X:
-            h = tl.load(grad_x_ptr + index, mask=mask, other=0)
-        else:
-            h = tl.load(h_ptr + index, mask=mask, other=0)
-        g_v = g_v_next
-        if HAS_GRAD_V_SEQ:
-            g_v += tl.load(grad_v_seq_ptr + index, mask=mask, other=0).to(ACC)
-        g_spike = tl.zeros((BLOCK,), dtype=ACC)
-        if HAS_GRAD_SPIKES:
-            g_spike = tl.load(grad_spikes_ptr + index, mask=mask, other=0).to(ACC)
-        g_x, g_v_next = _lif_step_grad(g_spike, g_v, h, tau, v_threshold, v_reset, alpha, half_pi,
-                                       SOFT_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE)
-        tl.store(grad_x_ptr + index, g_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    for i in range(segments):
+        c = segments - 1 - i
+        if c + 1 < segments:
+            if c == 0:
+                v = tl.load(v_init_ptr + offs, mask=mask, other=0).to(ACC)
+            else:
+                v = tl.load(checkpoint_ptr + tl.cast(c - 1, tl.int64) * neurons + offs, mask=mask,
+                            other=0)
+        hs = ()
+        for k in tl.static_range(SEGMENT):  # steps past T compute on zeros and are not used
+            t = c * SEGMENT + k
+            step_mask = mask & (tl.zeros((BLOCK,), tl.int32) + t < steps)
+            h, _, v = _lif_step(x_ptr, tl.cast(t, tl.int64) * neurons + offs, step_mask, v,
+                                tau, v_threshold, v_reset, ACC, SOFT_RESET, DECAY_INPUT)
+            hs = hs + (h,)
+        for j in tl.static_range(SEGMENT):
+            t = c * SEGMENT + SEGMENT - 1 - j
+            index = tl.cast(t, tl.int64) * neurons + offs
+            in_steps = tl.zeros((BLOCK,), tl.int32) + t < steps
+            step_mask = mask & in_steps
+            g_v = g_v_next
+            if HAS_GRAD_V_SEQ:
+                g_v += tl.load(grad_v_seq_ptr + index, mask=step_mask, other=0).to(ACC)
+            g_spike = tl.zeros((BLOCK,), dtype=ACC)
+            if HAS_GRAD_SPIKES:
+                g_spike = tl.load(grad_spikes_ptr + index, mask=step_mask, other=0).to(ACC)
+            g_x, g_v_prev = _lif_step_grad(g_spike, g_v, hs[SEGMENT - 1 - j], tau, v_threshold,
+                                           v_reset, alpha, half_pi, SOFT_RESET, DECAY_INPUT,
+                                           DETACH_RESET, SURROGATE)
+            tl.store(grad_x_ptr + index, g_x.to(grad_x_ptr.dtype.element_ty), mask=step_mask)
+            g_v_next = tl.where(in_steps, g_v_prev, g_v_next)
     tl.store(grad_v_init_ptr + offs, g_v_next.to(grad_v_init_ptr.dtype.element_ty), mask=mask)
 
 
@@ -280,22 +322,24 @@ def lif_backward_triton(grad_spikes: torch.Tensor, grad_v_last: torch.Tensor,
     x, v_init = x.contiguous(), v_init.contiguous()
     grad_x = torch.empty_like(x)
     grad_v_init = torch.empty_like(v_init)
-    h_in_grad_x = x.dtype == accumulation_dtype(x.dtype)
-    scratch = None if h_in_grad_x else torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    neurons = v_init.numel()
+    steps, neurons = x.shape[0], v_init.numel()
+    segment = backward_segment(steps)
+    # V at the start of each recomputed segment: a few rows of the state type (maybe none)
+    checkpoints = torch.empty((checkpoint_rows(steps, segment), neurons),
+                              dtype=accumulation_dtype(x.dtype), device=x.device)
     grad_spikes, grad_v_last, grad_v_seq = (
         g.contiguous() if g.numel() != 0 else None for g in (grad_spikes, grad_v_last, grad_v_seq)
     )
     if neurons > 0:
         torch.library.wrap_triton(_lif_backward_kernel)[(triton.cdiv(neurons, BLOCK),)](
-            grad_spikes, grad_v_last, grad_v_seq, x, v_init, grad_x, grad_v_init, scratch,
+            grad_spikes, grad_v_last, grad_v_seq, x, v_init, grad_x, grad_v_init, checkpoints,
             tau, v_threshold, 0.0 if soft_reset else v_reset, alpha, math.pi / 2,
-            x.shape[0], neurons,
+            steps, neurons,
             ACC=_tl_state_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
             DETACH_RESET=detach_reset, SURROGATE=SURROGATE_IDS[surrogate],
             HAS_GRAD_SPIKES=grad_spikes is not None, HAS_GRAD_V_LAST=grad_v_last is not None,
-            HAS_GRAD_V_SEQ=grad_v_seq is not None, H_IN_GRAD_X=h_in_grad_x, BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
+            HAS_GRAD_V_SEQ=grad_v_seq is not None, SEGMENT=segment, BLOCK=BLOCK,
+            num_warps=BACKWARD_NUM_WARPS,
         )
     return grad_x, grad_v_init
 

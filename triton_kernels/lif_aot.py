@@ -9,14 +9,16 @@ from __future__ import annotations
 import triton.language as tl
 
 from .aot import AOT_ARCH, TYPE_NAMES, compile_for_target, resource_usage
-from .lif import BLOCK, NUM_WARPS, SURROGATE_IDS, _lif_backward_kernel, _lif_forward_kernel
+from .lif import (BACKWARD_NUM_WARPS, BLOCK, NUM_WARPS, SEGMENTS, SURROGATE_IDS,
+                  _lif_backward_kernel, _lif_forward_kernel)
 
 
 def compile_variants(storage: str, *, soft_reset: bool = False, decay_input: bool = True,
                      detach_reset: bool = False, surrogate: str = "sigmoid",
-                     arch: int = AOT_ARCH):
+                     segment: int = SEGMENTS[-1], arch: int = AOT_ARCH):
     """(forward, backward) compiled for sm_`arch` as the ops launch them for `storage`, with every
-    optional tensor present (the membrane sequence stored, every gradient given)."""
+    optional tensor present (the membrane sequence stored, every gradient given); the backward
+    holds H of `segment` steps (lif.SEGMENTS; the longest by default, the most registers)."""
     element = TYPE_NAMES[storage]
     wide = storage == "float64"
     state = "fp64" if wide else "fp32"
@@ -29,26 +31,30 @@ def compile_variants(storage: str, *, soft_reset: bool = False, decay_input: boo
         {**{name: f"*{element}" for name in ("x_ptr", "v_init_ptr", "spikes_ptr", "v_last_ptr",
                                               "v_seq_ptr")}, **options},
         {**common, "STORE_V_SEQ": True}, num_warps=NUM_WARPS, arch=arch)
-    h_in_grad_x = storage in ("float32", "float64")
     backward = compile_for_target(
         _lif_backward_kernel,
         {**{name: f"*{element}" for name in ("grad_spikes_ptr", "grad_v_last_ptr",
                                               "grad_v_seq_ptr", "x_ptr", "v_init_ptr",
                                               "grad_x_ptr", "grad_v_init_ptr")},
-         "h_ptr": f"*{state}", "alpha_in": "fp64", "half_pi_in": "fp64", **options},
+         "checkpoint_ptr": f"*{state}", "alpha_in": "fp64", "half_pi_in": "fp64", **options},
         {**common, "DETACH_RESET": detach_reset,
          "SURROGATE": SURROGATE_IDS[surrogate], "HAS_GRAD_SPIKES": True,
-         "HAS_GRAD_V_LAST": True, "HAS_GRAD_V_SEQ": True, "H_IN_GRAD_X": h_in_grad_x},
-        num_warps=NUM_WARPS, arch=arch)
+         "HAS_GRAD_V_LAST": True, "HAS_GRAD_V_SEQ": True, "SEGMENT": segment},
+        num_warps=BACKWARD_NUM_WARPS, arch=arch)
     return forward, backward
 
 
 def _main() -> None:
-    print(f"{'storage':9} {'kernel':9} {'regs':>5} {'spill B':>7}")
+    print(f"{'storage':9} {'kernel':9} {'segment':>7} {'regs':>5} {'spill B':>7}")
     for storage in ("bfloat16", "float16", "float32", "float64"):
-        for name, compiled in zip(("forward", "backward"), compile_variants(storage)):
-            registers, spill = resource_usage(compiled)
-            print(f"{storage:9} {name:9} {registers:5} {spill:7}")
+        for segment in SEGMENTS:
+            forward, backward = compile_variants(storage, segment=segment)
+            kernels = [("backward", backward)] if segment != SEGMENTS[0] else [
+                ("forward", forward), ("backward", backward)]
+            for name, compiled in kernels:
+                registers, spill = resource_usage(compiled)
+                shown = segment if name == "backward" else ""
+                print(f"{storage:9} {name:9} {shown:>7} {registers:5} {spill:7}")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,11 @@ def compile_lif(out: str) -> dict:
         for direction, compiled in (("forward", forward), ("backward", backward)):
             index[f"lif-{direction}-{dtype}"] = _save(out, f"lif-{direction}-{dtype}", compiled,
                                                       block=lif.BLOCK)
+        # a backward that holds H `segment` steps at a time: one kernel per segment length
+        for segment in getattr(lif, "SEGMENTS", ()):
+            name = f"lif-backward-{dtype}-segment{segment}"
+            _, backward = lif_aot.compile_variants(dtype, segment=segment)
+            index[name] = _save(out, name, backward, block=lif.BLOCK, segment=segment)
     return index
 
 

@@ -2,14 +2,15 @@
 
 Both loop over time for a few neurons per thread: the forward reads x and writes the spikes. Two
 backward schedules:
-  * "segments" (CUDA): lif_backward_segments of csrc/lif_math.h. H of up to K steps sits in
-    registers; sweep 1 runs the forward over all but the last segment (reading x) and checkpoints
-    V, sweep 2 recomputes each segment's H (reading x again for all but the last) and walks it
-    down (reads the spikes' gradient, writes x's gradient). K depends on T (the launcher's short
-    and long segments, read from the compiled kernels' template arguments).
-  * "scratch" (Triton, and the CUDA kernels before the segments, for --calibrate): H[t] recomputed
-    into a float32 scratch of x's size (sweep 1: reads x), then read back by the walk down (sweep
-    2). The scratch is grad_x itself where x is float32 (H_IN_GRAD_X), a separate buffer otherwise.
+  * "segments" (CUDA; Triton walks the same way): lif_backward_segments of csrc/lif_math.h. H of
+    up to K steps sits in registers; sweep 1 runs the forward over all but the last segment
+    (reading x) and checkpoints V, sweep 2 recomputes each segment's H (reading x again for all
+    but the last) and walks it down (reads the spikes' gradient, writes x's gradient). K depends
+    on T: the launchers take the shortest of their segments that holds T (CUDA: read from the
+    compiled kernels' template arguments; Triton: lif.SEGMENTS, one compiled kernel each).
+  * "scratch" (the kernels before the segments, for --calibrate): H[t] recomputed into a float32
+    scratch of x's size (sweep 1: reads x), then read back by the walk down (sweep 2). The
+    scratch is grad_x itself where x is float32 (H_IN_GRAD_X), a separate buffer otherwise.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ _CUDA_TYPES = {"float32": "f", "bfloat16": "13__nv_bfloat16"}
 def cuda_kernels(source_root: str) -> dict:
     """{(direction, dtype): (function, counts, threads, neurons per thread, steps per loop
     iteration, schedule)} of the CUDA kernels, with the launch constants read from the source. A
-    segments schedule adds ("backward-short", dtype): the kernel short sequences take."""
+    segments schedule adds ("backward-segments", dtype): {segment: entry} of every backward."""
     path = os.path.join(source_root, "csrc", "cuda", "lif_cuda.cu")
     text = open(path).read()
     threads = cuda_constant(text, "kThreads")
@@ -92,14 +93,16 @@ def _segment_kernels(source_root, path, functions, threads, chunk) -> dict:
             forward, path, [("forward", r"lif_forward_kernel\(")],
             lambda loop: 1.0 / (chunk * width) if analysis.header_matches(loop, r"kChunk") else 1.0)
         kernels["forward", dtype] = (forward, counts, threads, width, chunk, "segments")
-        segments = sorted(k[2] for k in found if k[:2] == ("backward", width))
-        for key, segment in (("backward-short", segments[0]), ("backward", segments[-1])):
+        by_segment = {}
+        for segment in sorted(k[2] for k in found if k[:2] == ("backward", width)):
             function = found["backward", width, segment]
             counts = analysis.count(
                 function, math_path, backward_anchors,
                 lambda loop, segment=segment: 1.0 / (segment * width) if analysis.header_matches(
                     loop, r"segments") else 1.0)
-            kernels[key, dtype] = (function, counts, threads, width, segment, "segments")
+            by_segment[segment] = (function, counts, threads, width, segment, "segments")
+        kernels["backward-segments", dtype] = by_segment
+        kernels["backward", dtype] = by_segment[max(by_segment)]  # the passes census.py lists
     return kernels
 
 
@@ -135,7 +138,31 @@ def triton_kernels(source_root: str, harness: str | None = None) -> dict:
                 lambda loop: 1.0 / per_thread if analysis.header_matches(
                     loop, r"in range\(steps\)") else 1.0)
             kernels[direction, dtype] = (function, counts, threads, per_thread, 1, "scratch")
+            if direction == "backward":
+                by_segment = _triton_segments(index, path, dtype, threads, per_thread)
+                if by_segment:
+                    kernels["backward-segments", dtype] = by_segment
+                    kernels["backward", dtype] = by_segment[max(by_segment)]
     return kernels
+
+
+def _triton_segments(index, path, dtype, threads, per_thread) -> dict:
+    """{segment: kernel entry} of a backward that holds H `segment` steps at a time (the segments
+    schedule): its loops over segments cover `segment` steps per iteration."""
+    anchors = [("sweep 1: checkpoints", r"# Sweep 1"), ("sweep 2: segments", r"# Sweep 2")]
+    by_segment = {}
+    for name, entry in index.items():
+        if not name.startswith(f"lif-backward-{dtype}-segment"):
+            continue
+        segment = entry["segment"]
+        (function,) = disassemble(entry["cubin"]).values()
+        analysis.relocate(function, path)
+        counts = analysis.count(
+            function, path, anchors,
+            lambda loop, segment=segment: 1.0 / (segment * per_thread) if analysis.header_matches(
+                loop, r"in range\(.*segments") else 1.0)
+        by_segment[segment] = (function, counts, threads, per_thread, segment, "segments")
+    return by_segment
 
 
 def launches(card: Card, kernels: dict, dtype: str, steps: int, neurons: int) -> list:
@@ -145,9 +172,11 @@ def launches(card: Card, kernels: dict, dtype: str, steps: int, neurons: int) ->
     result = []
     for direction in ("forward", "backward"):
         function, counts, threads, per_thread, chunk, schedule = kernels[direction, dtype]
-        short = kernels.get(("backward-short", dtype))
-        if direction == "backward" and short is not None and steps <= short[4]:
-            function, counts, threads, per_thread, chunk, schedule = short
+        by_segment = kernels.get(("backward-segments", dtype))
+        if direction == "backward" and by_segment is not None:
+            # the launchers' choice: the shortest segment that holds T, else the longest
+            segment = min((s for s in by_segment if s >= steps), default=max(by_segment))
+            function, counts, threads, per_thread, chunk, schedule = by_segment[segment]
         blocks = -(-neurons // (threads * per_thread))
         instructions = counts.instructions * elements
         mufu = counts.mufu * elements
@@ -171,8 +200,8 @@ def launches(card: Card, kernels: dict, dtype: str, steps: int, neurons: int) ->
             notes.append(f"segment {chunk}: H in registers" + (
                 f"; x read {1 + reread:.2f} times, {checkpoint_rows} checkpoint rows"
                 if segments > 1 else ", x read once"))
-            # a segment's loads before its first use: up to one forward chunk
-            inflight = min(chunk, steps, cuda_chunk(kernels)) * per_thread * b
+            # the unrolled segment's loads of x depend on nothing computed: issued together
+            inflight = min(chunk, steps) * per_thread * b
         else:
             # read x (sweep 1), read grad_spikes, write grad_x (sweep 2); grad_v_last, grad_v_init
             dram = 3 * elements * b + 2 * neurons * b
@@ -197,11 +226,6 @@ def launches(card: Card, kernels: dict, dtype: str, steps: int, neurons: int) ->
             instructions=instructions, mufu=mufu,
             inflight_bytes_per_thread=inflight, notes=notes))
     return result
-
-
-def cuda_chunk(kernels: dict) -> int:
-    """The forward's steps per loop iteration (kChunk), which bounds the loads issued together."""
-    return next(entry[4] for (direction, _), entry in kernels.items() if direction == "forward")
 
 
 def model_bytes(dtype: str, steps: int, neurons: int) -> int:

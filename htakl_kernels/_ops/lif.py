@@ -20,15 +20,18 @@ matter to the backward; the forward takes them so that its autograd formula can 
 An empty gradient tensor (numel 0) stands for a zero gradient (an output nobody used).
 
 What the backward keeps: nothing beyond the forward's own inputs x and v_init. The backward
-recomputes H[t] from x in a first sweep over time (into a scratch buffer, on GPU the grad_x
-buffer itself when x is float32/float64), then sweeps t from T-1 down to 0 (SPEC 3's table),
-recovering each spike exactly from the recomputed H. Storing H in the storage dtype plus one
-spike bit would keep `b + 1/8` bytes per element (b = bytes of x's dtype: 4.125 for float32,
-2.125 for bfloat16) alive from forward to backward in addition to x; recomputation keeps 0, and
-moves the same number of bytes in all (forward: read x, write spikes; backward: read x, gS,
-write gX, plus the scratch H written and read back, instead of H written by the forward and H
-plus spike bits read by the backward). It also keeps the spikes exact for 16-bit inputs, where
-an H rounded to the storage dtype could land on the other side of the threshold.
+recomputes H[t] from x and walks t from T-1 down to 0 (SPEC 3's table), recovering each spike
+exactly from the recomputed H. It holds H of K steps at a time (csrc/lif_math.h,
+lif_backward_segments; in registers on the GPU: K = 32 for float32 CUDA, 16 for 16-bit and float64,
+8 in Triton; 64 on the CPU): for T <= K it reads x once, and the whole call moves the byte
+model's 4 E b plus one read of x (5 E b; b bytes per element of x's dtype). For T > K it checkpoints
+V at the start of every segment but the first and the last (ceil(T/K) - 2 values of the state
+dtype per neuron, written and read once) and reads x again for every segment but the last: about
+6 E b.
+Storing H in the storage dtype plus one spike bit instead would keep `b + 1/8` bytes per element
+alive from forward to backward (4.125 for float32, 2.125 for bfloat16) and move more bytes (H
+written by the forward, H and the bits read by the backward, against one read of x); an H
+rounded to a 16-bit dtype could also land on the other side of the threshold.
 """
 
 from __future__ import annotations
