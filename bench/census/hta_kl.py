@@ -58,6 +58,7 @@ TRITON_ANCHORS = [
 CUDA_LAUNCHER_LINES = (
     "thread_chunks >= kMaxThreads ? kMaxThreads : round_up(thread_chunks, kWarpSize));",
     "params.list_capacity = problem.classes < kCandidates ? problem.classes : kCandidates;",
+    "2 * params.list_capacity * static_cast<int64_t>(sizeof(radix_key_t<scalar_t>)), kVectorBytes));",
     "params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - front_bytes);",
     "static_cast<unsigned>(problem.rows < INT_MAX ? problem.rows : int64_t(INT_MAX));",
     "return static_cast<size_t>(round_up(2 * steps * static_cast<int64_t>(sizeof(acc_t)), kVectorBytes));",
@@ -104,8 +105,8 @@ class CudaKernels:
         threads = c["kMaxThreads"] if thread_chunks >= c["kMaxThreads"] else \
             math.ceil(thread_chunks / c["kWarpSize"]) * c["kWarpSize"]
         steps_bytes = math.ceil(2 * steps * 4 / c["kVectorBytes"]) * c["kVectorBytes"]
-        # the selection's candidate list: float32 keys for every storage but float64
-        list_bytes = math.ceil(min(classes, c["kCandidates"]) * 4 / c["kVectorBytes"]) * \
+        # the selection's two candidate lists: float32 keys for every storage but float64
+        list_bytes = math.ceil(2 * min(classes, c["kCandidates"]) * 4 / c["kVectorBytes"]) * \
             c["kVectorBytes"]
         front_bytes = steps_bytes + list_bytes
         stride = math.ceil(classes / width) * width
@@ -114,8 +115,10 @@ class CudaKernels:
         shared = function.shared_bytes + front_bytes + (cache_bytes if cached else 0)
         radix_rounds = 32 // c["kRadixBits"]  # float32 keys for every storage but float64
         # The head selection sweeps the row until its candidates fit the shared-memory list
-        # (kCandidates keys), listing them in that sweep; later rounds read the list. A row that
-        # fits is swept once; a longer one is taken to fit after its first digit (two sweeps).
+        # (kCandidates keys), listing them in that sweep; later rounds read the list, each
+        # keeping the candidates left for the next. A row that fits is swept once; a longer one
+        # is taken to fit after its first digit (two sweeps), and the first listed round to leave
+        # a few candidates (a warp's worth) to the later ones.
         listed = min(classes, c["kCandidates"])
         sweeps = 1 if classes <= c["kCandidates"] else 2
         groups = math.ceil(steps / c["kStepGroup"])
@@ -127,7 +130,7 @@ class CudaKernels:
             if "first - lane_offset" in h:  # its sweeps
                 return sweeps / width
             if "i < listed_count" in h:  # its listed rounds: per-row work
-                return (radix_rounds - sweeps) * max(1.0, listed / threads)
+                return max(1.0, listed / threads) + (radix_rounds - sweeps - 1)
             if "first_chunk_start" in h:
                 return 1.0 / width  # one thread's chunk of `width` classes per iteration
             if re.search(r"\bt < (row\.|params\.)?steps", h):

@@ -35,7 +35,8 @@
 // equals the sum of its sub-buckets at the next digit, so the selection is self-consistent. Once
 // the candidates (classes whose key has the digits chosen so far) number at most kCandidates, the
 // sweep of that round also lists their keys in shared memory, and the later rounds read only the
-// list: a row is swept once when C <= kCandidates, typically twice otherwise.
+// list, each keeping the keys still candidates for the next: a row is swept once when
+// C <= kCandidates, typically twice otherwise.
 // Head = {p > w} plus the first r classes tied at w by ascending index (a block-wide ordered count
 // finds the r-th only when 0 < r < #ties). If the row's whole mass is below delta, every class is
 // in the head.
@@ -328,9 +329,9 @@ struct KernelParams {
   bool detach_weights;
   bool cache_rows;             // copy the row to shared memory first
   int64_t cache_row_stride;    // classes rounded up to whole chunks (shared-memory row stride)
-  size_t step_values_bytes;    // shared-memory bytes in front of the candidate list
-  int64_t list_capacity;       // keys the candidate list holds: min(C, kCandidates)
-  size_t list_bytes;           // its shared-memory bytes (16-byte multiple), then the row cache
+  size_t step_values_bytes;    // shared-memory bytes in front of the candidate lists
+  int64_t list_capacity;       // keys a candidate list holds: min(C, kCandidates)
+  size_t list_bytes;           // the two lists' shared-memory bytes (16-byte multiple)
 };
 
 // How a row's student distribution is formed (SPEC 1.2); each is its own kernel, so no pass carries
@@ -608,12 +609,16 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row, const Kerne
   key_t known = 0;   // mask of those digits
   unsigned long long mass_above = 0;
   unsigned int tied_count = 0;
-  // The candidates: classes whose key has the digits chosen so far. Once they fit in
-  // candidate_key, the round that sweeps the row lists their keys there as well, and the
-  // later rounds read only that list: a typical row is swept once or twice, not once per digit.
+  // The candidates: classes whose key has the digits chosen so far. Once they fit in a list
+  // (candidate_key holds two of list_capacity keys), the round that sweeps the row lists their
+  // keys as well, and every later round reads only the list and writes the keys still
+  // candidates into the other one: a typical row is swept once or twice, not once per digit,
+  // and each listed round reads the candidates the previous digit left.
   int64_t candidates = classes;
   bool listed = false;
   unsigned int listed_count = 0;
+  key_t* list = candidate_key;                              // read by a listed round
+  key_t* next_list = candidate_key + params.list_capacity;  // written by any listing round
   const int lane = static_cast<int>(threadIdx.x % kWarpSize);
   acc_t log_p[kWidth];
 #pragma unroll 1  // one copy of the sweep, not one per digit
@@ -623,12 +628,13 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row, const Kerne
       scratch.radix_mass[b] = 0;
       scratch.radix_count[b] = 0;
     }
-    if (threadIdx.x == 0 && compact) scratch.candidate_count = 0;
+    if (threadIdx.x == 0 && (compact || listed)) scratch.candidate_count = 0;
     __syncthreads();
-    // Listed rounds: one shared-memory atomic per remaining candidate (at most kCandidates).
+    // Listed rounds: shared-memory atomics per remaining candidate (at most list_capacity).
     for (unsigned int i = threadIdx.x; listed && i < listed_count; i += blockDim.x) {
-      const key_t key = candidate_key[i];
+      const key_t key = list[i];
       if ((key & known) != prefix) continue;
+      next_list[atomicAdd(&scratch.candidate_count, 1u)] = key;  // the list's order is free
       const int digit = static_cast<int>((key >> shift) & key_t(kRadixBuckets - 1));
       atomicAdd(&scratch.radix_mass[digit], fixed_mass(value_of_key(key)));
       atomicAdd(&scratch.radix_count[digit], 1u);
@@ -659,7 +665,7 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row, const Kerne
           unsigned int slot = 0;
           if (lane == leader) slot = atomicAdd(&scratch.candidate_count, __popc(listing));
           slot = __shfl_sync(listing, slot, leader);
-          candidate_key[slot + __popc(listing & ((1u << lane) - 1u))] = key;
+          next_list[slot + __popc(listing & ((1u << lane) - 1u))] = key;
         }
         const unsigned long long mass = fixed_mass(p);
         unsigned long long group_mass = 0;
@@ -679,9 +685,12 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row, const Kerne
     const unsigned int digit = scratch.selected_digit;
     const unsigned long long selected_mass_above = scratch.selected_mass_above;
     const unsigned int selected_count = scratch.selected_count;
-    if (compact) {
+    if (compact || listed) {
       listed = true;
       listed_count = scratch.candidate_count;
+      key_t* const read = next_list;
+      next_list = list;
+      list = read;
     }
     __syncthreads();  // read before the next round resets the histogram and the selection
     // Not found only in the first round (later rounds split a bucket that reaches delta): the
@@ -931,8 +940,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     hta_kl_fused_kernel(const KernelParams<scalar_t> params) {
   using acc_t = htakl::acc_t<scalar_t>;
   __shared__ BlockScratch<acc_t> scratch;
-  // Dynamic shared memory: step_lse[steps], step_g_sums[steps], the head selection's candidate
-  // list, then (when cache_rows) the teacher row and the T student rows, each cache_row_stride
+  // Dynamic shared memory: step_lse[steps], step_g_sums[steps], the head selection's two candidate
+  // lists, then (when cache_rows) the teacher row and the T student rows, each cache_row_stride
   // elements (16-byte aligned).
   extern __shared__ uint4 dynamic_shared[];
   acc_t* step_lse = reinterpret_cast<acc_t*>(dynamic_shared);
@@ -1096,8 +1105,8 @@ cudaError_t launch(const HtaKlCudaProblem& problem, cudaStream_t stream) {
   params.cache_row_stride = round_up(problem.classes, kWidth);
   params.step_values_bytes = steps_bytes;
   params.list_capacity = problem.classes < kCandidates ? problem.classes : kCandidates;
-  params.list_bytes = static_cast<size_t>(
-      round_up(params.list_capacity * static_cast<int64_t>(sizeof(radix_key_t<scalar_t>)), kVectorBytes));
+  params.list_bytes = static_cast<size_t>(round_up(
+      2 * params.list_capacity * static_cast<int64_t>(sizeof(radix_key_t<scalar_t>)), kVectorBytes));
   const size_t front_bytes = steps_bytes + params.list_bytes;
   if (front_bytes > shared_limit) return cudaErrorInvalidValue;  // T beyond hta_kl_cuda_max_steps
   // Keep the row in shared memory when the teacher and all steps fit (the size is compared in
@@ -1134,7 +1143,7 @@ int64_t max_steps(cudaError_t* error) {
   *error = dynamic_shared_limit<scalar_t>(&limit);
   if (*error != cudaSuccess) return -1;
   using acc_t = htakl::acc_t<scalar_t>;
-  const size_t list_bytes = kCandidates * sizeof(radix_key_t<scalar_t>);  // the longest list
+  const size_t list_bytes = 2 * kCandidates * sizeof(radix_key_t<scalar_t>);  // the longest lists
   return static_cast<int64_t>((limit - list_bytes) / (2 * sizeof(acc_t)));
 }
 
