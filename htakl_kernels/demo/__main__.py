@@ -11,6 +11,10 @@ train/test split stays the one drawn with --seed. Writes `config.json`, per-seed
 `--out` (default `runs/<UTC timestamp>/`). `--resume DIR` continues an interrupted run in DIR
 with the options saved there.
 
+Under `torchrun --nproc_per_node=N -m htakl_kernels.demo ...` the N processes train with
+DistributedDataParallel (gloo on CPU, NCCL with one GPU per process), each on its share of every
+batch; rank 0 reads and writes the files, evaluates and prints (parallel.py).
+
 The default dataset is scikit-learn's bundled 8x8 digits (no download).
 """
 
@@ -29,6 +33,7 @@ import torch
 from .._backends import BACKENDS, resolve_backend
 from .data import DATASETS, DatasetError, load_dataset
 from .models import ARCHITECTURES, build_model, lif_neuron
+from .parallel import DataParallel
 from .plotting import plot_results
 from .training import (
     METHOD_TITLES, METHODS, TEACHER_TITLE, TrainSettings, make_objective, predict, train_run,
@@ -134,12 +139,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def train_seed(seed: int, config: dict, data, neuron, device: torch.device) -> dict:
+def train_seed(seed: int, config: dict, data, neuron, device: torch.device,
+               parallel: DataParallel | None = None) -> dict:
     """The teacher and the three students of one seed, checkpointed in `<out>/seed-<seed>/`."""
+    main = parallel is None or parallel.is_main
     folder = os.path.join(config["out"], f"seed-{seed}")
-    os.makedirs(folder, exist_ok=True)
+    if main:
+        os.makedirs(folder, exist_ok=True)
     prefix = f"[seed {seed}] " if config["seeds"] > 1 else ""
-    settings = TrainSettings(config["epochs"], config["batch_size"], config["lr"], seed, config["progress"])
+    settings = TrainSettings(config["epochs"], config["batch_size"], config["lr"], seed,
+                             config["progress"] and main)
     options = dict(alpha=config["alpha"], temperature=config["temperature"], delta=config["delta"],
                    backend=config["backend"])
 
@@ -149,8 +158,10 @@ def train_seed(seed: int, config: dict, data, neuron, device: torch.device) -> d
     torch.manual_seed(seed)
     teacher = build_model(config["arch"], data.image_shape, data.num_classes).to(device)
     teacher_result = train_run(prefix + TEACHER_TITLE, teacher, data, make_objective("ce", **options), None,
-                               settings, checkpoint("teacher"))
+                               settings, checkpoint("teacher"), parallel)
     teacher_logits = predict(teacher, data.train_images, settings.batch_size)
+    if parallel is not None:  # rank 0's, whatever the replicas' buffers did in their last steps
+        teacher_logits = parallel.broadcast(teacher_logits.cpu()).to(device)
 
     students = {}
     for method in METHODS:
@@ -159,21 +170,25 @@ def train_seed(seed: int, config: dict, data, neuron, device: torch.device) -> d
                               timesteps=config["timesteps"], neuron=neuron).to(device)
         students[method] = train_run(f"{prefix}SNN {METHOD_TITLES[method]}", student, data,
                                      make_objective(method, **options), teacher_logits, settings,
-                                     checkpoint(f"student-{method}"))
+                                     checkpoint(f"student-{method}"), parallel)
     return {"seed": seed, "teacher": teacher_result, "students": students}
 
 
-def run(config: dict) -> dict:
-    device = resolve_device(config["device"])
+def run(config: dict, parallel: DataParallel | None = None) -> dict | None:
+    """Train and report; under torchrun every process trains, and rank 0 alone writes and
+    returns the results (the others return None)."""
+    device = resolve_device(config["device"]) if parallel is None else parallel.use_device(config["device"])
+    main = parallel is None or parallel.is_main
     try:  # fail now rather than after training the teacher
         kernel_backend = resolve_backend(config["backend"], device)
     except (RuntimeError, ValueError) as error:
         raise SystemExit(f"error: --backend {config['backend']}: {error}") from error
     torch.set_num_threads(config["threads"])
     out = config["out"]
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as handle:
-        json.dump(config, handle, indent=2)
+    if main:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as handle:
+            json.dump(config, handle, indent=2)
     started = time.perf_counter()
 
     # One split for every seed, so that the seeds measure the training's noise on the same test set.
@@ -183,9 +198,11 @@ def run(config: dict) -> dict:
     data = data.to(device)
     neuron = functools.partial(lif_neuron, backend=config["backend"])
     seed_runs = [
-        train_seed(seed, config, data, neuron, device)
+        train_seed(seed, config, data, neuron, device, parallel)
         for seed in range(config["seed"], config["seed"] + config["seeds"])
     ]
+    if not main:
+        return None
     layers = build_model(config["arch"], data.image_shape, data.num_classes,
                          timesteps=config["timesteps"], neuron=neuron).neuron_labels()
     results = {
@@ -193,6 +210,7 @@ def run(config: dict) -> dict:
         "environment": {
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
             "threads": torch.get_num_threads(), "kernel_backend": kernel_backend,
+            "processes": 1 if parallel is None else parallel.world,
         },
         "dataset": {
             "name": data.name, "train_images": len(data.train_labels), "test_images": len(data.test_labels),
@@ -211,12 +229,21 @@ def run(config: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = resolve_config(argv)
+    parallel = DataParallel.from_environment()
+    if parallel is None:
+        config = resolve_config(argv)
+    else:  # rank 0 reads the options (and a resumed run's folder) for every process
+        config = parallel.broadcast(resolve_config(argv) if parallel.is_main else None)
     try:
-        results = run(config)
+        results = run(config, parallel)
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if parallel is not None:
+            parallel.close()
+    if results is None:  # a rank other than 0 under torchrun
+        return 0
     print()
     print(format_table(results["summary"]))
     print(f"\n{results['dataset']['name']}, arch {config['arch']}, T={config['timesteps']}, "

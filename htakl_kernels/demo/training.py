@@ -22,6 +22,7 @@ import htakl_kernels
 from .data import Dataset
 from .energy import ActivityMonitor
 from .models import Network
+from .parallel import DataParallel
 
 METHODS = ("ce", "kl", "htakl")
 METHOD_TITLES = {"ce": "CE only", "kl": "CE + KL", "htakl": "CE + HTA-KL"}
@@ -88,11 +89,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward(model: Network, images: torch.Tensor) -> torch.Tensor:
-    """A forward from a fresh state: spiking neurons keep their membranes until reset."""
+def forward(model: Network, images: torch.Tensor, replica: torch.nn.Module | None = None) -> torch.Tensor:
+    """A forward from a fresh state: spiking neurons keep their membranes until reset.
+    `replica` (the DistributedDataParallel wrapper of `model` under torchrun) runs it when given,
+    so that the backward averages the gradients over the processes."""
     if model.spiking:
         htakl_kernels.reset_net(model)
-    return model(images)
+    return (replica or model)(images)
 
 
 @torch.no_grad()
@@ -135,8 +138,13 @@ def train_run(
     teacher_logits: torch.Tensor | None,
     settings: TrainSettings,
     checkpoint_path: str,
+    parallel: DataParallel | None = None,
 ) -> dict:
     """Train `model` (resuming from `checkpoint_path` if present) and return its measured result.
+
+    With `parallel` (torchrun), every process trains a replica on its share of each batch; rank 0
+    alone reads and writes the checkpoint (sending what it read to the others), evaluates, and
+    returns the full result (the other ranks' results lack the evaluation).
 
     `teacher_logits` (`[N, K]`, aligned with the training images) feed the distillation
     objectives. "loss_seconds" is the time spent in the objective's forward and backward,
@@ -146,7 +154,12 @@ def train_run(
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
     history: list[dict] = []
-    checkpoint = load_checkpoint(checkpoint_path, device)
+    if parallel is None:
+        checkpoint = load_checkpoint(checkpoint_path, device)
+    else:  # read on rank 0's machine, sent through the CPU (load_state_dict moves it to device)
+        checkpoint = parallel.broadcast(
+            load_checkpoint(checkpoint_path, torch.device("cpu")) if parallel.is_main else None)
+    main = parallel is None or parallel.is_main
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -159,6 +172,7 @@ def train_run(
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "history": history, "result": result}
 
+    replica = parallel.wrap(model) if parallel is not None else None
     samples = len(data.train_labels)
     steps_per_epoch = -(-samples // settings.batch_size)
     bar = tqdm(total=settings.epochs * steps_per_epoch, initial=len(history) * steps_per_epoch,
@@ -168,8 +182,9 @@ def train_run(
         order = torch.randperm(samples, generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch))
         epoch_start, loss_seconds, loss_sum = time.perf_counter(), 0.0, 0.0
         for start in range(0, samples, settings.batch_size):
-            index = order[start:start + settings.batch_size].to(device)
-            logits = forward(model, data.train_images[index])
+            index = order[start:start + settings.batch_size]
+            index = (index if parallel is None else parallel.shard(index)).to(device)
+            logits = forward(model, data.train_images[index], replica)
             cut = logits.detach().requires_grad_()
             teacher = teacher_logits[index] if teacher_logits is not None else None
             _synchronize(device)
@@ -188,15 +203,18 @@ def train_run(
         schedule.step()
         history.append({
             "epoch": epoch + 1,
-            "train_loss": loss_sum / samples,
-            "test_accuracy": accuracy(model, data.test_images, data.test_labels, settings.batch_size),
+            "train_loss": (loss_sum if parallel is None else parallel.sum(loss_sum)) / samples,
+            "test_accuracy": accuracy(model, data.test_images, data.test_labels, settings.batch_size)
+            if main else None,
             "loss_seconds": loss_seconds,
             "epoch_seconds": time.perf_counter() - epoch_start,
         })
-        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", test_acc=f"{history[-1]['test_accuracy']:.3f}")
-        save_checkpoint(checkpoint_path, state(None))
+        if main:  # the other ranks do not evaluate
+            bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", test_acc=f"{history[-1]['test_accuracy']:.3f}")
+        if main:
+            save_checkpoint(checkpoint_path, state(None))
     bar.close()
-    result = measure(model, data.test_images, data.test_labels, settings.batch_size)
+    result = measure(model, data.test_images, data.test_labels, settings.batch_size) if main else {}
     loss_seconds = sum(entry["loss_seconds"] for entry in history)
     result.update(
         history=history,
@@ -204,5 +222,6 @@ def train_run(
         loss_ms_per_step=1e3 * loss_seconds / (steps_per_epoch * settings.epochs),
         train_seconds=sum(entry["epoch_seconds"] for entry in history),
     )
-    save_checkpoint(checkpoint_path, state(result))
+    if main:
+        save_checkpoint(checkpoint_path, state(result))
     return result
