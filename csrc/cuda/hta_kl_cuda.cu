@@ -220,6 +220,24 @@ struct LogSumExp {
     }
   }
 
+  // A chunk of values at once (padding past the row's end given as -inf): one rescale per chunk
+  // at most, then one exp per value. Same rules: -inf adds nothing (also when everything so far
+  // is -inf: the shift is then 0), NaN poisons the sum (fmax ignores it in the maximum), +inf
+  // makes the sum NaN.
+  template <int N>
+  __device__ __forceinline__ void add_chunk(const acc_t (&x)[N]) {
+    acc_t chunk_max = x[0];
+#pragma unroll
+    for (int j = 1; j < N; ++j) chunk_max = fmax(chunk_max, x[j]);
+    if (chunk_max > max_value) {
+      scaled_sum *= LogBase<acc_t>::exp(max_value - chunk_max);
+      max_value = chunk_max;
+    }
+    const acc_t shift = max_value == acc_t(-INFINITY) ? acc_t(0) : max_value;
+#pragma unroll
+    for (int j = 0; j < N; ++j) scaled_sum += LogBase<acc_t>::exp(x[j] - shift);
+  }
+
   // Commutative (bit for bit): the maxima are never NaN, fmax is symmetric, + commutes.
   __device__ __forceinline__ void merge(const LogSumExp& other) {
     const acc_t merged_max = fmax(max_value, other.max_value);
@@ -471,8 +489,9 @@ __device__ void compute_log_sum_exps(RowView<scalar_t, kStudent>& row, htakl::ac
     Chunk<scalar_t>::load(row.teacher, first, classes, values);
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
-      if (first + j < classes) teacher_acc.add(values[j] * row.logit_scale);
+      values[j] = first + j < classes ? values[j] * row.logit_scale : acc_t(-INFINITY);
     }
+    teacher_acc.add_chunk(values);
   }
   row.teacher_lse = block_logsumexp(teacher_acc, scratch);
 
@@ -488,8 +507,10 @@ __device__ void compute_log_sum_exps(RowView<scalar_t, kStudent>& row, htakl::ac
       }
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
-        if (first + j < classes) mean_acc.add(sums[j] * row.inv_steps * row.logit_scale);
+        sums[j] = first + j < classes ? sums[j] * row.inv_steps * row.logit_scale
+                                      : acc_t(-INFINITY);
       }
+      mean_acc.add_chunk(sums);
     }
     row.mean_lse = block_logsumexp(mean_acc, scratch);
   } else {
@@ -500,8 +521,9 @@ __device__ void compute_log_sum_exps(RowView<scalar_t, kStudent>& row, htakl::ac
         Chunk<scalar_t>::load(row.step(t), first, classes, values);
 #pragma unroll
         for (int j = 0; j < kWidth; ++j) {
-          if (first + j < classes) step_acc.add(values[j] * row.logit_scale);
+          values[j] = first + j < classes ? values[j] * row.logit_scale : acc_t(-INFINITY);
         }
+        step_acc.add_chunk(values);
       }
       const acc_t lse = block_logsumexp(step_acc, scratch);
       if (threadIdx.x == 0) step_lse[t] = lse;
