@@ -176,8 +176,9 @@ struct Chunk {
 // The base of the kernel's logarithms. float math works in base 2: logits are scaled once by
 // log2(e) / tau, so every softmax is one exp2 (one MUFU op) of one fma and every normaliser a
 // base-2 log-sum-exp; the natural logs that hta_kl_math.h's SPEC 1.6 and 2 formulas take are
-// base-2 logs times ln 2, so no log is taken per class except the one of a prob_mean student's
-// step mean. double keeps the full-precision natural exp and log (its factors are 1 and fold away).
+// base-2 logs times ln 2, so no log is taken per class except in a prob_mean student's
+// log-sum-exp over its steps. double keeps the full-precision natural exp and log (its factors
+// are 1 and fold away).
 
 template <typename acc_t>
 struct LogBase;
@@ -199,10 +200,10 @@ struct LogBase<double> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Log-sum-exp in one sweep, in LogBase units: the running maximum and the sum of exp(x - max). -inf contributes
-// nothing; NaN poisons the sum (so the row's result is NaN, as the reference's softmax gives);
-// +inf gives max = +inf and a NaN sum as soon as anything is compared against it, again like the
-// reference (exp(inf - inf)).
+// Log-sum-exp in one sweep, in LogBase units: the running maximum and the sum of exp(x - max).
+// -inf contributes nothing; NaN poisons the sum (so the row's result is NaN, as the reference's
+// softmax gives); +inf gives max = +inf and a NaN sum as soon as anything is compared against it,
+// again like the reference (exp(inf - inf)).
 
 template <typename acc_t>
 struct LogSumExp {
@@ -442,20 +443,6 @@ struct RowView {
     return q_t > acc_t(0) ? prob(log_q_t - log_q) : acc_t(0);
   }
 
-  // log sum_t q_t. Where every step's q_t underflows (a class the student all but rules out,
-  // whose log q the loss may still need), the steps are summed again relative to the largest
-  // log q_t, as a log-sum-exp does: rare, and exact either way.
-  __device__ __forceinline__ acc_t step_mean_log(acc_t total, acc_t top, int64_t index) const {
-    if (!(total < LogBase<acc_t>::kTiny && top > acc_t(-INFINITY) && index < classes)) {
-      return LogBase<acc_t>::log(total);
-    }
-    acc_t rescaled = acc_t(0);
-    for (int64_t t = 0; t < steps; ++t) {
-      rescaled += prob(step_log_prob(to_acc(step(t)[index]), t) - top);
-    }
-    return top + LogBase<acc_t>::log(rescaled);
-  }
-
   __device__ __forceinline__ bool in_head(acc_t p, int64_t index) const {
     const key_t key = key_of(p);
     return key > boundary_key || (key == boundary_key && index < tie_limit);
@@ -476,7 +463,8 @@ __device__ __forceinline__ int64_t chunk_stride() {
 // Passes 1 and 2: the log-sum-exps of SPEC 1.1 and 1.2.
 
 template <typename scalar_t, Student kStudent>
-__device__ void compute_log_sum_exps(RowView<scalar_t, kStudent>& row, htakl::acc_t<scalar_t>* step_lse,
+__device__ void compute_log_sum_exps(RowView<scalar_t, kStudent>& row,
+                                     htakl::acc_t<scalar_t>* step_lse,
                                      BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
@@ -612,7 +600,8 @@ __device__ int64_t tie_limit_of(const RowView<scalar_t, kStudent>& row, int64_t 
 }
 
 template <typename scalar_t, Student kStudent>
-__device__ void find_head_boundary(RowView<scalar_t, kStudent>& row, const KernelParams<scalar_t>& params,
+__device__ void find_head_boundary(RowView<scalar_t, kStudent>& row,
+                                   const KernelParams<scalar_t>& params,
                                    radix_key_t<scalar_t>* candidate_key,
                                    BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
@@ -742,7 +731,8 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row, const Kerne
 // LogBase units: row.prob gives p and q, LogBase::to_natural the natural logs) of classes
 // first .. first + kWidth - 1 (entries past the row's end are padding).
 template <typename scalar_t, Student kStudent, typename Visit>
-__device__ __forceinline__ void for_each_chunk(const RowView<scalar_t, kStudent>& row, Visit visit) {
+__device__ __forceinline__ void for_each_chunk(const RowView<scalar_t, kStudent>& row,
+                                               Visit visit) {
   using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   acc_t log_p[kWidth], log_q[kWidth];
@@ -1128,7 +1118,8 @@ cudaError_t launch(const HtaKlCudaProblem& problem, cudaStream_t stream) {
   params.step_values_bytes = steps_bytes;
   params.list_capacity = problem.classes < kCandidates ? problem.classes : kCandidates;
   params.list_bytes = static_cast<size_t>(round_up(
-      2 * params.list_capacity * static_cast<int64_t>(sizeof(radix_key_t<scalar_t>)), kVectorBytes));
+      2 * params.list_capacity * static_cast<int64_t>(sizeof(radix_key_t<scalar_t>)),
+      kVectorBytes));
   const size_t front_bytes = steps_bytes + params.list_bytes;
   if (front_bytes > shared_limit) return cudaErrorInvalidValue;  // T beyond hta_kl_cuda_max_steps
   // Keep the row in shared memory when the teacher and all steps fit (the size is compared in
