@@ -1,7 +1,7 @@
 """The backends a contract test runs on, as pytest parameters.
 
 A target is a backend on a device, with, for Triton, optional layout knobs of its launcher (the
-chunked path forced on small rows). Targets that cannot run here are skipped with the reason:
+chunked path, or the split one, forced on small rows). Targets that cannot run here are skipped with the reason:
 no CUDA device, the extension not built, Triton missing or (on CPU tensors) not interpreted.
 Triton on CPU tensors is its interpreter, orders of magnitude slower than the other targets: the
 tests give it smaller case lists, and mark the longer ones slow.
@@ -35,18 +35,23 @@ class Target:
 
 
 CHUNKED = (("on_chip_limit", 16),)
+# The chunked path with each row split over programs of one chunk each (the split kernel).
+SPLIT = (("on_chip_limit", 16), ("segments", 8))
 
 TARGETS = {
     "reference": Target("reference", "cpu"),
     "cpu": Target("cpu", "cpu"),
     "triton": Target("triton", "cpu"),
     "triton_chunked": Target("triton", "cpu", CHUNKED),
+    "triton_split": Target("triton", "cpu", SPLIT),
     "cuda": Target("cuda", "cuda"),
     "triton_cuda": Target("triton", "cuda"),
     "triton_chunked_cuda": Target("triton", "cuda", CHUNKED),
+    "triton_split_cuda": Target("triton", "cuda", SPLIT),
 }
 KERNELS = ("cpu", "triton", "cuda", "triton_cuda")  # every kernel, default layout
-LAYOUTS = KERNELS + ("triton_chunked", "triton_chunked_cuda")  # and the forced chunked path
+# and the forced chunked and split paths
+LAYOUTS = KERNELS + ("triton_chunked", "triton_chunked_cuda", "triton_split", "triton_split_cuda")
 
 
 def skip_reason(target: Target) -> str | None:
