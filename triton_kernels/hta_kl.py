@@ -376,10 +376,12 @@ def _compact(teacher_row, begin, end, scale, lse2_p, lo, hi, keys_row, index_row
         key, _ = _chunk_keys(teacher_row, offs, end, scale, lse2_p, ACC, KEY, MASS, KEY_END,
                              FIXED_ONE)
         inside = (key >= lo) & (key < hi)
-        position = written + tl.cumsum(inside.to(tl.int32), 0) - inside.to(tl.int32)
-        tl.store(keys_row + position, key, mask=inside)
-        tl.store(index_row + position, offs.to(KEY), mask=inside)
-        written += tl.sum(inside.to(tl.int32), 0)
+        found = tl.sum(inside.to(tl.int32), 0)
+        if found > 0:  # most sub-blocks of a peaked row hold none
+            position = written + tl.cumsum(inside.to(tl.int32), 0) - inside.to(tl.int32)
+            tl.store(keys_row + position, key, mask=inside)
+            tl.store(index_row + position, offs.to(KEY), mask=inside)
+        written += found
     return written
 
 
