@@ -152,9 +152,10 @@ void backward_kernel(const scalar_t* grad_spikes, const scalar_t* grad_v_last,
                      scalar_t* grad_x, scalar_t* grad_v_init, LifLayout layout,
                      const LifParams<acc_t> options, int64_t segment) {
   const auto [steps, neurons] = layout;
+  // a segment longer than the sequence holds it whole: the same walk as one of T steps
   const int64_t held = std::min(std::max<int64_t>(steps, 1), segment);
   const int64_t block = block_size(held);
-  const int64_t checkpoint_rows = lif_checkpoints(steps, segment);
+  const int64_t checkpoint_rows = lif_checkpoints(steps, held);
   const auto fast_exp = [](acc_t z) { return exp_nonpositive(z); };
   at::parallel_for(0, neurons, grain_size(steps), [=](int64_t begin, int64_t end) HTAKL_FLATTEN {
     std::vector<acc_t> h(static_cast<size_t>(held * block));
@@ -167,7 +168,7 @@ void backward_kernel(const scalar_t* grad_spikes, const scalar_t* grad_v_last,
           grad_spikes, grad_v_last, grad_v_seq, x, v_init, grad_x, grad_v_init, neurons, first,
           std::min(block, end - first), block, v, g_v, grad_spike, h.data(), checkpoints.data(),
           Flags::fix(options), fast_exp};
-      lif_backward_segments(steps, static_cast<int>(segment), group);
+      lif_backward_segments(steps, static_cast<int>(held), group);
     }
   });
 }

@@ -133,7 +133,8 @@ struct ThreadNeurons {
   acc_t g_v[kWidth];
   acc_t h[kSegment][kWidth];
 
-  __device__ __forceinline__ ThreadNeurons(const scalar_t* grad_spikes_, const scalar_t* grad_v_last_,
+  __device__ __forceinline__ ThreadNeurons(const scalar_t* grad_spikes_,
+                                           const scalar_t* grad_v_last_,
                                            const scalar_t* grad_v_seq_, const scalar_t* x_,
                                            const scalar_t* v_init_, scalar_t* grad_x_,
                                            scalar_t* grad_v_init_, acc_t* checkpoints_,
