@@ -9,7 +9,7 @@ which sized the default layouts and the warps per block in hta_kl.py.
 
 from __future__ import annotations
 
-from .aot import TYPE_NAMES, compile_for_target, resource_usage
+from .aot import AOT_ARCH, TYPE_NAMES, compile_for_target, resource_usage
 from .hta_kl import (RADIX_BITS, RADIX_BLOCK, _hta_kl_kernel, _hta_kl_split_kernel, _num_warps,
                      default_layout, kernel_constants)
 
@@ -53,7 +53,7 @@ def _constants(storage: str, block: int, prob_mean: bool, steps_pad: int) -> dic
 
 
 def compile_variant(storage: str, *, on_chip: bool, block: int, prob_mean: bool, steps_pad: int = 4,
-                    arch: int = 90):
+                    arch: int = AOT_ARCH):
     """The one-program-per-row kernel compiled for sm_`arch` with the launch parameters
     launch_hta_kl would pick for T steps padded to `steps_pad` (a power of two): steps_pad = 1 is
     T = 1, the 2-D kernel."""
@@ -64,7 +64,7 @@ def compile_variant(storage: str, *, on_chip: bool, block: int, prob_mean: bool,
 
 
 def compile_split_variant(storage: str, *, phase: int, block: int, prob_mean: bool,
-                          steps_pad: int = 4, arch: int = 90):
+                          steps_pad: int = 4, arch: int = AOT_ARCH):
     """One phase of the split kernel (rows over several programs), as compile_variant."""
     return compile_for_target(
         _hta_kl_split_kernel, _signature(storage, split=True),
