@@ -14,7 +14,7 @@ import argparse
 import os
 
 # Ampere (A100) and Hopper (H100/H200): the cards this project targets. HTAKL_GPU_ARCHS=90 builds
-# for one of them only (a lent card's quick check: half the device code to compile).
+# for one of them only (a quick check on one card: half the device code to compile).
 GPU_ARCHS = tuple(os.environ.get("HTAKL_GPU_ARCHS", "80,90").split(","))
 
 # What torch's CUDAExtension passes to nvcc besides our flags (no implicit half/bfloat16
