@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .._library import accumulation_dtype
 from .._validation import check_hta_kl_args
 
 
@@ -121,7 +122,7 @@ def hta_kl_div(
     """Reference HTA-KL divergence; same contract as :func:`htakl_kernels.hta_kl_div`."""
     shape = check_hta_kl_args(student, teacher, temperature, delta, time_reduction, detach_weights,
                               reduction)
-    compute_dtype = torch.float32 if student.dtype in (torch.float16, torch.bfloat16) else student.dtype
+    compute_dtype = accumulation_dtype(student.dtype)
     classes = shape.classes
     student_rows = student.to(compute_dtype).reshape(
         (shape.steps, shape.rows, classes) if shape.time_input else (shape.rows, classes)
