@@ -57,6 +57,13 @@ def check_positive_finite(name: str, value: object) -> float:
     return float(value)
 
 
+def check_alpha(alpha: object) -> float:
+    """SpikingKDLoss's mixing weight: a real number in [0, 1], as a float."""
+    if not is_real_number(alpha) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
 def check_first_order_backward(function: str) -> None:
     """Refuse a backward run with create_graph=True: the kernels' gradients are computed, not
     traced, so their own gradient would silently be missing (PyTorch's once_differentiable

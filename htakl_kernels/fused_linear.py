@@ -27,10 +27,9 @@ from . import reference
 from ._backends import BACKENDS, kernel_ops, resolve_backend
 from ._library import accumulation_dtype
 from ._validation import (
-    check_choice, check_first_order_backward, check_float_tensor, check_hta_kl_options,
+    check_alpha, check_choice, check_first_order_backward, check_float_tensor, check_hta_kl_options,
 )
 from .hta_kl import _autocast_to_common_dtype
-from .losses import _check_alpha
 
 # chunk_rows=None: the rows whose student and teacher logits together take about this many bytes
 # (CPU: below glibc's largest mmap threshold, 32 MiB, so that the freed chunk is reused by the
@@ -512,7 +511,7 @@ def fused_linear_spiking_kd_loss(
         teacher_bias=teacher_bias, temperature=temperature, delta=delta,
         time_reduction=time_reduction, detach_weights=detach_weights, reduction=reduction,
         row_mask=row_mask, chunk_rows=chunk_rows, backend=backend, labels=labels,
-        alpha=_check_alpha(alpha),
+        alpha=check_alpha(alpha),
     )
 
 
@@ -564,7 +563,7 @@ class FusedLinearSpikingKDLoss(FusedLinearHTAKLLoss):
 
     def __init__(self, alpha: float = 0.5, **options) -> None:
         super().__init__(**options)
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha(alpha)
 
     def forward(self, student_input, student_weight, teacher_input, teacher_weight, labels,
                 student_bias=None, teacher_bias=None, row_mask=None) -> torch.Tensor:

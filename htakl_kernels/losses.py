@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._backends import BACKENDS
-from ._validation import check_choice, check_hta_kl_options, is_real_number
+from ._validation import check_alpha, check_choice, check_hta_kl_options
 from .distributed import is_parallel, vocab_parallel_cross_entropy
 from .hta_kl import hta_kl_div, weighted_hta_kl_div
 
@@ -49,12 +49,6 @@ _OPTION_NAMES = ("temperature", "delta", "time_reduction", "detach_weights", "re
 _CROSS_ENTROPY_REDUCTION = {"batchmean": "mean", "sum": "sum", "none": "none"}
 
 
-def _check_alpha(alpha: object) -> float:
-    if not is_real_number(alpha) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    return float(alpha)
-
-
 class SpikingKDLoss(HTAKLLoss):
     """SPEC 1.7's objective: `(1 - alpha) * CE(mean_t student, labels) + alpha * HTA-KL`.
 
@@ -68,11 +62,11 @@ class SpikingKDLoss(HTAKLLoss):
 
     def __init__(self, alpha: float = 0.5, **options) -> None:
         super().__init__(**options)
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha(alpha)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
-        alpha = _check_alpha(self.alpha)
+        alpha = check_alpha(self.alpha)
         if not isinstance(labels, torch.Tensor) or labels.shape != teacher.shape[:-1]:
             raise ValueError(
                 f"labels must be a tensor of the teacher's row shape {tuple(teacher.shape[:-1])}, "
