@@ -204,19 +204,21 @@ def agree(group: _Group, check) -> tuple[object, torch.Tensor]:
     return result, classes
 
 
+def _local_max(x: torch.Tensor) -> torch.Tensor:
+    """Each row's maximum over this rank's slice, -inf for an empty slice. NaN stays out of the
+    MAX (reductions need not propagate it); it reaches every rank through the sums of
+    exponentials that follow instead."""
+    if x.shape[-1] == 0:
+        return x.new_full(x.shape[:-1], -math.inf)
+    return torch.where(x.isnan(), -math.inf, x).amax(dim=-1)
+
+
 def _softmaxes(streams: list[torch.Tensor], group: _Group, inv_tau: float):
     """SPEC 1.1-1.2 over the whole rows for each of `streams` ([K, R, c] each: the teacher, the
     student's softmaxes), two collectives for all of them: per stream, the log softmax and
     softmax of the local slices and each row's log-sum-exp [K, R]."""
-    def local_max(x):
-        if x.shape[-1] == 0:
-            return x.new_full(x.shape[:-1], -math.inf)
-        # NaN stays out of the MAX (reductions need not propagate it); it reaches every rank
-        # through the sums below instead.
-        return torch.where(x.isnan(), -math.inf, x).amax(dim=-1)
-
     counts = [x.shape[0] for x in streams]
-    row_max = group.all_reduce(torch.cat([local_max(x) for x in streams]), dist.ReduceOp.MAX)
+    row_max = group.all_reduce(torch.cat([_local_max(x) for x in streams]), dist.ReduceOp.MAX)
     shifted = [(x - m.unsqueeze(-1)) * inv_tau for x, m in zip(streams, row_max.split(counts))]
     exponentials = [torch.exp(x) for x in shifted]
     sums = group.all_reduce(torch.cat([e.sum(dim=-1, dtype=torch.float64) for e in exponentials]),
@@ -508,11 +510,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, group, first_class, ignore_index, row_scale):
         acc = accumulation_dtype(logits.dtype)
         x = logits.to(acc)
-        if x.shape[-1] > 0:
-            local_max = torch.where(x.isnan(), -math.inf, x).amax(dim=-1)
-        else:
-            local_max = x.new_full(x.shape[:-1], -math.inf)
-        row_max = group.all_reduce(local_max, dist.ReduceOp.MAX)
+        row_max = group.all_reduce(_local_max(x), dist.ReduceOp.MAX)
         local_label = labels - first_class
         here = (local_label >= 0) & (local_label < x.shape[-1])
         picked = torch.where(
