@@ -68,14 +68,15 @@ import torch.distributed as dist
 from ._backends import resolve_backend
 from ._library import accumulation_dtype
 from .reference.hta_kl import head_mask
-from ._validation import (ROW_REDUCTIONS, TIME_REDUCTIONS, HtaKlShape, check_first_order_backward,
-                          check_hta_kl_args)
+from ._validation import (ROW_REDUCTIONS, TIME_REDUCTIONS, HtaKlShape, check_choice,
+                          check_first_order_backward, check_hta_kl_args)
 
 # Fixed-point scale of the selection's masses: p <= 1 (up to rounding), so a row's total stays
 # far below 2**63 even after float32 rounding of every p.
 _MASS_BITS = 62
 _DIGIT_BITS = 8
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+_CROSS_ENTROPY_REDUCTIONS = ("mean", "sum", "none")  # F.cross_entropy's
 _AGREEMENT_FIELDS = ("rows", "rows shape", "steps", "time input", "dtype", "temperature", "delta",
                      "time_reduction", "detach_weights", "reduction", "weight")
 
@@ -554,14 +555,13 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, 
         if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:-1]:
             raise ValueError(f"labels must be a tensor of the logits' row shape "
                              f"{tuple(logits.shape[:-1])}")
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        check_choice("reduction", reduction, _CROSS_ENTROPY_REDUCTIONS)
         flat = labels.reshape(-1).to(torch.int64)
         # Cheap fingerprint of the labels: every rank must pass the same ones.
         weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device)
         fingerprint = int(((flat % 1000003) * weights).sum()) if flat.numel() else 0
         fields = [flat.numel(), _shape_code(labels.shape), 1, 0, _DTYPE_CODES[logits.dtype], 0, 0,
-                  0, 0, ("mean", "sum", "none").index(reduction), fingerprint]
+                  0, 0, _CROSS_ENTROPY_REDUCTIONS.index(reduction), fingerprint]
         return flat, fields, logits.shape[-1]
 
     flat, classes = agree(comm, check)
