@@ -98,6 +98,16 @@ def check_hta_kl_options(temperature: float, delta: float, time_reduction: str,
     check_choice("reduction", reduction, ROW_REDUCTIONS)
 
 
+def check_rows_for_reduction(rows: int, reduction: str) -> None:
+    """batchmean divides by the number of rows, so an empty batch refuses it (sum and none
+    are defined there)."""
+    if rows == 0 and reduction == "batchmean":
+        raise ValueError(
+            "reduction='batchmean' of an empty batch is undefined (0 rows); use reduction='sum' "
+            "(gives 0) or 'none' (gives an empty tensor)"
+        )
+
+
 def check_hta_kl_args(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -147,9 +157,5 @@ def check_hta_kl_args(
     if steps < 1:
         raise ValueError("student's time dimension T must be at least 1, got T=0")
     rows = teacher.numel() // classes
-    if rows == 0 and reduction == "batchmean":
-        raise ValueError(
-            "reduction='batchmean' of an empty batch is undefined (0 rows); use reduction='sum' "
-            "(gives 0) or 'none' (gives an empty tensor)"
-        )
+    check_rows_for_reduction(rows, reduction)
     return HtaKlShape(time_input, steps, rows, classes, teacher.shape[:-1])

@@ -28,6 +28,7 @@ from ._backends import BACKENDS, kernel_ops, resolve_backend
 from ._library import accumulation_dtype
 from ._validation import (
     check_alpha, check_choice, check_first_order_backward, check_float_tensor, check_hta_kl_options,
+    check_rows_for_reduction,
 )
 from .hta_kl import _autocast_to_common_dtype
 
@@ -378,11 +379,7 @@ def _prepare(student_input, student_weight, teacher_input, teacher_weight, stude
     dtype = _logits_dtype(student_input, student_weight, student_bias, teacher_input,
                           teacher_weight, teacher_bias)
     rows = teacher_input.shape[0]
-    if rows == 0 and reduction == "batchmean":
-        raise ValueError(
-            "reduction='batchmean' of an empty batch is undefined (N = 0 rows); use "
-            "reduction='sum' (gives 0) or 'none' (gives an empty tensor)"
-        )
+    check_rows_for_reduction(rows, reduction)
     device = teacher_input.device
     chosen = resolve_backend(backend, device)
     # Counted rows are gathered once (one read of the mask, a device sync on a GPU): chunks then
