@@ -98,6 +98,17 @@ def _assert_close_grads(got, expected, **tolerance):
         torch.testing.assert_close(a, b, msg=lambda m: f"gradient {index}: {m}", **tolerance)
 
 
+def _assert_matches_unfused(heads, row_mask, chunk_rows, upstream, **options):
+    """The fused call (in chunks of `chunk_rows`) against F.linear + hta_kl_div: the loss and
+    every gradient, backpropagated from `upstream`."""
+    got = _value_and_grads(_fused(heads, row_mask=row_mask, chunk_rows=chunk_rows, **options),
+                           _leaves(heads), upstream)
+    expected = _value_and_grads(_unfused(heads, row_mask=row_mask, **options), _leaves(heads),
+                                upstream)
+    torch.testing.assert_close(got[0], expected[0])
+    _assert_close_grads(got[1], expected[1])
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("steps", [None, 1, 3])
 @pytest.mark.parametrize("bias", [True, False])
@@ -107,13 +118,8 @@ def test_matches_unfused_composition(backend, steps, bias, reduction, mask):
     heads = _heads(steps, bias=bias, seed=2 * (steps or 0) + bias)
     row_mask = _mask(mask)
     options = dict(temperature=1.5, delta=0.6, reduction=reduction, backend=backend)
-    upstream = _upstream(reduction, ROWS, torch.float64)
-    got = _value_and_grads(_fused(heads, row_mask=row_mask, chunk_rows=4, **options),
-                           _leaves(heads), upstream)
-    expected = _value_and_grads(_unfused(heads, row_mask=row_mask, **options), _leaves(heads),
-                                upstream)
-    torch.testing.assert_close(got[0], expected[0])
-    _assert_close_grads(got[1], expected[1])
+    _assert_matches_unfused(heads, row_mask, 4, _upstream(reduction, ROWS, torch.float64),
+                            **options)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -135,13 +141,7 @@ def test_triton_matches_unfused_composition(steps, reduction):
     heads = _heads(steps, rows=5, classes=9, dtype=torch.float32)
     row_mask = torch.tensor([True, False, True, True, False])
     options = dict(reduction=reduction, backend="triton")
-    upstream = _upstream(reduction, 5, torch.float32)
-    got = _value_and_grads(_fused(heads, row_mask=row_mask, chunk_rows=2, **options),
-                           _leaves(heads), upstream)
-    expected = _value_and_grads(_unfused(heads, row_mask=row_mask, **options), _leaves(heads),
-                                upstream)
-    torch.testing.assert_close(got[0], expected[0])
-    _assert_close_grads(got[1], expected[1])
+    _assert_matches_unfused(heads, row_mask, 2, _upstream(reduction, 5, torch.float32), **options)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
