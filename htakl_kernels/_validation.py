@@ -22,6 +22,11 @@ class HtaKlShape(NamedTuple):
     classes: int  # C
     rows_shape: torch.Size  # teacher.shape[:-1], the shape of reduction="none"
 
+    def row_scale(self, reduction: str, weight: float) -> float:
+        """SPEC 1.7: each row's share of the reduced loss (1/R for batchmean), times `weight`;
+        the kernels apply it to every row, so that what is left to do is a sum."""
+        return (1.0 / self.rows if reduction == "batchmean" else 1.0) * weight
+
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:

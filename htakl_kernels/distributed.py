@@ -467,7 +467,7 @@ def vocab_parallel_hta_kl_div(student, teacher, *, group, weight: float, tempera
     if shape.rows == 0:  # every rank agrees: no row, no collective
         loss_rows = teacher.new_zeros(0, dtype=accumulation_dtype(teacher.dtype)) + 0 * student.sum()
     else:
-        row_scale = (1.0 / shape.rows if reduction == "batchmean" else 1.0) * weight
+        row_scale = shape.row_scale(reduction, weight)
         grad_enabled = torch.is_grad_enabled()
         loss_rows = _VocabParallelHtaKl.apply(
             student.reshape(shape.steps, shape.rows, shape.classes),

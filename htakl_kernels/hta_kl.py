@@ -99,7 +99,7 @@ def weighted_hta_kl_div(student: torch.Tensor, teacher: torch.Tensor, *, weight:
         return loss if weight == 1.0 else weight * loss
     # SPEC 1.7's reduction: the kernel weighs each row by its share (1/R for batchmean), so what
     # is left is a sum, whose gradient reaches the rows as one expanded value (_ops/hta_kl.py).
-    row_scale = (1.0 / shape.rows if reduction == "batchmean" else 1.0) * weight
+    row_scale = shape.row_scale(reduction, weight)
     loss_rows = hta_kl_rows(
         kernel_ops(chosen).hta_kl_fused,
         student.reshape(shape.steps, shape.rows, shape.classes),
