@@ -91,7 +91,9 @@ def _segment_kernels(source_root, path, functions, threads, chunk) -> dict:
         (_, forward), = [(k, f) for k, f in found.items() if k[:2] == ("forward", width)]
         counts = analysis.count(
             forward, path, [("forward", r"lif_forward_kernel\(")],
-            lambda loop: 1.0 / (chunk * width) if analysis.header_matches(loop, r"kChunk") else 1.0)
+            # the forward's time loop: kSteps (kChunk in the vector kernels) steps an iteration
+            lambda loop: 1.0 / (chunk * width) if analysis.header_matches(
+                loop, r"kSteps|kChunk") else 1.0)
         kernels["forward", dtype] = (forward, counts, threads, width, chunk, "segments")
         by_segment = {}
         for segment in sorted(k[2] for k in found if k[:2] == ("backward", width)):

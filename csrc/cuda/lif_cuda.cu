@@ -36,8 +36,11 @@ struct Segments {
   static constexpr int kShort = 8;
   static constexpr int kLong = sizeof(scalar_t) == 4 ? 32 : 16;
 };
-// One neuron per thread (rows not 16-byte aligned): the long segment alone.
-constexpr int kScalarSegment = 32;
+// One neuron per thread (rows not 16-byte aligned, a rare layout): one segment length, the short
+// one; with longer segments or chunks ptxas spills a few bytes around the out-of-line slow path of
+// the divisions (float32 at 16 and 32 steps, float64 chunks of 8).
+constexpr int kScalarSegment = 8;
+constexpr int kScalarChunk = 4;
 
 // kWidth consecutive values of one row, loaded and stored as one 16-byte access when kWidth fills
 // 16 bytes.
@@ -84,18 +87,19 @@ __global__ void __launch_bounds__(kThreads)
                        scalar_t* __restrict__ v_seq, int64_t steps, int64_t neurons,
                        LifParams<htakl::acc_t<scalar_t>> p) {
   using acc_t = htakl::acc_t<scalar_t>;
+  constexpr int kSteps = kWidth == 1 ? kScalarChunk : kChunk;
   const int64_t n = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kWidth;
   if (n >= neurons) return;
   acc_t v[kWidth];
   load_acc(v_init + n, v);
-  for (int64_t first = 0; first < steps; first += kChunk) {
-    acc_t x_chunk[kChunk][kWidth];
+  for (int64_t first = 0; first < steps; first += kSteps) {
+    acc_t x_chunk[kSteps][kWidth];
 #pragma unroll
-    for (int k = 0; k < kChunk; ++k) {
+    for (int k = 0; k < kSteps; ++k) {
       if (first + k < steps) load_acc(x + (first + k) * neurons + n, x_chunk[k]);
     }
 #pragma unroll
-    for (int k = 0; k < kChunk; ++k) {
+    for (int k = 0; k < kSteps; ++k) {
       if (first + k >= steps) break;
       acc_t spike[kWidth];
 #pragma unroll
