@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine, its steps in order of value: build for sm_90, the quick
+# One command for a GPU machine, its steps in order of value: build for sm_90, the quick
 # benchmarks of every fused kernel against its baselines (with the cost census's predictions
 # beside the measured figures), the GPU tests, compute-sanitizer memcheck and racecheck, the
 # binding-crash diagnosis, then the full benchmarks with whatever time is left. Run from the
@@ -13,7 +13,7 @@
 # runs. Results are packed after every step, so a run stopped from outside loses only the step
 # in flight.
 #
-# Output: $OUT when set (a lent machine returns at most 8 files from it: summary.txt,
+# Output: $OUT when set (a remote device machine that returns only a few files gets: summary.txt,
 # gpu-check.tar.gz with every log and result, and the census-against-measured tables; the
 # working files live in a scratch folder), else bench/results/gpu-check-<date>/ with everything.
 set -uo pipefail
@@ -154,7 +154,7 @@ else
 fi
 
 # 7. The CUDA binding's own errors crashed the interpreter on the first H100 run: a backtrace of
-# one (the lent image has cuda-gdb but no gdb; cuda-gdb debugs host-only crashes too), what the
+# one (where the image has cuda-gdb but no gdb; cuda-gdb debugs host-only crashes too), what the
 # extension links and which compiler built it, and the case rerun with that compiler's C++
 # runtime preloaded.
 DEBUGGER=$(command -v gdb || command -v cuda-gdb || true)

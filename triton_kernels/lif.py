@@ -1,7 +1,7 @@
 """Triton multi-step LIF: `htakl::lif_forward_triton` and `htakl::lif_backward_triton`.
 
-Contract: `htakl_kernels/lif.py` (docstring); math: docs/SPEC.md section 3. One lane per neuron,
-each program a block of neurons looping over time. The per-element helpers mirror
+Contract: `htakl_kernels/_ops/lif.py` (docstring); math: docs/SPEC.md section 3. One lane per
+neuron, each program a block of neurons looping over time. The per-element helpers mirror
 `csrc/lif_math.h` function for function (same names, same roundings), so spikes agree bit for bit
 with the CPU and CUDA kernels and the reference:
   * the state is ACC (float32, or float64 for float64 inputs); the scalar options arrive as

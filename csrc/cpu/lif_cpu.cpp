@@ -1,4 +1,4 @@
-// CPU implementation of the fused multi-step LIF ops (contract: htakl_kernels/lif.py, math: SPEC 3
+// CPU implementation of the fused multi-step LIF ops (contract: htakl_kernels/_ops/lif.py, math: SPEC 3
 // via lif_math.h). The kernels live in lif_cpu_kernels.h, compiled once per instruction set
 // (cpu_isa.h); this file checks the arguments, allocates the outputs and picks the copy.
 #include <ATen/Dispatch.h>

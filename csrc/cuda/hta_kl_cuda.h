@@ -1,6 +1,6 @@
 // Torch-free launcher API of the CUDA HTA-KL kernel (csrc/cuda/hta_kl_cuda.cu).
 //
-// Same contract as the op htakl::hta_kl_fused (docstring of htakl_kernels/hta_kl.py): student
+// Same contract as the op htakl::hta_kl_fused (docstring of htakl_kernels/_ops/hta_kl.py): student
 // [steps, rows, classes] and teacher [rows, classes], both contiguous (row r of step t starts at
 // element (t * rows + r) * classes), one loss per row and, on request, the gradients of each row's
 // own loss (upstream gradient 1, SPEC 2). The binding (hta_kl_cuda_binding.cpp) allocates the

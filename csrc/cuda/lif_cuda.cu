@@ -1,4 +1,4 @@
-// CUDA kernels of the fused multi-step LIF ops (contract: htakl_kernels/lif.py; math: SPEC 3 via
+// CUDA kernels of the fused multi-step LIF ops (contract: htakl_kernels/_ops/lif.py; math: SPEC 3 via
 // lif_math.h, the very functions the CPU kernel runs). Each thread owns kWidth consecutive neurons
 // (16 bytes of storage: 4 in float32, 8 in 16-bit types, 2 in float64) and loops over time;
 // consecutive threads take consecutive groups, so every step's 16-byte loads and stores are

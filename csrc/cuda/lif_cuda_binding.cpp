@@ -1,5 +1,5 @@
 // Torch binding of the CUDA LIF kernels (lif_cuda.cu): checks, allocation, stream, dtype mapping.
-// Compiled only on CUDA machines (setup.py); the op schemas live in htakl_kernels/_ops.py.
+// Compiled only on CUDA machines (setup.py); the op schemas live in htakl_kernels/_library.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
