@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .._library import LIF_BACKWARD_SCHEMA, LIF_FORWARD_SCHEMA, accumulation_dtype
 from .._ops.lif import register_lif_ops
+from .common import tl_accumulation_dtype
 
 BLOCK = 512  # neurons per program
 NUM_WARPS = 4
@@ -39,8 +40,6 @@ SURROGATE_ATAN = tl.constexpr(1)
 SURROGATE_IDS = {"sigmoid": SURROGATE_SIGMOID.value, "atan": SURROGATE_ATAN.value}
 
 
-def _tl_state_dtype(dtype: torch.dtype):
-    return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +299,7 @@ def lif_forward_triton(x: torch.Tensor, v_init: torch.Tensor, tau: float, v_thre
         torch.library.wrap_triton(_lif_forward_kernel)[(triton.cdiv(neurons, BLOCK),)](
             x, v_init, spikes, v_last, v_seq if return_v_seq else None,
             tau, v_threshold, 0.0 if soft_reset else v_reset, x.shape[0], neurons,
-            ACC=_tl_state_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
+            ACC=tl_accumulation_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
             STORE_V_SEQ=return_v_seq, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
     return spikes, v_last, v_seq
@@ -335,7 +334,7 @@ def lif_backward_triton(grad_spikes: torch.Tensor, grad_v_last: torch.Tensor,
             grad_spikes, grad_v_last, grad_v_seq, x, v_init, grad_x, grad_v_init, checkpoints,
             tau, v_threshold, 0.0 if soft_reset else v_reset, alpha, math.pi / 2,
             steps, neurons,
-            ACC=_tl_state_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
+            ACC=tl_accumulation_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
             DETACH_RESET=detach_reset, SURROGATE=SURROGATE_IDS[surrogate],
             HAS_GRAD_SPIKES=grad_spikes is not None, HAS_GRAD_V_LAST=grad_v_last is not None,
             HAS_GRAD_V_SEQ=grad_v_seq is not None, SEGMENT=segment, BLOCK=BLOCK,

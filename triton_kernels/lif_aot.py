@@ -6,9 +6,10 @@ registers. Needs TRITON_INTERPRET unset:
 
 from __future__ import annotations
 
-import triton.language as tl
+import torch
 
 from .aot import AOT_ARCH, TYPE_NAMES, compile_for_target, resource_usage
+from .common import tl_accumulation_dtype
 from .lif import (BACKWARD_NUM_WARPS, BLOCK, NUM_WARPS, SEGMENTS, SURROGATE_IDS,
                   _lif_backward_kernel, _lif_forward_kernel)
 
@@ -24,7 +25,7 @@ def compile_variants(storage: str, *, soft_reset: bool = False, decay_input: boo
     state = "fp64" if wide else "fp32"
     options = {"tau_in": "fp64", "v_threshold_in": "fp64", "v_reset_in": "fp64",
                "steps": "i32", "neurons": "i32"}
-    common = dict(ACC=tl.float64 if wide else tl.float32, SOFT_RESET=soft_reset,
+    common = dict(ACC=tl_accumulation_dtype(getattr(torch, storage)), SOFT_RESET=soft_reset,
                   DECAY_INPUT=decay_input, BLOCK=BLOCK)
     forward = compile_for_target(
         _lif_forward_kernel,
