@@ -46,12 +46,36 @@ CUDA_ANCHORS = [
     ("5 prob_mean student gradient", r"write_prob_mean_student_gradient\(row"),
     (None, r"^// Launch\."),
 ]
+# Regions of triton_kernels/hta_kl.py: the helpers of each pass (their code is inlined with the
+# helpers' own line info), then the kernel's body; the split kernel is not modelled.
 TRITON_ANCHORS = [
+    ("1 normalisers", r"^# Loads and normalisers"),
+    ("2 head boundary", r"^# Head selection"),
+    ("3 row sums", r"^# Passes 3 and 4"),
+    ("4 gradients", r"^def _write_gradients"),
+    (None, r"^def _call_constants"),
     ("1 normalisers", r"# ---- Pass 1"),
     ("2 head boundary", r"# ---- Pass 2"),
     ("3 row sums", r"# ---- Pass 3"),
     ("4 gradients", r"# ---- Pass 4"),
+    (None, r"^# The split kernel"),
 ]
+# Loops of the Triton kernel that run only in rare rows: the narrowing rounds (a boundary bucket
+# of more than a chunk of classes), the count of a boundary tied in more classes than the
+# workspace holds, and the second sum of a prob_mean chunk whose steps all underflow.
+TRITON_RARE = ("while (count > CAPACITY)", "_tie_limit_in_row", "_log2_step_mean")
+# A loop over a row's classes (or a segment of it), in chunks of BLOCK or sub-blocks of RADIX_BLOCK.
+TRITON_ROW_LOOP = r"range\((0, classes|begin, end), "
+
+
+def _python_function_of(loop) -> str | None:
+    """The name of the function whose body holds `loop` (the nearest `def` above it)."""
+    lines = open(loop.file).read().splitlines()
+    for number in range(loop.header_line - 1, -1, -1):
+        match = re.match(r"\s*def (\w+)", lines[number])
+        if match:
+            return match.group(1)
+    return None
 
 # The CUDA launcher's choices, as hta_kl_cuda.cu's launch() writes them; census_launch mirrors
 # them and checks that these lines are still there (a changed launcher must change the census).
@@ -197,9 +221,11 @@ class TritonKernels:
 
         def factor(loop) -> float:
             h = loop.header
-            if "range(0, classes, RADIX_BLOCK)" in h:
+            if any(rare in h or rare == _python_function_of(loop) for rare in TRITON_RARE):
+                return 0.0
+            if re.search(TRITON_ROW_LOOP + r"RADIX_BLOCK\)", h):
                 return threads / radix_block
-            if "range(0, classes, BLOCK)" in h:
+            if re.search(TRITON_ROW_LOOP + r"BLOCK\)", h):
                 return threads / block
             if re.search(r"range\((1, )?steps\)", h):
                 return steps
@@ -207,10 +233,12 @@ class TritonKernels:
                 return rounds
             if "TOP_BIT + 1" in h:
                 return 30  # the on-chip bisection, one probability bit per iteration
+            if "range(key_bits)" in h:
+                return 23  # the bisection of an octave's keys, one mantissa bit per iteration
             return 1.0
 
         def per_row(chain) -> float:
-            if any("range(0, classes," in sl.header for sl in chain):
+            if any(re.search(TRITON_ROW_LOOP, sl.header) for sl in chain):
                 return 1.0
             return threads / classes
 
