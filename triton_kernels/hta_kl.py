@@ -1,6 +1,6 @@
 """Triton HTA-KL: the fused forward + gradient op `htakl::hta_kl_fused_triton`.
 
-Contract: `htakl_kernels/hta_kl.py` (docstring); math: docs/SPEC.md ("SPEC 1.3" = section 1,
+Contract: `htakl_kernels/_ops/hta_kl.py` (docstring); math: docs/SPEC.md ("SPEC 1.3" = section 1,
 step 3). One program per row and one launch per call, except where there are fewer long rows
 than multiprocessors: the split kernel then spreads each row over several programs in six
 launches (`_hta_kl_split_kernel`, `default_segments`). The per-element formulas mirror
