@@ -137,12 +137,9 @@ HTAKL_HD acc_t grad_student_softmax(const RowStats<acc_t>& st, acc_t p, acc_t lo
 
 // SPEC 2, student, prob_mean: the k-th term q_tk g_k of the time step t, where
 //   g_k = -lam_h p_k / q_k + lam_t (log q_k - log p_k + 1) + (F - R) dl_k.
-// The ratio q_tk / q_k (in [0, T]) is formed as exp(log q_tk - log q_k), never by dividing by a
-// tiny q_k, and is zero where q_tk is.
-template <typename acc_t>
-HTAKL_HD acc_t prob_ratio(acc_t q_t, acc_t log_q_t, acc_t log_q) {
-  return q_t > acc_t(0) ? exp(log_q_t - log_q) : acc_t(0);
-}
+// The ratio r_tk = q_tk / q_k (in [0, T]) comes from the logs, never from dividing by a tiny
+// q_k, and is zero only where log q_tk is -inf: an underflowed q_tk beside an equally tiny q_k
+// has a ratio of order 1. Each kernel forms it in its own layout.
 
 // The three class sums of SPEC 2's prob_mean formula that do not involve dl:
 //   q_tk g_k = -lam_h p_k r_tk + lam_t q_tk (log q_k - log p_k + 1) + (F - R) q_tk dl_k,

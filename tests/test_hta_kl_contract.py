@@ -789,6 +789,31 @@ def test_nan_poisons_its_row_only(target, classes, dtype, mode, where):
                            "d student")
 
 
+@pytest.mark.parametrize("target", over(LAYOUTS))
+def test_steps_whose_probabilities_all_underflow(target):
+    """prob_mean with a class that every step all but rules out (q_t ~ e^-280, below float32's
+    range): its log q is the finite logsumexp of the steps' log q_t, and the ratio q_t / q in its
+    gradient (SPEC 2) is of order 1, not 0, although q_t itself underflows. A kernel that zeroes
+    the ratio where q_t underflows loses the teacher's pull on that class."""
+    generator = torch.Generator().manual_seed(1)
+    teacher = draw_teacher(2, 40, temperature=1.0, delta=0.5, dtype=torch.float32, scale=2.0,
+                           generator=generator)
+    student = torch.randn(3, 2, 40, generator=generator)
+    student[:, 0, 7] = -280.0
+    student[:, 1, [3, 30]] = -300.0
+    student[1, 1, 30] = -260.0
+    teacher[0, 7] = teacher[0].max() + 1.0  # the teacher's favourite: a large pull in the gradient
+    loss, d_student, d_teacher = (x.cpu() for x in fused(
+        target, student, teacher, temperature=1.0, delta=0.5))
+    expected_loss, expected_student, expected_teacher = oracle(
+        student, teacher, temperature=1.0, delta=0.5, reduction="none")
+    assert torch.isfinite(loss).all()
+    assert expected_student[:, 0, 7].abs().min() > 1e-3  # the gradient at stake is not tiny
+    assert_close_to_oracle(loss, expected_loss, torch.float32, "loss")
+    assert_close_to_oracle(d_student, expected_student, torch.float32, "d student")
+    assert_close_to_oracle(d_teacher, expected_teacher, torch.float32, "d teacher")
+
+
 @pytest.mark.parametrize("dtype, gap", [(torch.float32, 65.0), (torch.float64, 405.0)])
 @pytest.mark.parametrize("target", over(("reference",) + API_TARGETS))
 def test_close_agreement_gives_finite_gradients(target, dtype, gap):

@@ -48,6 +48,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <type_traits>
 #include <unordered_map>
@@ -438,9 +439,11 @@ struct RowView {
     }
   }
 
-  // hta_kl_math.h's prob_ratio q_t / q in LogBase units: exp(log q_t - log q), zero where q_t is.
-  __device__ __forceinline__ static acc_t step_ratio(acc_t q_t, acc_t log_q_t, acc_t log_q) {
-    return q_t > acc_t(0) ? prob(log_q_t - log_q) : acc_t(0);
+  // The ratio q_t / q (in [0, T]) in LogBase units: exp(log q_t - log q), never a division by
+  // a tiny q. Zero only where log q_t is -inf: a q_t that underflowed beside an equally tiny q
+  // still has a ratio of order 1, and with it the teacher's pull on that class (SPEC 2).
+  __device__ __forceinline__ static acc_t step_ratio(acc_t log_q_t, acc_t log_q) {
+    return log_q_t > -std::numeric_limits<acc_t>::infinity() ? prob(log_q_t - log_q) : acc_t(0);
   }
 
   __device__ __forceinline__ bool in_head(acc_t p, int64_t index) const {
@@ -784,7 +787,7 @@ __device__ __forceinline__ void add_step_sums(
       const acc_t log_q_t = row.step_log_prob(logits[j], t);
       const acc_t q_t = row.prob(log_q_t);
       const acc_t signed_q_t = q_t * sign_of_difference(q, p);
-      sums[g * kSumsPerStep + 0] += p * row.step_ratio(q_t, log_q_t, log_q[j]);
+      sums[g * kSumsPerStep + 0] += p * row.step_ratio(log_q_t, log_q[j]);
       sums[g * kSumsPerStep + 1] +=
           q_t_log_ratio(q_t, LogBase<acc_t>::to_natural(log_q[j]),
                         LogBase<acc_t>::to_natural(log_p[j]));
@@ -933,7 +936,7 @@ __device__ void write_prob_mean_student_gradient(
         const acc_t log_q_t = row.step_log_prob(logits[j], t);
         const acc_t q_t = row.prob(log_q_t);
         const acc_t q_t_g = q_t_times_g(
-            stats, p[j], row.step_ratio(q_t, log_q_t, log_q[j]), q_t,
+            stats, p[j], row.step_ratio(log_q_t, log_q[j]), q_t,
             q_t_log_ratio(q_t, LogBase<acc_t>::to_natural(log_q[j]),
                           LogBase<acc_t>::to_natural(log_p[j])),
             dl[j]);
