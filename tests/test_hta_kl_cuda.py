@@ -98,6 +98,28 @@ def test_head_selection_paths_agree_with_the_oracle(row_kind, student_kind):
                                time_reduction=time_reduction, what=f"{row_kind}, {student_kind}")
 
 
+# Each pass walks a row's whole 16-byte chunks (every pointer it touches aligned), then its edge
+# element by element (hta_kl_cuda.cu's for_each_span): a row length that is not a multiple of the
+# chunk leaves row 0 a partial last chunk and puts the other rows off the vector path; steps whose
+# distance is not a multiple of 16 bytes put a prob_mean or logit_mean row off it although its
+# first step is aligned. Rows held in shared memory (C about 1000) and rows re-read from global
+# memory (C = 65539), for every kind of student.
+CHUNK_EDGES = {"partial last chunk": (4, 1003, 3), "steps off the vector path": (3, 1002, 2),
+               "long rows with an edge": (4, 65539, 3)}
+
+
+@pytest.mark.parametrize("student_kind", sorted(STUDENTS))
+@pytest.mark.parametrize("case", sorted(CHUNK_EDGES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_whole_chunks_and_row_edges_agree_with_the_oracle(dtype, case, student_kind):
+    rows, classes, steps = CHUNK_EDGES[case]
+    two_d = STUDENTS[student_kind][0] is None
+    student, teacher = draw_case(rows, classes, 1 if two_d else steps, dtype, seed=classes)
+    check_fused_against_oracle(CUDA, student[0] if two_d else student, teacher, temperature=2.0,
+                               delta=0.5, time_reduction=STUDENTS[student_kind][1],
+                               what=f"{case}, {student_kind}")
+
+
 # (classes, logit levels): the top level's group of tied classes is listed in the first sweep,
 # after the first digit, or never (more ties than the list holds: every round sweeps the row).
 TIED_GROUPS = {"listed at once": (2000, 4), "listed after a digit": (5000, 4),

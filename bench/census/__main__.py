@@ -8,6 +8,7 @@ how). Writes census.json (one record per case) and census.md (a table per kernel
 (default bench/results/census/).
 
 --quick: the LIF kernels only, one card (a minute on 2 cores, compilation included: CI runs it).
+--kernels, --backends: a subset (`--kernels hta_kl --backends cuda`: the CUDA HTA-KL kernel only).
 --calibrate: the H100 LIF measurements against the predictions for --source (the commit they
 measured), into calibration.json and calibration.md.
 """
@@ -152,10 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate", action="store_true",
                         help="compare with the H100 LIF measurements instead of the census")
     parser.add_argument("--cards", default="H100,H200")
+    parser.add_argument("--kernels", default="lif,hta_kl",
+                        help="comma-separated kernels to predict: lif, hta_kl")
+    parser.add_argument("--backends", default="cuda,triton",
+                        help="comma-separated backends to predict: cuda, triton")
     args = parser.parse_args(argv)
     source = os.path.abspath(args.source)
     if not os.path.isdir(os.path.join(source, "csrc")):
         parser.error(f"--source {args.source}: not a source tree (no csrc/)")
+    kernels = args.kernels.split(",")
+    backends = tuple(args.backends.split(","))
+    for name, given, known in (("--kernels", kernels, ("lif", "hta_kl")),
+                               ("--backends", backends, ("cuda", "triton"))):
+        unknown = [g for g in given if g not in known]
+        if unknown or not given:
+            parser.error(f"{name}: unknown {unknown}; known: {', '.join(known)}")
     harness = build.harness_at(args.triton_harness) if args.triton_harness else None
     os.makedirs(args.out, exist_ok=True)
     started = time.monotonic()
@@ -173,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             records = census.lif_records(source, card_list, steps=(4, 32),
                                          triton_harness=harness)
         else:
-            records = census.lif_records(source, card_list, triton_harness=harness)
-            records += census.hta_kl_records(source, card_list)
+            records = []
+            if "lif" in kernels:
+                records += census.lif_records(source, card_list, triton_harness=harness,
+                                              backends=backends)
+            if "hta_kl" in kernels:
+                records += census.hta_kl_records(source, card_list, backends=backends)
         stem = "census-quick" if args.quick else "census"
         with open(os.path.join(args.out, f"{stem}.json"), "w") as handle:
             json.dump(records, handle, indent=1)

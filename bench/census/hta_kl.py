@@ -147,17 +147,29 @@ class CudaKernels:
         sweeps = 1 if classes <= c["kCandidates"] else 2
         groups = math.ceil(steps / c["kStepGroup"])
 
+        # A row's chunks: whole 16-byte chunks (every benchmark row is aligned), then the edge,
+        # entered only by a partial last chunk (or by every chunk of an unaligned row).
+        edge = 0.0 if classes % width == 0 else 1.0 / width
+        # The selection's sweep takes whole warps of whole chunks, then the last, partial warp's
+        # chunks (one iteration of one warp per sweep; spread over the row by per_row).
+        warp_chunk = c["kWarpSize"] * width
+        sweep_edge = 0.0 if classes % warp_chunk == 0 else sweeps * c["kWarpSize"] / threads
+
         def factor(loop) -> float:
             h = loop.header
-            # The selection's two loops carry their own round counts (the loop over the digits
+            # The selection's loops carry their own round counts (the loop over the digits
             # around them, when matched, counts once).
-            if "first - lane_offset" in h:  # its sweeps
+            if "kWarpChunk <= row.whole_end" in h:  # its sweeps over whole warps
                 return sweeps / width
+            if "first - lane_offset < classes" in h:  # its sweeps' last warp
+                return sweep_edge
             if "i < listed_count" in h:  # its listed rounds: per-row work
                 return max(1.0, listed / threads) + (radix_rounds - sweeps - 1)
-            if "first_chunk_start" in h:
+            if "first < whole_end" in h:
                 return 1.0 / width  # one thread's chunk of `width` classes per iteration
-            if re.search(r"\bt < (row\.|params\.)?steps", h):
+            if "first < classes" in h:
+                return edge
+            if re.search(r"\bt < (row\.|params\.)?(steps|step_count\(\))", h):
                 return steps
             if "shift >= 0" in h:
                 return 1.0
@@ -170,7 +182,8 @@ class CudaKernels:
             return 1.0  # the row loop; the loop over a digit's equal lanes (once, typically)
 
         def per_row(chain) -> float:
-            if any("first_chunk_start" in sl.header for sl in chain):
+            if any(re.search(r"first < (whole_end|classes);|kWarpChunk <= row\.whole_end", sl.header)
+                   for sl in chain):
                 return 1.0
             return threads / classes  # per-row work of every thread, spread over the row
 

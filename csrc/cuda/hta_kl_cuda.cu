@@ -21,9 +21,11 @@
 //
 // Memory. When the row (teacher plus T student steps, storage dtype) fits in shared memory, the
 // block copies it there once with 16-byte loads and every pass reads shared memory: the kernel
-// reads each input byte from DRAM once. Larger rows (C up to 2^31 - 1, counted in 32 bits; all
-// indices are 64-bit) are re-read from global memory in every pass (mostly L2 hits); that is the
-// multi-pass path. A single block per row loops over any C; a cooperating group of blocks per row
+// reads each input byte from DRAM once. Larger rows (C up to 2^31 - 1) are re-read from global
+// memory in every pass (mostly L2 hits); that is the multi-pass path. Rows are addressed by 64-bit
+// base pointers and 32-bit offsets within the row. Every pass walks its row's whole 16-byte chunks
+// with one vector access each and no bounds checks when all the row's pointers are aligned, then
+// the row's edge element by element (for_each_span). A single block per row loops over any C; a cooperating group of blocks per row
 // is not implemented: it only pays off when there are fewer rows than SMs.
 //
 // Head boundary without a sort (SPEC 1.3, `tied_head_count` in hta_kl_math.h). Non-negative floats
@@ -110,25 +112,34 @@ __device__ __forceinline__ unsigned long long fixed_mass(double p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 16-byte chunks of a row. A row of C elements is cut into chunks of kWidth elements; a chunk is
-// loaded with one 16-byte access when the row starts 16-byte aligned and the chunk is whole,
-// element by element otherwise (rows of odd C, unaligned pointers, the last partial chunk).
-// Elements past C read as 0 and are never stored; callers skip them in their sums.
+// 16-byte chunks of a row. A row of C elements is cut into chunks of kWidth elements. Offsets in
+// a row are 32-bit (C < 2^31, and an offset plus a block's stride stays below 2^32); the row's
+// base pointer carries the 64-bit part. A pass walks its row in two loops (for_each_chunk): the
+// whole chunks of a row whose pointers are all 16-byte aligned, with one 16-byte access each and
+// no bounds checks (kWhole), then the row's edge element by element (the last partial chunk, or
+// every chunk of an unaligned row). Elements past C read as 0 and are never stored; callers skip
+// them in their sums (Span::has).
+
+// Which elements of a chunk are in the row: all of them for a whole chunk.
+template <bool kWhole>
+struct Span {
+  uint32_t first;    // the chunk's first element
+  uint32_t classes;  // the row's length
+  __device__ __forceinline__ bool has(int j) const {
+    return kWhole || first + static_cast<uint32_t>(j) < classes;
+  }
+};
 
 template <typename scalar_t>
 struct Chunk {
   static constexpr int kWidth = kVectorBytes / static_cast<int>(sizeof(scalar_t));
   using acc_t = htakl::acc_t<scalar_t>;
 
-  __device__ __forceinline__ static bool vector_ok(const void* row, int64_t first,
-                                                   int64_t classes) {
-    return (reinterpret_cast<uintptr_t>(row) % kVectorBytes) == 0 && first + kWidth <= classes;
-  }
-
-  __device__ __forceinline__ static void load(const scalar_t* row, int64_t first, int64_t classes,
+  template <bool kWhole>
+  __device__ __forceinline__ static void load(const scalar_t* row, Span<kWhole> span,
                                               acc_t (&out)[kWidth]) {
-    if (vector_ok(row, first, classes)) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(row + first);
+    if constexpr (kWhole) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row + span.first);
       scalar_t values[kWidth];
       memcpy(values, &raw, sizeof(raw));
 #pragma unroll
@@ -136,42 +147,77 @@ struct Chunk {
     } else {
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
-        out[j] = first + j < classes ? to_acc(row[first + j]) : acc_t(0);
+        out[j] = span.has(j) ? to_acc(row[span.first + j]) : acc_t(0);
       }
     }
   }
 
-  __device__ __forceinline__ static void store(scalar_t* row, int64_t first, int64_t classes,
+  template <bool kWhole>
+  __device__ __forceinline__ static void store(scalar_t* row, Span<kWhole> span,
                                                const acc_t (&in)[kWidth]) {
-    if (vector_ok(row, first, classes)) {
+    if constexpr (kWhole) {
       scalar_t values[kWidth];
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) values[j] = from_acc<scalar_t>(in[j]);
       uint4 raw;
       memcpy(&raw, values, sizeof(raw));
-      *reinterpret_cast<uint4*>(row + first) = raw;
+      *reinterpret_cast<uint4*>(row + span.first) = raw;
     } else {
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
-        if (first + j < classes) row[first + j] = from_acc<scalar_t>(in[j]);
+        if (span.has(j)) row[span.first + j] = from_acc<scalar_t>(in[j]);
       }
     }
   }
 
   // Copy of a chunk in storage dtype (global row -> shared-memory row, which is 16-byte aligned
   // and padded to whole chunks).
-  __device__ __forceinline__ static void copy(scalar_t* dst, const scalar_t* src, int64_t first,
-                                              int64_t classes) {
-    if (vector_ok(src, first, classes)) {
-      *reinterpret_cast<uint4*>(dst + first) = *reinterpret_cast<const uint4*>(src + first);
+  template <bool kWhole>
+  __device__ __forceinline__ static void copy(scalar_t* dst, const scalar_t* src,
+                                              Span<kWhole> span) {
+    if constexpr (kWhole) {
+      *reinterpret_cast<uint4*>(dst + span.first) =
+          *reinterpret_cast<const uint4*>(src + span.first);
     } else {
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
-        if (first + j < classes) dst[first + j] = src[first + j];
+        if (span.has(j)) dst[span.first + j] = src[span.first + j];
       }
     }
   }
 };
+
+__device__ __forceinline__ bool vector_aligned(const void* pointer) {
+  return reinterpret_cast<uintptr_t>(pointer) % kVectorBytes == 0;
+}
+
+// The elements of a row's whole chunks: C rounded down to whole chunks when `aligned` (every
+// pointer the pass reads or writes is 16-byte aligned, and so is the distance between steps),
+// none otherwise (the whole row is its edge).
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t whole_chunks_end(uint32_t classes, bool aligned) {
+  constexpr uint32_t kWidth = Chunk<scalar_t>::kWidth;
+  return aligned ? classes / kWidth * kWidth : 0u;
+}
+
+// First element of this thread's first chunk, and the distance between its chunks.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t first_chunk_start() {
+  return threadIdx.x * static_cast<uint32_t>(Chunk<scalar_t>::kWidth);
+}
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t chunk_stride() {
+  return blockDim.x * static_cast<uint32_t>(Chunk<scalar_t>::kWidth);
+}
+
+// Calls visit(span) for each of this thread's chunks of a row of `classes` elements: the whole
+// chunks below `whole_end` first (Span<true>), then the edge (Span<false>).
+template <typename scalar_t, typename Visit>
+__device__ __forceinline__ void for_each_span(uint32_t classes, uint32_t whole_end, Visit visit) {
+  uint32_t first = first_chunk_start<scalar_t>();
+  for (; first < whole_end; first += chunk_stride<scalar_t>()) visit(Span<true>{first, classes});
+  for (; first < classes; first += chunk_stride<scalar_t>()) visit(Span<false>{first, classes});
+}
 
 // ---------------------------------------------------------------------------------------------
 // The base of the kernel's logarithms. float math works in base 2: logits are scaled once by
@@ -187,8 +233,19 @@ struct LogBase;
 template <>
 struct LogBase<float> {
   static constexpr double kPerNatural = 1.4426950408889634;  // log2(e): base-2 units per nat
-  __device__ __forceinline__ static float exp(float x) { return exp2f(x); }
-  __device__ __forceinline__ static float log(float x) { return log2f(x); }
+  // One MUFU op: subnormal results flush to zero (a probability below 2^-126 carries less mass
+  // than the selection's 2^-62 fixed point resolves, and terms of that size vanish in every sum).
+  __device__ __forceinline__ static float exp(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+  }
+  // Only of a log-sum-exp's scaled sum: 0 or at least 1 (its maximum term is 1), never subnormal.
+  __device__ __forceinline__ static float log(float x) {
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+  }
   __device__ __forceinline__ static float to_natural(float x) { return x * 0.6931471805599453f; }
 };
 
@@ -299,6 +356,7 @@ __device__ __forceinline__ void block_sum(acc_t (&values)[N], BlockScratch<acc_t
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     acc_t total = acc_t(0);
+#pragma unroll 1  // a few warps: a short loop, not an unrolled copy with remainder code per sum
     for (int w = 0; w < warps; ++w) total += scratch.partial[k][w];
     values[k] = total;
   }
@@ -324,6 +382,7 @@ __device__ __forceinline__ acc_t block_logsumexp(LogSumExp<acc_t> mine,
   }
   __syncthreads();
   LogSumExp<acc_t> total = LogSumExp<acc_t>::empty();
+#pragma unroll 1
   for (int w = 0; w < warps; ++w) total.merge({scratch.lse_max[w], scratch.lse_sum[w]});
   __syncthreads();
   return total.value();
@@ -371,8 +430,9 @@ struct RowView {
   const scalar_t* teacher;  // global row or its shared-memory copy
   const scalar_t* student;  // step 0
   int64_t step_stride;      // elements from one step's row to the next
-  int64_t classes;
-  int64_t steps;
+  uint32_t classes;
+  uint32_t whole_end;       // the whole chunks the passes read (whole_chunks_end)
+  int64_t steps;            // 1 for a single softmax (step_count)
   acc_t logit_scale, inv_steps, log_steps;  // KernelParams'
   // Log-sum-exps and every log below are in LogBase<acc_t> units (natural for double, base 2
   // otherwise).
@@ -380,8 +440,12 @@ struct RowView {
   acc_t mean_lse;           // SPEC 1.2 logit_mean: logsumexp(mean_t z_t / tau)
   const acc_t* step_lse;    // SPEC 1.2 otherwise: logsumexp(z_t / tau) per step (shared memory)
   key_t boundary_key;       // SPEC 1.3: head = key > boundary_key, or == and index < tie_limit
-  int64_t tie_limit;
+  uint32_t tie_limit;
 
+  // The student's steps, a compile-time 1 for a single softmax.
+  __device__ __forceinline__ int64_t step_count() const {
+    return kStudent == Student::kSingle ? 1 : steps;
+  }
   __device__ __forceinline__ const scalar_t* step(int64_t t) const {
     return student + t * step_stride;
   }
@@ -395,8 +459,10 @@ struct RowView {
     return LogBase<acc_t>::exp(log_prob);
   }
 
-  __device__ __forceinline__ void teacher_log_probs(int64_t first, acc_t (&log_p)[kWidth]) const {
-    Chunk<scalar_t>::load(teacher, first, classes, log_p);
+  template <bool kWhole>
+  __device__ __forceinline__ void teacher_log_probs(Span<kWhole> span,
+                                                    acc_t (&log_p)[kWidth]) const {
+    Chunk<scalar_t>::load(teacher, span, log_p);
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) log_p[j] = teacher_log_prob(log_p[j]);
   }
@@ -407,12 +473,14 @@ struct RowView {
   }
 
   // SPEC 1.2: log q of a chunk of classes, from all T steps.
-  __device__ __forceinline__ void student_log_probs(int64_t first, acc_t (&log_q)[kWidth]) const {
+  template <bool kWhole>
+  __device__ __forceinline__ void student_log_probs(Span<kWhole> span,
+                                                    acc_t (&log_q)[kWidth]) const {
     acc_t logits[kWidth];
     if constexpr (kStudent == Student::kLogitMean) {
       acc_t sums[kWidth] = {};
       for (int64_t t = 0; t < steps; ++t) {
-        Chunk<scalar_t>::load(step(t), first, classes, logits);
+        Chunk<scalar_t>::load(step(t), span, logits);
 #pragma unroll
         for (int j = 0; j < kWidth; ++j) sums[j] += logits[j];
       }
@@ -421,7 +489,7 @@ struct RowView {
         log_q[j] = fused_multiply_add(sums[j] * inv_steps, logit_scale, -mean_lse);
       }
     } else if constexpr (kStudent == Student::kSingle) {
-      Chunk<scalar_t>::load(step(0), first, classes, logits);
+      Chunk<scalar_t>::load(step(0), span, logits);
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) log_q[j] = step_log_prob(logits[j], 0);
     } else {
@@ -430,7 +498,7 @@ struct RowView {
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) per_class[j] = LogSumExp<acc_t>::empty();
       for (int64_t t = 0; t < steps; ++t) {
-        Chunk<scalar_t>::load(step(t), first, classes, logits);
+        Chunk<scalar_t>::load(step(t), span, logits);
 #pragma unroll
         for (int j = 0; j < kWidth; ++j) per_class[j].add(step_log_prob(logits[j], t));
       }
@@ -446,24 +514,24 @@ struct RowView {
     return log_q_t > -std::numeric_limits<acc_t>::infinity() ? prob(log_q_t - log_q) : acc_t(0);
   }
 
-  __device__ __forceinline__ bool in_head(acc_t p, int64_t index) const {
+  // Non-short-circuit operators: a few predicate ops, no branch.
+  __device__ __forceinline__ bool in_head(acc_t p, uint32_t index) const {
     const key_t key = key_of(p);
-    return key > boundary_key || (key == boundary_key && index < tie_limit);
+    return (key > boundary_key) | ((key == boundary_key) & (index < tie_limit));
   }
 };
 
-// First element of this thread's first chunk, and the distance between its chunks.
-template <typename scalar_t>
-__device__ __forceinline__ int64_t first_chunk_start() {
-  return static_cast<int64_t>(threadIdx.x) * Chunk<scalar_t>::kWidth;
-}
-template <typename scalar_t>
-__device__ __forceinline__ int64_t chunk_stride() {
-  return static_cast<int64_t>(blockDim.x) * Chunk<scalar_t>::kWidth;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Passes 1 and 2: the log-sum-exps of SPEC 1.1 and 1.2.
+
+// Adds a chunk of logits times `scale` to `acc`, the row's padding as -inf (adds nothing).
+template <bool kWhole, typename acc_t, int kWidth>
+__device__ __forceinline__ void add_scaled_chunk(LogSumExp<acc_t>& acc, Span<kWhole> span,
+                                                 acc_t (&values)[kWidth], acc_t scale) {
+#pragma unroll
+  for (int j = 0; j < kWidth; ++j) values[j] = span.has(j) ? values[j] * scale : acc_t(-INFINITY);
+  acc.add_chunk(values);
+}
 
 template <typename scalar_t, Student kStudent>
 __device__ void compute_log_sum_exps(RowView<scalar_t, kStudent>& row,
@@ -471,51 +539,36 @@ __device__ void compute_log_sum_exps(RowView<scalar_t, kStudent>& row,
                                      BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
-  const int64_t classes = row.classes;
   acc_t values[kWidth];
 
   LogSumExp<acc_t> teacher_acc = LogSumExp<acc_t>::empty();
-  for (int64_t first = first_chunk_start<scalar_t>(); first < classes;
-       first += chunk_stride<scalar_t>()) {
-    Chunk<scalar_t>::load(row.teacher, first, classes, values);
-#pragma unroll
-    for (int j = 0; j < kWidth; ++j) {
-      values[j] = first + j < classes ? values[j] * row.logit_scale : acc_t(-INFINITY);
-    }
-    teacher_acc.add_chunk(values);
-  }
+  for_each_span<scalar_t>(row.classes, row.whole_end, [&](auto span) {
+    Chunk<scalar_t>::load(row.teacher, span, values);
+    add_scaled_chunk(teacher_acc, span, values, row.logit_scale);
+  });
   row.teacher_lse = block_logsumexp(teacher_acc, scratch);
 
   if constexpr (kStudent == Student::kLogitMean) {
     LogSumExp<acc_t> mean_acc = LogSumExp<acc_t>::empty();
-    for (int64_t first = first_chunk_start<scalar_t>(); first < classes;
-         first += chunk_stride<scalar_t>()) {
+    for_each_span<scalar_t>(row.classes, row.whole_end, [&](auto span) {
       acc_t sums[kWidth] = {};
       for (int64_t t = 0; t < row.steps; ++t) {
-        Chunk<scalar_t>::load(row.step(t), first, classes, values);
+        Chunk<scalar_t>::load(row.step(t), span, values);
 #pragma unroll
         for (int j = 0; j < kWidth; ++j) sums[j] += values[j];
       }
 #pragma unroll
-      for (int j = 0; j < kWidth; ++j) {
-        sums[j] = first + j < classes ? sums[j] * row.inv_steps * row.logit_scale
-                                      : acc_t(-INFINITY);
-      }
-      mean_acc.add_chunk(sums);
-    }
+      for (int j = 0; j < kWidth; ++j) sums[j] *= row.inv_steps;  // the mean logits
+      add_scaled_chunk(mean_acc, span, sums, row.logit_scale);
+    });
     row.mean_lse = block_logsumexp(mean_acc, scratch);
   } else {
-    for (int64_t t = 0; t < row.steps; ++t) {
+    for (int64_t t = 0; t < row.step_count(); ++t) {
       LogSumExp<acc_t> step_acc = LogSumExp<acc_t>::empty();
-      for (int64_t first = first_chunk_start<scalar_t>(); first < classes;
-           first += chunk_stride<scalar_t>()) {
-        Chunk<scalar_t>::load(row.step(t), first, classes, values);
-#pragma unroll
-        for (int j = 0; j < kWidth; ++j) {
-          values[j] = first + j < classes ? values[j] * row.logit_scale : acc_t(-INFINITY);
-        }
-        step_acc.add_chunk(values);
-      }
+      for_each_span<scalar_t>(row.classes, row.whole_end, [&](auto span) {
+        Chunk<scalar_t>::load(row.step(t), span, values);
+        add_scaled_chunk(step_acc, span, values, row.logit_scale);
+      });
       const acc_t lse = block_logsumexp(step_acc, scratch);
       if (threadIdx.x == 0) step_lse[t] = lse;
     }
@@ -571,15 +624,15 @@ __device__ void select_digit(BlockScratch<acc_t>& scratch, unsigned long long ma
 // The class index one past the r-th class (1-based, ascending index) whose p equals the boundary
 // value: the tied classes below it are the head's tied members (SPEC 1.3's stable order).
 template <typename scalar_t, Student kStudent>
-__device__ int64_t tie_limit_of(const RowView<scalar_t, kStudent>& row, int64_t head_ties,
+__device__ uint32_t tie_limit_of(const RowView<scalar_t, kStudent>& row, int64_t head_ties,
                                 BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
   int64_t seen = 0;  // tied classes in earlier sweeps
   if (threadIdx.x == 0) scratch.tie_limit = row.classes;  // overwritten below: head_ties < #ties
-  for (int64_t sweep = 0; sweep < row.classes; sweep += blockDim.x) {
-    const int64_t index = sweep + threadIdx.x;
+  for (uint32_t sweep = 0; sweep < row.classes; sweep += blockDim.x) {
+    const uint32_t index = sweep + threadIdx.x;
     bool tied = false;
     if (index < row.classes) {
       const auto p = row.prob(row.teacher_log_prob(to_acc(row.teacher[index])));
@@ -599,7 +652,7 @@ __device__ int64_t tie_limit_of(const RowView<scalar_t, kStudent>& row, int64_t 
     __syncthreads();  // tie_limit visible; warp_tied free for the next sweep
     if (seen >= head_ties) break;  // uniform: every thread holds the same `seen`
   }
-  return scratch.tie_limit;
+  return static_cast<uint32_t>(scratch.tie_limit);
 }
 
 template <typename scalar_t, Student kStudent>
@@ -611,7 +664,7 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row,
   using key_t = radix_key_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   constexpr int kKeyBits = static_cast<int>(sizeof(key_t)) * 8;
-  const int64_t classes = row.classes;
+  const uint32_t classes = row.classes;
   // Every class in the head: the key of any p (>= 0) is >= 0 and every index is < classes.
   row.boundary_key = 0;
   row.tie_limit = classes;
@@ -653,18 +706,21 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row,
       atomicAdd(&scratch.radix_mass[digit], fixed_mass(value_of_key(key)));
       atomicAdd(&scratch.radix_count[digit], 1u);
     }
-    // Sweeping rounds. The whole warp runs the same number of iterations (the loop ends when the
-    // warp's first chunk is past the row, lanes past it see only padding), so the warp-wide
-    // intrinsics below see all 32 lanes.
-    const int64_t lane_offset = static_cast<int64_t>(lane) * kWidth;
-    for (int64_t first = first_chunk_start<scalar_t>(); !listed && first - lane_offset < classes;
-         first += chunk_stride<scalar_t>()) {
-      row.teacher_log_probs(first, log_p);
+    // Sweeping rounds. The whole warp runs the same number of iterations (each loop ends when the
+    // warp's first chunk is past its range, lanes past the row see only padding), so the
+    // warp-wide intrinsics below see all 32 lanes; the first loop takes the warp's chunks while
+    // all 32 are whole.
+    const auto sweep = [&](auto span) {
+      row.teacher_log_probs(span, log_p);
+      key_t keys[kWidth];
+      unsigned candidates_here = 0;  // bit j: element j is a candidate
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
         const acc_t p = row.prob(log_p[j]);
         const key_t key = key_of(p);
-        const bool candidate = first + j < classes && (key & known) == prefix;
+        keys[j] = key;
+        const bool candidate = span.has(j) && (key & known) == prefix;
+        candidates_here |= static_cast<unsigned>(candidate) << j;
         const int digit = candidate
                               ? static_cast<int>((key >> shift) & key_t(kRadixBuckets - 1))
                               : kRadixBuckets;  // a "digit" no candidate has
@@ -672,15 +728,7 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row,
         // of one digit add their masses first and one of them updates the histogram, instead of
         // 32 atomics on one address. Integer sums are exact, so the order does not matter.
         const unsigned same_digit = __match_any_sync(kFullMask, digit);
-        const unsigned listing = __ballot_sync(kFullMask, candidate && compact);
         if (!candidate) continue;
-        if (compact) {  // one slot range per warp; the list's order does not matter
-          const int leader = __ffs(static_cast<int>(listing)) - 1;
-          unsigned int slot = 0;
-          if (lane == leader) slot = atomicAdd(&scratch.candidate_count, __popc(listing));
-          slot = __shfl_sync(listing, slot, leader);
-          next_list[slot + __popc(listing & ((1u << lane) - 1u))] = key;
-        }
         const unsigned long long mass = fixed_mass(p);
         unsigned long long group_mass = 0;
         for (unsigned rest = same_digit; rest != 0; rest &= rest - 1) {
@@ -691,6 +739,34 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row,
           atomicAdd(&scratch.radix_count[digit], static_cast<unsigned>(__popc(same_digit)));
         }
       }
+      if (compact) {  // list the chunk's candidates: one slot range per warp and chunk
+        const unsigned count = static_cast<unsigned>(__popc(candidates_here));
+        unsigned before = count;  // inclusive scan over the lanes, then exclusive
+#pragma unroll
+        for (int offset = 1; offset < kWarpSize; offset *= 2) {
+          const unsigned lower = __shfl_up_sync(kFullMask, before, offset);
+          if (lane >= offset) before += lower;
+        }
+        unsigned slot = 0;
+        if (lane == kWarpSize - 1 && before != 0) {
+          slot = atomicAdd(&scratch.candidate_count, before);  // the warp's total
+        }
+        slot = __shfl_sync(kFullMask, slot, kWarpSize - 1) + before - count;
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) {  // the list's order does not matter
+          if ((candidates_here >> j) & 1u) next_list[slot++] = keys[j];
+        }
+      }
+    };
+    const uint32_t lane_offset = static_cast<uint32_t>(lane) * kWidth;
+    constexpr uint32_t kWarpChunk = kWarpSize * kWidth;  // classes of one warp's chunks
+    uint32_t first = first_chunk_start<scalar_t>();
+    for (; !listed && first - lane_offset + kWarpChunk <= row.whole_end;
+         first += chunk_stride<scalar_t>()) {
+      sweep(Span<true>{first, classes});
+    }
+    for (; !listed && first - lane_offset < classes; first += chunk_stride<scalar_t>()) {
+      sweep(Span<false>{first, classes});
     }
     __syncthreads();
     if (threadIdx.x < kWarpSize) select_digit(scratch, mass_above, params.delta_fixed);
@@ -729,22 +805,22 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row,
   }  // else every tied class is in the head: tie_limit stays `classes`
 }
 
-// Passes 4 and 5 walk the row the same way: calls visit(first, log_p, log_q) for each of this
+// Passes 4 and 5 walk the row the same way: calls visit(span, log_p, log_q) for each of this
 // thread's chunks, with the teacher's and the student's log-probabilities (SPEC 1.1, 1.2, in
-// LogBase units: row.prob gives p and q, LogBase::to_natural the natural logs) of classes
-// first .. first + kWidth - 1 (entries past the row's end are padding).
+// LogBase units: row.prob gives p and q, LogBase::to_natural the natural logs) of the chunk's
+// classes (entries past the row's end are padding). `whole_end`: the whole chunks, for every
+// pointer the pass touches (a gradient pass's stores too).
 template <typename scalar_t, Student kStudent, typename Visit>
 __device__ __forceinline__ void for_each_chunk(const RowView<scalar_t, kStudent>& row,
-                                               Visit visit) {
+                                               uint32_t whole_end, Visit visit) {
   using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   acc_t log_p[kWidth], log_q[kWidth];
-  for (int64_t first = first_chunk_start<scalar_t>(); first < row.classes;
-       first += chunk_stride<scalar_t>()) {
-    row.teacher_log_probs(first, log_p);
-    row.student_log_probs(first, log_q);
-    visit(first, log_p, log_q);
-  }
+  for_each_span<scalar_t>(row.classes, whole_end, [&](auto span) {
+    row.teacher_log_probs(span, log_p);
+    row.student_log_probs(span, log_q);
+    visit(span, log_p, log_q);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -765,37 +841,41 @@ enum RowSum {
 // prob_mean: the class sums that SPEC 2's G_t = sum_j q_tj g_j of the steps group ..
 // group + kStepGroup - 1 is made of (time_step_g_sum), added over one chunk: per step, sum p r_t,
 // sum q_t (log q - log p + 1), and q_t s summed over the head and over the tail.
-template <typename scalar_t, Student kStudent>
+template <typename scalar_t, Student kStudent, bool kWhole>
 __device__ __forceinline__ void add_step_sums(
-    const RowView<scalar_t, kStudent>& row, int64_t group, int64_t first,
+    const RowView<scalar_t, kStudent>& row, int64_t group, Span<kWhole> span,
     const htakl::acc_t<scalar_t> (&log_p)[Chunk<scalar_t>::kWidth],
     const htakl::acc_t<scalar_t> (&log_q)[Chunk<scalar_t>::kWidth],
     htakl::acc_t<scalar_t> (&sums)[kMaxSums]) {
   using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
+  // What does not depend on the step, once per class.
+  acc_t p[kWidth], sign[kWidth];
+  bool head[kWidth];
+#pragma unroll
+  for (int j = 0; j < kWidth; ++j) {
+    p[j] = row.prob(log_p[j]);
+    sign[j] = sign_of_difference(row.prob(log_q[j]), p[j]);
+    head[j] = row.in_head(p[j], span.first + j);
+  }
   acc_t logits[kWidth];
 #pragma unroll
   for (int g = 0; g < kStepGroup; ++g) {
     const int64_t t = group + g;
     if (t >= row.steps) break;
-    Chunk<scalar_t>::load(row.step(t), first, row.classes, logits);
+    Chunk<scalar_t>::load(row.step(t), span, logits);
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
-      if (first + j >= row.classes) continue;
-      const acc_t p = row.prob(log_p[j]);
-      const acc_t q = row.prob(log_q[j]);
+      if (!span.has(j)) continue;
       const acc_t log_q_t = row.step_log_prob(logits[j], t);
       const acc_t q_t = row.prob(log_q_t);
-      const acc_t signed_q_t = q_t * sign_of_difference(q, p);
-      sums[g * kSumsPerStep + 0] += p * row.step_ratio(log_q_t, log_q[j]);
+      const acc_t signed_q_t = q_t * sign[j];
+      sums[g * kSumsPerStep + 0] += p[j] * row.step_ratio(log_q_t, log_q[j]);
       sums[g * kSumsPerStep + 1] +=
           q_t_log_ratio(q_t, LogBase<acc_t>::to_natural(log_q[j]),
                         LogBase<acc_t>::to_natural(log_p[j]));
-      if (row.in_head(p, first + j)) {
-        sums[g * kSumsPerStep + 2] += signed_q_t;
-      } else {
-        sums[g * kSumsPerStep + 3] += signed_q_t;
-      }
+      sums[g * kSumsPerStep + 2] += head[j] ? signed_q_t : acc_t(0);
+      sums[g * kSumsPerStep + 3] += head[j] ? acc_t(0) : signed_q_t;
     }
   }
 }
@@ -827,18 +907,18 @@ __device__ void compute_row_sums(const RowView<scalar_t, kStudent>& row,
   for (int k = 0; k < kRowSums; ++k) sums[k] = acc_t(0);
 #pragma unroll
   for (int k = 0; k < kMaxSums; ++k) step_sums[k] = acc_t(0);
-  for_each_chunk(row, [&](int64_t first, const acc_t(&log_p)[kWidth], const acc_t(&log_q)[kWidth]) {
+  for_each_chunk(row, row.whole_end, [&](auto span, const auto& log_p, const auto& log_q) {
     if constexpr (kStudent == Student::kProbMean) {
-      if (with_step_sums) add_step_sums(row, 0, first, log_p, log_q, step_sums);
+      if (with_step_sums) add_step_sums(row, 0, span, log_p, log_q, step_sums);
     }
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
-      if (first + j >= row.classes) continue;
+      if (!span.has(j)) continue;
       const acc_t p = row.prob(log_p[j]);
       const acc_t q = row.prob(log_q[j]);
       const acc_t ln_p = LogBase<acc_t>::to_natural(log_p[j]);
       const acc_t ln_q = LogBase<acc_t>::to_natural(log_q[j]);
-      const bool head = row.in_head(p, first + j);
+      const bool head = row.in_head(p, span.first + j);
       const acc_t distance = fabs(p - q);
       const acc_t sign = sign_of_difference(q, p);
       // Selects, not a computed index: the sums stay in registers.
@@ -869,29 +949,26 @@ __device__ void write_softmax_gradients(const RowView<scalar_t, kStudent>& row,
                                         htakl::acc_t<scalar_t> sum_q_dl,
                                         htakl::acc_t<scalar_t> sum_p_dl,
                                         scalar_t* grad_teacher_row, scalar_t* grad_student_row,
-                                        int64_t grad_step_stride) {
+                                        int64_t grad_step_stride, uint32_t whole_end) {
   using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   acc_t teacher_grad[kWidth], student_grad[kWidth];
-  for_each_chunk(row, [&](int64_t first, const acc_t(&log_p)[kWidth], const acc_t(&log_q)[kWidth]) {
+  for_each_chunk(row, whole_end, [&](auto span, const auto& log_p, const auto& log_q) {
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
       const acc_t p = row.prob(log_p[j]);
       const acc_t q = row.prob(log_q[j]);
       const acc_t ln_p = LogBase<acc_t>::to_natural(log_p[j]);
       const acc_t ln_q = LogBase<acc_t>::to_natural(log_q[j]);
-      const acc_t dl = dlam_h_dq(stats, sign_of_difference(q, p), row.in_head(p, first + j));
+      const acc_t dl = dlam_h_dq(stats, sign_of_difference(q, p), row.in_head(p, span.first + j));
       teacher_grad[j] = grad_teacher(stats, p, ln_p, q, ln_q, dl, sum_p_dl);
       student_grad[j] =
           grad_student_softmax(stats, p, ln_p, q, ln_q, dl, sum_q_dl) * row.inv_steps;
     }
-    if (grad_teacher_row != nullptr) {
-      Chunk<scalar_t>::store(grad_teacher_row, first, row.classes, teacher_grad);
-    }
+    if (grad_teacher_row != nullptr) Chunk<scalar_t>::store(grad_teacher_row, span, teacher_grad);
     if (grad_student_row != nullptr) {
-      for (int64_t t = 0; t < row.steps; ++t) {
-        Chunk<scalar_t>::store(grad_student_row + t * grad_step_stride, first, row.classes,
-                               student_grad);
+      for (int64_t t = 0; t < row.step_count(); ++t) {
+        Chunk<scalar_t>::store(grad_student_row + t * grad_step_stride, span, student_grad);
       }
     }
   });
@@ -905,32 +982,31 @@ __device__ void write_prob_mean_student_gradient(
     const RowView<scalar_t, kStudent>& row, const RowStats<htakl::acc_t<scalar_t>>& stats,
     const htakl::acc_t<scalar_t> (&first_group_sums)[kMaxSums],
     htakl::acc_t<scalar_t>* step_g_sums, scalar_t* grad_student_row,
-    int64_t grad_step_stride, BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
+    int64_t grad_step_stride, uint32_t whole_end, BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   acc_t logits[kWidth], grad[kWidth];
   write_step_g_sums(stats, 0, row.steps, first_group_sums, step_g_sums);
   for (int64_t group = kStepGroup; group < row.steps; group += kStepGroup) {
     acc_t sums[kMaxSums] = {};
-    for_each_chunk(row, [&](int64_t first, const acc_t(&log_p)[kWidth],
-                            const acc_t(&log_q)[kWidth]) {
-      add_step_sums(row, group, first, log_p, log_q, sums);
+    for_each_chunk(row, row.whole_end, [&](auto span, const auto& log_p, const auto& log_q) {
+      add_step_sums(row, group, span, log_p, log_q, sums);
     });
     block_sum(sums, scratch);
     write_step_g_sums(stats, group, row.steps, sums, step_g_sums);
   }
   __syncthreads();  // step_g_sums written by thread 0, read by all
 
-  for_each_chunk(row, [&](int64_t first, const acc_t(&log_p)[kWidth], const acc_t(&log_q)[kWidth]) {
+  for_each_chunk(row, whole_end, [&](auto span, const auto& log_p, const auto& log_q) {
     acc_t p[kWidth], dl[kWidth];
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) {
       p[j] = row.prob(log_p[j]);
       const acc_t q = row.prob(log_q[j]);
-      dl[j] = dlam_h_dq(stats, sign_of_difference(q, p[j]), row.in_head(p[j], first + j));
+      dl[j] = dlam_h_dq(stats, sign_of_difference(q, p[j]), row.in_head(p[j], span.first + j));
     }
     for (int64_t t = 0; t < row.steps; ++t) {
-      Chunk<scalar_t>::load(row.step(t), first, row.classes, logits);
+      Chunk<scalar_t>::load(row.step(t), span, logits);
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
         const acc_t log_q_t = row.step_log_prob(logits[j], t);
@@ -942,7 +1018,7 @@ __device__ void write_prob_mean_student_gradient(
             dl[j]);
         grad[j] = grad_student_prob_mean(stats, q_t_g, q_t, step_g_sums[t], row.inv_steps);
       }
-      Chunk<scalar_t>::store(grad_student_row + t * grad_step_stride, first, row.classes, grad);
+      Chunk<scalar_t>::store(grad_student_row + t * grad_step_stride, span, grad);
     }
   });
 }
@@ -966,10 +1042,19 @@ __global__ void __launch_bounds__(kMaxThreads)
   radix_key_t<acc_t>* candidate_key = reinterpret_cast<radix_key_t<acc_t>*>(list_start);
   scalar_t* row_cache = reinterpret_cast<scalar_t*>(list_start + params.list_bytes);
 
-  const int64_t classes = params.classes;
-  const int64_t step_elements = params.rows * classes;  // 64-bit: may exceed 2^31
+  const uint32_t classes = static_cast<uint32_t>(params.classes);  // < 2^31 (the launcher's check)
+  const int64_t step_elements = params.rows * params.classes;  // 64-bit: may exceed 2^31
+  // Every step's row as aligned as step 0's (a single softmax reads and writes step 0 only).
+  const bool steps_aligned = kStudent == Student::kSingle ||
+                             step_elements * static_cast<int64_t>(sizeof(scalar_t)) % kVectorBytes == 0;
   for (int64_t r = blockIdx.x; r < params.rows; r += gridDim.x) {
-    const int64_t row_offset = r * classes;
+    const int64_t row_offset = r * params.classes;
+    scalar_t* grad_teacher_row =
+        params.grad_teacher != nullptr ? params.grad_teacher + row_offset : nullptr;
+    scalar_t* grad_student_row =
+        params.grad_student != nullptr ? params.grad_student + row_offset : nullptr;
+    const bool inputs_aligned = steps_aligned && vector_aligned(params.teacher + row_offset) &&
+                                vector_aligned(params.student + row_offset);
     RowView<scalar_t, kStudent> row;
     row.classes = classes;
     row.steps = params.steps;
@@ -979,14 +1064,15 @@ __global__ void __launch_bounds__(kMaxThreads)
     row.step_lse = step_lse;
     if (params.cache_rows) {
       const int64_t stride = params.cache_row_stride;
-      for (int64_t first = first_chunk_start<scalar_t>(); first < classes;
-           first += chunk_stride<scalar_t>()) {
-        Chunk<scalar_t>::copy(row_cache, params.teacher + row_offset, first, classes);
-        for (int64_t t = 0; t < params.steps; ++t) {
-          Chunk<scalar_t>::copy(row_cache + (t + 1) * stride,
-                                params.student + t * step_elements + row_offset, first, classes);
+      const scalar_t* teacher = params.teacher + row_offset;
+      const scalar_t* student = params.student + row_offset;
+      for_each_span<scalar_t>(classes, whole_chunks_end<scalar_t>(classes, inputs_aligned),
+                              [&](auto span) {
+        Chunk<scalar_t>::copy(row_cache, teacher, span);
+        for (int64_t t = 0; t < row.step_count(); ++t) {
+          Chunk<scalar_t>::copy(row_cache + (t + 1) * stride, student + t * step_elements, span);
         }
-      }
+      });
       __syncthreads();
       row.teacher = row_cache;
       row.student = row_cache + stride;
@@ -996,13 +1082,17 @@ __global__ void __launch_bounds__(kMaxThreads)
       row.student = params.student + row_offset;
       row.step_stride = step_elements;
     }
+    // The shared-memory copy is aligned and padded to whole chunks.
+    const bool reads_aligned = params.cache_rows || inputs_aligned;
+    row.whole_end = whole_chunks_end<scalar_t>(classes, reads_aligned);
+    const bool grads_aligned =
+        steps_aligned && (grad_teacher_row == nullptr || vector_aligned(grad_teacher_row)) &&
+        (grad_student_row == nullptr || vector_aligned(grad_student_row));
+    const uint32_t grad_whole_end =
+        whole_chunks_end<scalar_t>(classes, reads_aligned && grads_aligned);
 
     compute_log_sum_exps(row, step_lse, scratch);       // SPEC 1.1, 1.2
     find_head_boundary(row, params, candidate_key, scratch);  // SPEC 1.3
-    scalar_t* grad_teacher_row =
-        params.grad_teacher != nullptr ? params.grad_teacher + row_offset : nullptr;
-    scalar_t* grad_student_row =
-        params.grad_student != nullptr ? params.grad_student + row_offset : nullptr;
     acc_t sums[kRowSums], step_sums[kMaxSums];
     compute_row_sums(row, sums, step_sums, grad_student_row != nullptr, scratch);  // SPEC 1.4, 1.6
     const RowStats<acc_t> stats =                       // SPEC 1.5
@@ -1017,11 +1107,11 @@ __global__ void __launch_bounds__(kMaxThreads)
                               weighted_dl_sum(stats, sums[kSignedQHead], sums[kSignedQTail]),
                               weighted_dl_sum(stats, sums[kSignedPHead], sums[kSignedPTail]),
                               grad_teacher_row, single_softmax ? grad_student_row : nullptr,
-                              step_elements);
+                              step_elements, grad_whole_end);
     }
     if (grad_student_row != nullptr && !single_softmax) {
       write_prob_mean_student_gradient(row, stats, step_sums, step_g_sums, grad_student_row,
-                                       step_elements, scratch);
+                                       step_elements, grad_whole_end, scratch);
     }
     __syncthreads();  // the next row overwrites the row cache and the per-step values
   }
