@@ -293,6 +293,15 @@ def test_quick_census_end_to_end(tmp_path):
     assert "| shape | dtype | passes |" in (tmp_path / "census-quick.md").read_text()
 
 
+@pytest.mark.parametrize("option, value", [("--kernels", "lif,softmax"), ("--backends", "cpu")])
+def test_an_unknown_kernel_or_backend_is_named_in_the_error(option, value, tmp_path, capsys):
+    from bench.census.__main__ import main
+    with pytest.raises(SystemExit):
+        main([option, value, "--out", str(tmp_path)])
+    assert option in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing compiled or written
+
+
 def test_compare_joins_measured_cases_with_predictions():
     from bench.census import compare
 
