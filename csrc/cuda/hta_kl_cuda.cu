@@ -114,7 +114,7 @@ __device__ __forceinline__ unsigned long long fixed_mass(double p) {
 // ---------------------------------------------------------------------------------------------
 // 16-byte chunks of a row. A row of C elements is cut into chunks of kWidth elements. Offsets in
 // a row are 32-bit (C < 2^31, and an offset plus a block's stride stays below 2^32); the row's
-// base pointer carries the 64-bit part. A pass walks its row in two loops (for_each_chunk): the
+// base pointer carries the 64-bit part. A pass walks its row in two loops (for_each_span): the
 // whole chunks of a row whose pointers are all 16-byte aligned, with one 16-byte access each and
 // no bounds checks (kWhole), then the row's edge element by element (the last partial chunk, or
 // every chunk of an unaligned row). Elements past C read as 0 and are never stored; callers skip
