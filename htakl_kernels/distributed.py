@@ -45,6 +45,12 @@ for a 2-D float32 student (`Traffic` counts them). An all_reduce of `n` bytes se
 `2 n (P - 1) / P` per rank in a ring; an all_gather sends `n (P - 1)`.
 A group of one rank, or `group=None`, is the plain single-device call.
 
+**Through the classifier heads.** `fused_linear_hta_kl_div(..., group=g)` (and the fused
+SpikingKD loss) make one agreement per call (phase 0, its own fields), phases 1-4 once per
+chunk of rows on each rank's slice of the heads' output rows (`vocab_parallel_rows`, and
+`cross_entropy_rows`' two all_reduces), and one all_reduce of the input gradients after the
+chunk loop (`htakl_kernels/fused_linear.py`).
+
 **Backends.** On a group of two or more ranks every phase runs as PyTorch tensor ops on the
 inputs' device (CPU or CUDA), vectorized over rows and classes: the fused kernels compute a whole
 row in one pass and have no entry point for the split phases. `backend` is still checked (it must
@@ -75,7 +81,7 @@ from ._validation import (ROW_REDUCTIONS, TIME_REDUCTIONS, HtaKlShape, check_cho
 # far below 2**63 even after float32 rounding of every p.
 _MASS_BITS = 62
 _DIGIT_BITS = 8
-_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 _CROSS_ENTROPY_REDUCTIONS = ("mean", "sum", "none")  # F.cross_entropy's
 _AGREEMENT_FIELDS = ("rows", "rows shape", "steps", "time input", "dtype", "temperature", "delta",
                      "time_reduction", "detach_weights", "reduction", "weight")
@@ -131,7 +137,7 @@ class Traffic:
             traffic.gathered_bytes += size if gathered else 0
 
 
-class _Group:
+class CollectiveGroup:
     """A process group and the device its collectives take tensors on."""
 
     def __init__(self, group) -> None:
@@ -156,11 +162,11 @@ class _Group:
         return gathered.reshape(self.size, *moved.shape).to(tensor.device)
 
 
-def _float_bits(value: float) -> int:
+def float_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
-def _shape_code(shape) -> int:
+def shape_code(shape) -> int:
     """A fingerprint of the rows' shape (reduction="none" returns it)."""
     code = len(shape)
     for size in shape:
@@ -168,17 +174,27 @@ def _shape_code(shape) -> int:
     return code
 
 
-def agree(group: _Group, check) -> tuple[object, torch.Tensor]:
-    """Run `check()` (argument checks, returning (result, fields, classes)) on this rank and make
-    every rank agree: a failure on any rank raises on all of them, as does a field that differs
-    from rank 0's. Returns `check`'s result and the class count of every rank, in rank order."""
+def integer_fingerprint(values: torch.Tensor) -> int:
+    """A cheap fingerprint of an integer (or bool) tensor's values, for the agreement: ranks that
+    must pass the same labels or row mask compare these."""
+    flat = values.reshape(-1).to(torch.int64)
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device)
+    return int(((flat % 1000003) * weights).sum()) if flat.numel() else 0
+
+
+def agree(group: CollectiveGroup, check, names: tuple[str, ...] = _AGREEMENT_FIELDS,
+          caller: str = "hta_kl_div") -> tuple[object, torch.Tensor]:
+    """Run `check()` (argument checks, returning (result, fields, classes), one int64 field per
+    entry of `names`) on this rank and make every rank agree: a failure on any rank raises on all
+    of them, as does a field that differs from rank 0's. Returns `check`'s result and the class
+    count of every rank, in rank order. `caller` names the public function in the messages."""
     error = None
     try:
         result, fields, classes = check()
         vector = [0, classes, *fields]
     except (TypeError, ValueError, RuntimeError) as caught:
         error, result = caught, None
-        vector = [1, 0] + [0] * len(_AGREEMENT_FIELDS)
+        vector = [1, 0] + [0] * len(names)
     table = group.all_gather(torch.tensor(vector, dtype=torch.int64)).cpu()
     failed = [rank for rank in range(group.size) if table[rank, 0] != 0]
     if failed:
@@ -190,18 +206,18 @@ def agree(group: _Group, check) -> tuple[object, torch.Tensor]:
             raise error
         first = failed[0]
         raise ValueError(f"rank {first} of the group rejected its arguments to the vocab-parallel "
-                         f"hta_kl_div: {messages[first]}")
-    for column, name in enumerate(_AGREEMENT_FIELDS, start=2):
+                         f"{caller}: {messages[first]}")
+    for column, name in enumerate(names, start=2):
         differing = [rank for rank in range(group.size) if table[rank, column] != table[0, column]]
         if differing:
             raise ValueError(
-                f"the vocab-parallel hta_kl_div needs the same {name} on every rank of the group: "
+                f"the vocab-parallel {caller} needs the same {name} on every rank of the group: "
                 f"rank {differing[0]} differs from rank 0 (every rank passes the same rows and "
                 f"options, and its own slice of the classes)")
     classes = table[:, 1]
     if int(classes.sum()) < 1:
-        raise ValueError("the vocab-parallel hta_kl_div needs at least one class over the group: "
-                         "every rank passed C=0")
+        raise ValueError(f"the vocab-parallel {caller} needs at least one class over the group: "
+                         f"every rank passed C=0")
     return result, classes
 
 
@@ -214,7 +230,7 @@ def _local_max(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x.isnan(), -math.inf, x).amax(dim=-1)
 
 
-def _softmaxes(streams: list[torch.Tensor], group: _Group, inv_tau: float):
+def _softmaxes(streams: list[torch.Tensor], group: CollectiveGroup, inv_tau: float):
     """SPEC 1.1-1.2 over the whole rows for each of `streams` ([K, R, c] each: the teacher, the
     student's softmaxes), two collectives for all of them: per stream, the log softmax and
     softmax of the local slices and each row's log-sum-exp [K, R]."""
@@ -231,7 +247,7 @@ def _softmaxes(streams: list[torch.Tensor], group: _Group, inv_tau: float):
     return results
 
 
-def _head(p: torch.Tensor, invalid_rows: torch.Tensor, delta: float, group: _Group) -> torch.Tensor:
+def _head(p: torch.Tensor, invalid_rows: torch.Tensor, delta: float, group: CollectiveGroup) -> torch.Tensor:
     """SPEC 1.3 membership [R, c] of the local classes, by a radix select over the whole rows.
 
     Keys are the bit patterns of p (non-negative floats order like their bits); masses are p in
@@ -309,12 +325,23 @@ def _where_positive(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, value, torch.zeros_like(value))
 
 
-def _rows(student: torch.Tensor, teacher: torch.Tensor, group: _Group, *, temperature: float,
-          delta: float, logit_mean: bool, detach_weights: bool, row_scale: float,
-          grad_student: bool, grad_teacher: bool):
+def vocab_parallel_rows(student: torch.Tensor, teacher: torch.Tensor, group: CollectiveGroup, *,
+                        temperature: float, delta: float, logit_mean: bool, detach_weights: bool,
+                        row_scale: float, grad_student: bool, grad_teacher: bool):
     """The fused op's contract (htakl_kernels/_ops/hta_kl.py) over the group: student [T, R, c],
-    teacher [R, c] (local slices) -> (row_scale * loss_row [R] of the whole rows, gradients of the
-    local slices or None)."""
+    teacher [R, c] (local slices) -> (row_scale * loss_row [R] of the whole rows, the same on
+    every rank, and the gradients of the local slices or None). Every rank of the group must make
+    the same call (same R, T and options)."""
+    # The statistics keep the accumulation dtype: autocast would run their batched product in
+    # 16 bits.
+    with torch.autocast(student.device.type, enabled=False):
+        return _rows(student, teacher, group, temperature=temperature, delta=delta,
+                     logit_mean=logit_mean, detach_weights=detach_weights, row_scale=row_scale,
+                     grad_student=grad_student, grad_teacher=grad_teacher)
+
+
+def _rows(student, teacher, group, *, temperature, delta, logit_mean, detach_weights, row_scale,
+          grad_student, grad_teacher):
     steps = student.shape[0]
     acc = accumulation_dtype(teacher.dtype)
     inv_tau = 1.0 / temperature
@@ -410,12 +437,9 @@ class _VocabParallelHtaKl(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, group, options, row_scale, grad_student, grad_teacher):
-        # The statistics keep the accumulation dtype: autocast would run their batched product
-        # in 16 bits.
-        with torch.autocast(student.device.type, enabled=False):
-            loss_rows, d_student, d_teacher = _rows(
-                student, teacher, group, row_scale=row_scale, grad_student=grad_student,
-                grad_teacher=grad_teacher, **options)
+        loss_rows, d_student, d_teacher = vocab_parallel_rows(
+            student, teacher, group, row_scale=row_scale, grad_student=grad_student,
+            grad_teacher=grad_teacher, **options)
         ctx.save_for_backward(d_student, d_teacher)
         return loss_rows
 
@@ -451,15 +475,15 @@ def vocab_parallel_hta_kl_div(student, teacher, *, group, weight: float, tempera
                               reduction: str, backend: str) -> torch.Tensor:
     """`weight * hta_kl_div(...)` over a process group of two or more ranks, each passing its own
     slice of the classes (see the module docstring)."""
-    comm = _Group(group)
+    comm = CollectiveGroup(group)
 
     def check():
         shape = _check_slice(student, teacher, temperature, delta, time_reduction, detach_weights,
                              reduction, backend)
-        fields = [shape.rows, _shape_code(shape.rows_shape), shape.steps, int(shape.time_input),
-                  _DTYPE_CODES[teacher.dtype], _float_bits(temperature), _float_bits(delta),
+        fields = [shape.rows, shape_code(shape.rows_shape), shape.steps, int(shape.time_input),
+                  DTYPE_CODES[teacher.dtype], float_bits(temperature), float_bits(delta),
                   TIME_REDUCTIONS.index(time_reduction), int(detach_weights),
-                  ROW_REDUCTIONS.index(reduction), _float_bits(weight)]
+                  ROW_REDUCTIONS.index(reduction), float_bits(weight)]
         return shape, fields, shape.classes
 
     shape, _classes = agree(comm, check)
@@ -488,12 +512,12 @@ def vocab_parallel_head_mask(teacher: torch.Tensor, *, temperature: float, delta
     if not is_parallel(group):
         probabilities = torch.softmax(teacher.to(accumulation_dtype(teacher.dtype)) / temperature, -1)
         return head_mask(probabilities, delta)
-    comm = _Group(group)
+    comm = CollectiveGroup(group)
 
     def check():
         shape = _check_slice(teacher, teacher, temperature, delta, "prob_mean", False, "sum", "auto")
-        fields = [shape.rows, _shape_code(shape.rows_shape), 1, 0, _DTYPE_CODES[teacher.dtype],
-                  _float_bits(temperature), _float_bits(delta), 0, 0, 0, 0]
+        fields = [shape.rows, shape_code(shape.rows_shape), 1, 0, DTYPE_CODES[teacher.dtype],
+                  float_bits(temperature), float_bits(delta), 0, 0, 0, 0]
         return shape, fields, shape.classes
 
     shape, _classes = agree(comm, check)
@@ -502,33 +526,44 @@ def vocab_parallel_head_mask(teacher: torch.Tensor, *, temperature: float, delta
     return _head(p[0], log_sum_p[0].isnan(), delta, comm).reshape(teacher.shape)
 
 
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, group: CollectiveGroup,
+                       first_class: int, ignore_index: int, row_scale: float):
+    """`row_scale x` the cross-entropy of each row of `logits` [R, c] (this rank's slice of the
+    classes, starting at global class `first_class`; `labels` [R] global), `log sum_j exp(x_j) -
+    x_label` with the label's logit found on the rank that holds it, and its gradient with
+    respect to the local slice (0 on rows whose label is `ignore_index`), both in the
+    accumulation dtype. Two all_reduces: the row maxima, then the sums of exponentials and the
+    picked logits together."""
+    acc = accumulation_dtype(logits.dtype)
+    x = logits.to(acc)
+    row_max = group.all_reduce(_local_max(x), dist.ReduceOp.MAX)
+    local_label = labels - first_class
+    here = (local_label >= 0) & (local_label < x.shape[-1])
+    picked = torch.where(
+        here, x.gather(1, local_label.clamp(0, max(x.shape[-1] - 1, 0)).unsqueeze(1)).squeeze(1)
+        if x.shape[-1] > 0 else torch.zeros_like(row_max), 0.0)
+    exponentials = torch.exp(x - row_max.unsqueeze(1))
+    sums = group.all_reduce(torch.stack([exponentials.sum(-1, dtype=torch.float64),
+                                         picked.to(torch.float64)], dim=1), dist.ReduceOp.SUM)
+    log_sum = torch.log(sums[:, 0]).to(acc)
+    counted = labels != ignore_index
+    loss_rows = torch.where(counted, row_scale * (log_sum + row_max - sums[:, 1].to(acc)), 0.0)
+    # d loss_row / d x = softmax - one_hot(label), zero for an ignored row
+    gradient = exponentials * torch.exp(-log_sum).unsqueeze(1)
+    if x.shape[-1] > 0:
+        gradient.scatter_add_(1, local_label.clamp(0, x.shape[-1] - 1).unsqueeze(1),
+                              -here.to(acc).unsqueeze(1))
+    return loss_rows, torch.where(counted.unsqueeze(1), row_scale * gradient, 0.0)
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross-entropy rows of logits split over the classes: `log sum_j exp(x_j) - x_label`, with
-    the label's logit found on the rank that holds it. Two all_reduces: the row maxima, then the
-    sums of exponentials and the picked logits together."""
+    """Cross-entropy rows of logits split over the classes (cross_entropy_rows); the backward
+    scales the gradient computed in the forward."""
 
     @staticmethod
     def forward(ctx, logits, labels, group, first_class, ignore_index, row_scale):
-        acc = accumulation_dtype(logits.dtype)
-        x = logits.to(acc)
-        row_max = group.all_reduce(_local_max(x), dist.ReduceOp.MAX)
-        local_label = labels - first_class
-        here = (local_label >= 0) & (local_label < x.shape[-1])
-        picked = torch.where(
-            here, x.gather(1, local_label.clamp(0, max(x.shape[-1] - 1, 0)).unsqueeze(1)).squeeze(1)
-            if x.shape[-1] > 0 else torch.zeros_like(row_max), 0.0)
-        exponentials = torch.exp(x - row_max.unsqueeze(1))
-        sums = group.all_reduce(torch.stack([exponentials.sum(-1, dtype=torch.float64),
-                                             picked.to(torch.float64)], dim=1), dist.ReduceOp.SUM)
-        log_sum = torch.log(sums[:, 0]).to(acc)
-        counted = labels != ignore_index
-        loss_rows = torch.where(counted, row_scale * (log_sum + row_max - sums[:, 1].to(acc)), 0.0)
-        # d loss_row / d x = softmax - one_hot(label), zero for an ignored row
-        gradient = exponentials * torch.exp(-log_sum).unsqueeze(1)
-        if x.shape[-1] > 0:
-            gradient.scatter_add_(1, local_label.clamp(0, x.shape[-1] - 1).unsqueeze(1),
-                                  -here.to(acc).unsqueeze(1))
-        gradient = torch.where(counted.unsqueeze(1), row_scale * gradient, 0.0)
+        loss_rows, gradient = cross_entropy_rows(logits, labels, group, first_class, ignore_index,
+                                                 row_scale)
         ctx.save_for_backward(gradient.to(logits.dtype))
         return loss_rows
 
@@ -547,7 +582,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, 
     backward writes the gradient of its own slice. Three collectives: a small agreement
     all_gather, then two all_reduces of 8 and 16 bytes per row (float64 and 16-bit inputs: 8 and
     16 too, the maxima in the accumulation dtype, 4 bytes for float32)."""
-    comm = _Group(group)
+    comm = CollectiveGroup(group)
 
     def check():
         if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
@@ -557,11 +592,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, 
                              f"{tuple(logits.shape[:-1])}")
         check_choice("reduction", reduction, _CROSS_ENTROPY_REDUCTIONS)
         flat = labels.reshape(-1).to(torch.int64)
-        # Cheap fingerprint of the labels: every rank must pass the same ones.
-        weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device)
-        fingerprint = int(((flat % 1000003) * weights).sum()) if flat.numel() else 0
-        fields = [flat.numel(), _shape_code(labels.shape), 1, 0, _DTYPE_CODES[logits.dtype], 0, 0,
-                  0, 0, _CROSS_ENTROPY_REDUCTIONS.index(reduction), fingerprint]
+        fields = [flat.numel(), shape_code(labels.shape), 1, 0, DTYPE_CODES[logits.dtype], 0, 0,
+                  0, 0, _CROSS_ENTROPY_REDUCTIONS.index(reduction), integer_fingerprint(flat)]
         return flat, fields, logits.shape[-1]
 
     flat, classes = agree(comm, check)

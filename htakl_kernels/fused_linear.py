@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from . import distributed, reference
 from ._backends import BACKENDS, kernel_ops, resolve_backend
 from ._library import accumulation_dtype
 from ._validation import (
-    check_alpha, check_choice, check_first_order_backward, check_float_tensor, check_hta_kl_options,
-    check_rows_for_reduction,
+    ROW_REDUCTIONS, TIME_REDUCTIONS, check_alpha, check_choice, check_first_order_backward,
+    check_float_tensor, check_hta_kl_options, check_rows_for_reduction,
 )
 from .hta_kl import _autocast_to_common_dtype
 
@@ -56,6 +56,9 @@ class _Plan(NamedTuple):
     counted: int  # rows that count (True in row_mask; N without a mask)
     alpha: float | None  # None: HTA-KL alone; else (1 - alpha) CE + alpha HTA-KL
     wants: tuple[bool, ...]  # gradient wanted for each of the six inputs
+    # vocab-parallel heads: the group (None on one device) and this rank's first global class
+    group: distributed.CollectiveGroup | None = None
+    first_class: int = 0
 
 
 def default_chunk_rows(steps: int, classes: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -93,7 +96,9 @@ def _check_linear_side(side: str, inputs, weight, bias, time_allowed: bool) -> N
 
 
 def _check_arguments(student_input, student_weight, student_bias, teacher_input, teacher_weight,
-                     teacher_bias, row_mask, labels, chunk_rows) -> None:
+                     teacher_bias, row_mask, labels, chunk_rows, parallel: bool) -> None:
+    """`parallel`: the weights are this rank's slice of a vocab-parallel head, which may hold no
+    class."""
     _check_linear_side("student", student_input, student_weight, student_bias, time_allowed=True)
     _check_linear_side("teacher", teacher_input, teacher_weight, teacher_bias, time_allowed=False)
     if student_weight.shape[0] != teacher_weight.shape[0]:
@@ -102,7 +107,7 @@ def _check_arguments(student_input, student_weight, student_bias, teacher_input,
             f"dimension), got student C={student_weight.shape[0]} and teacher "
             f"C={teacher_weight.shape[0]}"
         )
-    if student_weight.shape[0] < 1:
+    if student_weight.shape[0] < 1 and not parallel:
         raise ValueError("student_weight and teacher_weight must have at least one class (C >= 1)")
     for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
         if bias is not None and tuple(bias.shape) != (student_weight.shape[0],):
@@ -184,6 +189,14 @@ def _chunk_loss(plan: _Plan, student: torch.Tensor, teacher: torch.Tensor,
         loss_rows = student.new_zeros(student.shape[1], dtype=accumulate)
         d_student = torch.zeros_like(student) if want_student else None
         d_teacher = torch.zeros_like(teacher) if want_teacher else None
+    elif plan.group is not None:
+        loss_rows, d_student, d_teacher = distributed.vocab_parallel_rows(
+            student, teacher, plan.group, temperature=plan.temperature, delta=plan.delta,
+            logit_mean=time_input and plan.time_reduction == "logit_mean",
+            detach_weights=plan.detach_weights, row_scale=weight * row_scale,
+            grad_student=want_student, grad_teacher=want_teacher)
+        if d_student is not None:
+            d_student = d_student.contiguous()  # a 2-D student's is one step expanded over T
     elif plan.backend == "reference":
         with torch.enable_grad():
             leaves = (student.detach().requires_grad_(want_student),
@@ -208,23 +221,32 @@ def _chunk_loss(plan: _Plan, student: torch.Tensor, teacher: torch.Tensor,
         d_student = d_student if want_student else None
         d_teacher = d_teacher if want_teacher else None
     if plan.alpha is not None:
-        loss_rows = loss_rows + _cross_entropy_into(student, labels, d_student,
+        loss_rows = loss_rows + _cross_entropy_into(plan, student, labels, d_student,
                                                     (1.0 - plan.alpha) * row_scale)
     return loss_rows, d_student, d_teacher
 
 
-def _cross_entropy_into(student: torch.Tensor, labels: torch.Tensor, d_student, scale: float):
+def _cross_entropy_into(plan: _Plan, student: torch.Tensor, labels: torch.Tensor, d_student,
+                        scale: float):
     """`scale x` SpikingKDLoss's cross-entropy of each row (of the time-averaged logits),
     computed in the accumulation dtype; its gradient is added into `d_student` when given:
-    d CE / d z_t = (softmax(mean_t z) - onehot(label)) / T."""
+    d CE / d z_t = (softmax(mean_t z) - onehot(label)) / T. On a vocab-parallel head, the
+    cross-entropy of the whole rows and the gradient of this rank's classes."""
     steps = student.shape[0]
     mean_logits = student.to(accumulation_dtype(student.dtype)).mean(dim=0)
-    log_probs = torch.log_softmax(mean_logits, dim=-1)
-    loss_rows = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1) * scale
-    if d_student is not None:
+    if plan.group is not None:
+        # The chunk's rows all count and their labels are class indices: no index is ignored.
+        loss_rows, gradient = distributed.cross_entropy_rows(
+            mean_logits, labels, plan.group, plan.first_class, ignore_index=-1, row_scale=scale)
+        gradient_scale = 1.0 / steps  # the gradient is already scaled
+    else:
+        log_probs = torch.log_softmax(mean_logits, dim=-1)
+        loss_rows = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1) * scale
         gradient = log_probs.exp_()
         gradient.scatter_add_(1, labels.unsqueeze(1), gradient.new_full((labels.numel(), 1), -1.0))
-        d_student.add_(gradient.mul_(scale / steps).to(d_student.dtype).unsqueeze(0))
+        gradient_scale = scale / steps
+    if d_student is not None:
+        d_student.add_(gradient.mul_(gradient_scale).to(d_student.dtype).unsqueeze(0))
     return loss_rows
 
 
@@ -301,7 +323,23 @@ def _run_chunks(plan: _Plan, tensors, wants, row_weights: torch.Tensor | None = 
         if d_teacher is not None:
             _chunk_gradients(grads[3:6], wants[3:6], d_teacher, teacher_rows, teacher_weight,
                              start, index)
+    if plan.group is not None:
+        _sum_over_ranks(plan.group, [grads[0], grads[3]])
     return loss, grads
+
+
+def _sum_over_ranks(group: distributed.CollectiveGroup, grads) -> None:
+    """Vocab-parallel heads: each rank's input gradients hold its classes' part
+    (d_logits[:, slice] @ W[slice]); replace them by the sum over the ranks (one all_reduce, in
+    the accumulation dtype), the whole gradient, on every rank."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return
+    dtype = accumulation_dtype(torch.promote_types(present[0].dtype, present[-1].dtype))
+    total = group.all_reduce(torch.cat([g.reshape(-1).to(dtype) for g in present]),
+                             distributed.dist.ReduceOp.SUM)
+    for g, part in zip(present, total.split([g.numel() for g in present])):
+        g.copy_(part.view(g.shape))
 
 
 def _write_rows(target: torch.Tensor, rows: torch.Tensor, start: int, index) -> None:
@@ -318,8 +356,7 @@ def _chunk_gradients(grads, wants, d_logits, rows, weight, start, index) -> None
     grad_input, grad_weight, grad_bias = grads
     if wants[0]:
         _write_rows(grad_input, d_logits @ weight, start, index)
-    classes = weight.shape[0]
-    flat = d_logits.reshape(-1, classes)
+    flat = d_logits.flatten(0, -2)  # [(T x) rows, C]; C may be 0 on a vocab-parallel rank
     if wants[1]:
         _accumulate_product(grad_weight, flat.t(), rows.reshape(-1, rows.shape[-1]))
     if wants[2]:
@@ -368,49 +405,94 @@ class _FusedLinearLoss(torch.autograd.Function):
         return (None, *grads, None, None)
 
 
+# What every rank of a vocab-parallel head must pass alike (distributed.agree).
+_AGREEMENT_FIELDS = ("rows", "steps", "time input", "student hidden size", "teacher hidden size",
+                     "logits dtype", "temperature", "delta", "time_reduction", "detach_weights",
+                     "reduction", "alpha", "chunk_rows", "number of counted rows", "row_mask",
+                     "labels", "inputs requiring grad")
+
+
 def _prepare(student_input, student_weight, teacher_input, teacher_weight, student_bias,
              teacher_bias, temperature, delta, time_reduction, detach_weights, reduction, row_mask,
-             chunk_rows, backend, labels, alpha):
-    """Validate everything (before any work) and build the chunk loop's plan and row index."""
-    _check_arguments(student_input, student_weight, student_bias, teacher_input, teacher_weight,
-                     teacher_bias, row_mask, labels, chunk_rows)
-    check_hta_kl_options(temperature, delta, time_reduction, detach_weights, reduction)
-    check_choice("backend", backend, BACKENDS)
-    dtype = _logits_dtype(student_input, student_weight, student_bias, teacher_input,
-                          teacher_weight, teacher_bias)
+             chunk_rows, backend, labels, alpha, group):
+    """Validate everything (before any work; on a vocab-parallel head, on every rank, with every
+    rank agreeing) and build the chunk loop's plan and row index."""
+    parallel = distributed.is_parallel(group)
+
+    def check():
+        _check_arguments(student_input, student_weight, student_bias, teacher_input,
+                         teacher_weight, teacher_bias, row_mask, labels, chunk_rows, parallel)
+        check_hta_kl_options(temperature, delta, time_reduction, detach_weights, reduction)
+        check_choice("backend", backend, BACKENDS)
+        dtype = _logits_dtype(student_input, student_weight, student_bias, teacher_input,
+                              teacher_weight, teacher_bias)
+        check_rows_for_reduction(teacher_input.shape[0], reduction)
+        chosen = resolve_backend(backend, teacher_input.device)
+        # Counted rows are gathered once (one read of the mask, a device sync on a GPU): chunks
+        # then hold only rows that count, and batchmean's divisor is their number.
+        row_index = None if row_mask is None else row_mask.nonzero().squeeze(1)
+        grad_on = torch.is_grad_enabled()
+        wants = tuple(grad_on and tensor is not None and tensor.requires_grad
+                      for tensor in (student_input, student_weight, student_bias, teacher_input,
+                                     teacher_weight, teacher_bias))
+        return dtype, chosen, row_index, wants
+
+    def check_and_fields():
+        dtype, chosen, row_index, wants = result = check()
+        fields = [
+            teacher_input.shape[0], student_input.shape[0] if student_input.dim() == 3 else 1,
+            student_input.dim() - 2, student_input.shape[-1], teacher_input.shape[-1],
+            distributed.DTYPE_CODES[dtype], distributed.float_bits(temperature),
+            distributed.float_bits(delta), TIME_REDUCTIONS.index(time_reduction),
+            int(detach_weights), ROW_REDUCTIONS.index(reduction),
+            -1 if alpha is None else distributed.float_bits(alpha), chunk_rows or 0,
+            teacher_input.shape[0] if row_index is None else row_index.numel(),
+            -1 if row_mask is None else distributed.integer_fingerprint(row_mask),
+            -1 if labels is None else distributed.integer_fingerprint(labels),
+            sum(int(want) << position for position, want in enumerate(wants)),
+        ]
+        return result, fields, student_weight.shape[0]
+
+    if parallel:
+        comm = distributed.CollectiveGroup(group)
+        caller = "fused_linear_hta_kl_div" if labels is None else "fused_linear_spiking_kd_loss"
+        (dtype, chosen, row_index, wants), classes = distributed.agree(
+            comm, check_and_fields, names=_AGREEMENT_FIELDS, caller=caller)
+        # The chunk size must be the same on every rank (each chunk is a round of collectives):
+        # the default fits the largest slice.
+        total_classes, widest = int(classes.sum()), int(classes.max())
+        first_class = int(classes[:comm.rank].sum())
+    else:
+        comm = None
+        dtype, chosen, row_index, wants = check()
+        total_classes = widest = student_weight.shape[0]
+        first_class = 0
     rows = teacher_input.shape[0]
-    check_rows_for_reduction(rows, reduction)
-    device = teacher_input.device
-    chosen = resolve_backend(backend, device)
-    # Counted rows are gathered once (one read of the mask, a device sync on a GPU): chunks then
-    # hold only rows that count, and batchmean's divisor is their number.
-    row_index = None if row_mask is None else row_mask.nonzero().squeeze(1)
     counted = rows if row_index is None else row_index.numel()
     if labels is not None:
-        _check_label_range(labels, row_index, student_weight.shape[0])
+        # Every rank passed the same labels (agreed above), so this raises on all or none.
+        _check_label_range(labels, row_index, total_classes)
     steps = student_input.shape[0] if student_input.dim() == 3 else 1
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(steps, student_weight.shape[0], dtype, device)
-    grad_on = torch.is_grad_enabled()
-    wants = tuple(grad_on and tensor is not None and tensor.requires_grad
-                  for tensor in (student_input, student_weight, student_bias, teacher_input,
-                                 teacher_weight, teacher_bias))
+        chunk_rows = default_chunk_rows(steps, widest, dtype, teacher_input.device)
     plan = _Plan(float(temperature), float(delta), time_reduction, detach_weights, reduction,
-                 chosen, chunk_rows, rows, student_input.dim() == 3, dtype, counted, alpha, wants)
+                 chosen, chunk_rows, rows, student_input.dim() == 3, dtype, counted, alpha, wants,
+                 comm, first_class)
     return plan, row_index
 
 
 @torch.compiler.disable
 def _fused_linear_loss(student_input, student_weight, teacher_input, teacher_weight, *,
                        student_bias, teacher_bias, temperature, delta, time_reduction,
-                       detach_weights, reduction, row_mask, chunk_rows, backend, labels, alpha):
+                       detach_weights, reduction, row_mask, chunk_rows, backend, labels, alpha,
+                       group):
     # torch.compile breaks the graph here: the chunk loop's trip count depends on the mask's
     # contents, and its kernels compute gradients inside the forward, which a traced graph
     # cannot express. Everything before and after the call is compiled as usual.
     plan, row_index = _prepare(student_input, student_weight, teacher_input, teacher_weight,
                                student_bias, teacher_bias, temperature, delta, time_reduction,
                                detach_weights, reduction, row_mask, chunk_rows, backend, labels,
-                               alpha)
+                               alpha, group)
     return _FusedLinearLoss.apply(plan, student_input, student_weight, student_bias,
                                   teacher_input, teacher_weight, teacher_bias, labels, row_index)
 
@@ -431,6 +513,7 @@ def fused_linear_hta_kl_div(
     row_mask: torch.Tensor | None = None,
     chunk_rows: int | None = None,
     backend: str = "auto",
+    group=None,
 ) -> torch.Tensor:
     """`hta_kl_div(F.linear(student_input, student_weight, student_bias),
     F.linear(teacher_input, teacher_weight, teacher_bias), ...)` without materializing the logits.
@@ -454,6 +537,19 @@ def fused_linear_hta_kl_div(
             fit in 24 MiB on CPU, 256 MiB on CUDA (`default_chunk_rows`). Peak extra memory is
             a small multiple of that (the logits, their gradients, the kernel's scratch) and does
             not grow with N.
+        group: a torch.distributed process group over which the heads are split by classes
+            (vocab parallelism, as Megatron-LM's column-parallel output layer): each rank passes
+            its contiguous slice of the rows of `student_weight` and `teacher_weight` (and of the
+            biases), ranks in group order, slices of any size including 0, and the same inputs,
+            row_mask, labels and options. Every rank gets the loss of the whole rows; each gets
+            the weight and bias gradients of its own slice, and the whole gradient of
+            `student_input` and `teacher_input`: the per-slice parts are summed over the ranks by
+            one all_reduce after the chunk loop (Megatron's column-parallel linear does the same
+            in its backward), so the replicated layers below need no further reduction. Each
+            chunk makes `htakl_kernels.distributed`'s collectives (plus two for the
+            cross-entropy), and chunk_rows=None sizes chunks by the widest slice. With reduction
+            "none" the backward runs the chunk loop, collectives included, again: every rank
+            must run it. None, or a group of one rank, is the single-device call.
 
     Returns the loss in the logits' dtype (under autocast, autocast's dtype: the matmuls run in
     it, the loss math in float32): 0-d, or `[N]` for "none".
@@ -472,6 +568,7 @@ def fused_linear_hta_kl_div(
         teacher_bias=teacher_bias, temperature=temperature, delta=delta,
         time_reduction=time_reduction, detach_weights=detach_weights, reduction=reduction,
         row_mask=row_mask, chunk_rows=chunk_rows, backend=backend, labels=None, alpha=None,
+        group=group,
     )
 
 
@@ -493,6 +590,7 @@ def fused_linear_spiking_kd_loss(
     row_mask: torch.Tensor | None = None,
     chunk_rows: int | None = None,
     backend: str = "auto",
+    group=None,
 ) -> torch.Tensor:
     """`SpikingKDLoss(alpha, ...)(student_logits, teacher_logits, labels)` on the heads' outputs
     without materializing them: `(1 - alpha) * CE(mean_t student logits, labels) + alpha *
@@ -500,7 +598,9 @@ def fused_linear_spiking_kd_loss(
     same chunk loop as `fused_linear_hta_kl_div` (whose other arguments this takes).
 
     `labels`: int64 `[N]` class indices; rows that `row_mask` leaves out may hold anything (e.g.
-    an ignore index). The cross-entropy is computed in float32 (float64 for float64 logits).
+    an ignore index); with `group`, global class indices (the cross-entropy is then that of the
+    whole rows, `htakl_kernels.distributed.cross_entropy_rows`). The cross-entropy is computed in
+    float32 (float64 for float64 logits).
     `alpha = 0` skips the distillation term (SpikingKDLoss computes it and multiplies by 0).
     """
     return _fused_linear_loss(
@@ -508,19 +608,20 @@ def fused_linear_spiking_kd_loss(
         teacher_bias=teacher_bias, temperature=temperature, delta=delta,
         time_reduction=time_reduction, detach_weights=detach_weights, reduction=reduction,
         row_mask=row_mask, chunk_rows=chunk_rows, backend=backend, labels=labels,
-        alpha=check_alpha(alpha),
+        alpha=check_alpha(alpha), group=group,
     )
 
 
 _OPTION_NAMES = ("temperature", "delta", "time_reduction", "detach_weights", "reduction",
-                 "chunk_rows", "backend")
+                 "chunk_rows", "backend", "group")
 
 
 class FusedLinearHTAKLLoss(nn.Module):
     """`FusedLinearHTAKLLoss(**options)(student_input, student_weight, teacher_input,
     teacher_weight, student_bias=None, teacher_bias=None, row_mask=None)` is
     `fused_linear_hta_kl_div` with those options (temperature, delta, time_reduction,
-    detach_weights, reduction, chunk_rows, backend).
+    detach_weights, reduction, chunk_rows, backend, group: a process group over which the heads
+    are split by classes).
 
     As for `HTAKLLoss`, the options are checked here and kept as attributes of the same names,
     which every call reads.
@@ -529,14 +630,14 @@ class FusedLinearHTAKLLoss(nn.Module):
     def __init__(self, *, temperature: float = 2.0, delta: float = 0.5,
                  time_reduction: str = "prob_mean", detach_weights: bool = False,
                  reduction: str = "batchmean", chunk_rows: int | None = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", group=None) -> None:
         super().__init__()
         check_hta_kl_options(temperature, delta, time_reduction, detach_weights, reduction)
         check_choice("backend", backend, BACKENDS)
         _check_chunk_rows(chunk_rows)
         self.temperature, self.delta, self.time_reduction = temperature, delta, time_reduction
         self.detach_weights, self.reduction = detach_weights, reduction
-        self.chunk_rows, self.backend = chunk_rows, backend
+        self.chunk_rows, self.backend, self.group = chunk_rows, backend, group
 
     @property
     def options(self) -> dict:

@@ -347,3 +347,102 @@ def _api_worker(rank, world):
 
 def test_api_errors_and_traffic(tmp_path):
     run_group(3, _api_worker, tmp_path)
+
+
+def _fused_linear_case(rank, sizes, dtype, failures, what, *, steps=None, labels=None,
+                       row_mask=None, upstream=None, **options):
+    """One fused-linear case: this rank's rows of the heads' weights and biases through the
+    vocab-parallel call against the single-process call on the whole heads (CPU kernel): the
+    loss, the weight and bias gradients of the rank's slice, the whole input gradients."""
+    generator = torch.Generator().manual_seed(sum(sizes) * 31 + (steps or 0))
+    rows, student_hidden, teacher_hidden = 6, 7, 5
+    classes = sum(sizes)
+    draw = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)  # noqa: E731
+    student_input = draw(*(() if steps is None else (steps,)), rows, student_hidden)
+    whole = dict(student_input=student_input, student_weight=draw(classes, student_hidden) * 2,
+                 student_bias=draw(classes), teacher_input=draw(rows, teacher_hidden),
+                 teacher_weight=draw(classes, teacher_hidden) * 2, teacher_bias=draw(classes))
+    start, stop = _bounds(sizes, rank)
+    local = {name: (tensor if name.endswith("input") else tensor[start:stop]).clone()
+             for name, tensor in whole.items()}
+    whole = {name: tensor.clone() for name, tensor in whole.items()}
+    for tensors in (local, whole):
+        for tensor in tensors.values():
+            tensor.requires_grad_(True)
+    extra = dict(row_mask=row_mask, **options)
+    if labels is None:
+        call = hk.fused_linear_hta_kl_div
+    else:
+        call = lambda *args, **kwargs: hk.fused_linear_spiking_kd_loss(*args[:4], labels, **kwargs)  # noqa: E731
+
+    def run(tensors, **more):
+        loss = call(tensors["student_input"], tensors["student_weight"], tensors["teacher_input"],
+                    tensors["teacher_weight"], student_bias=tensors["student_bias"],
+                    teacher_bias=tensors["teacher_bias"], **extra, **more)
+        (loss * (1.0 if upstream is None else upstream.to(dtype))).sum().backward()
+        return loss.detach()
+
+    got = run(local, group=dist.group.WORLD)
+    expected = run(whole, backend="cpu")
+    grad_tolerance = dict(GRAD_TOLERANCES[dtype], atol=1e-13 if dtype == torch.float64 else 1e-6)
+    try:
+        torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
+        for name in whole:
+            want = whole[name].grad if name.endswith("input") else whole[name].grad[start:stop]
+            torch.testing.assert_close(local[name].grad, want, **grad_tolerance,
+                                       msg=lambda message, name=name: f"{name}: {message}")
+        losses = [torch.empty_like(got) for _ in range(dist.get_world_size())]
+        dist.all_gather(losses, got)
+        assert all(torch.equal(other, got) for other in losses), "ranks got different losses"
+    except AssertionError as error:
+        failures.append(f"fused linear {what} {dtype} sizes={sizes} {options}: {error}")
+
+
+def _fused_linear_worker(rank, world):
+    failures = []
+    generator = torch.Generator().manual_seed(5)
+    row_mask = torch.tensor([True, False, True, True, False, True])
+    labels = torch.randint(0, 13, (6,), generator=generator)
+    labels[1] = -100  # a masked row's label is never read
+    upstream = torch.rand(6, generator=generator, dtype=torch.float64)
+    splits = ([5, 0, 8], [1, 9, 3])  # a rank with no class; uneven slices
+    cases = [
+        (splits[0], torch.float64, "2-D", dict(reduction="batchmean", chunk_rows=4)),
+        (splits[1], torch.float64, "2-D", dict(reduction="sum", detach_weights=True)),
+        (splits[0], torch.float64, "T=3", dict(steps=3, reduction="none", chunk_rows=2,
+                                               upstream=upstream)),
+        (splits[1], torch.float64, "T=3 logit_mean",
+         dict(steps=3, time_reduction="logit_mean", row_mask=row_mask, chunk_rows=3)),
+        (splits[0], torch.float64, "spiking KD", dict(steps=2, labels=labels, alpha=0.3,
+                                                      row_mask=row_mask, chunk_rows=2)),
+        (splits[1], torch.float64, "spiking KD none", dict(labels=labels.clamp(min=0), alpha=0.6, reduction="none",
+                                                           upstream=upstream)),
+        (splits[1], torch.float32, "T=3", dict(steps=3, chunk_rows=4)),
+    ]
+    for sizes, dtype, what, options in cases:
+        _fused_linear_case(rank, sizes, dtype, failures, what, **options)
+    # The module form, and options that differ between ranks: an error on every rank.
+    start, stop = _bounds(splits[0], rank)
+    whole_weight = torch.randn(13, 4, generator=generator)
+    weight = whole_weight[start:stop]
+    features = torch.randn(6, 4, generator=generator)
+    counted_labels = labels.clamp(min=0)
+    got = hk.FusedLinearSpikingKDLoss(alpha=0.5, group=dist.group.WORLD)(
+        features, weight, features, weight, counted_labels)
+    want = hk.FusedLinearSpikingKDLoss(alpha=0.5)(features, whole_weight, features, whole_weight,
+                                                  counted_labels)
+    try:
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    except AssertionError as error:
+        failures.append(f"FusedLinearSpikingKDLoss: {error}")
+    _expect_error(failures, "chunk_rows differing", lambda: hk.fused_linear_hta_kl_div(
+        features, weight, features, weight, chunk_rows=2 + (rank == 2), group=dist.group.WORLD),
+        ValueError, "chunk_rows")
+    _expect_error(failures, "labels out of range", lambda: hk.fused_linear_spiking_kd_loss(
+        features, weight, features, weight, torch.full((6,), 13), group=dist.group.WORLD),
+        ValueError, "[0, 13)")
+    return failures
+
+
+def test_fused_linear_matches_single_device(tmp_path):
+    run_group(3, _fused_linear_worker, tmp_path)
