@@ -35,6 +35,8 @@ class Backend:
     unavailable_reason: Callable[[str], str | None]
     # imports the kernels (lazily: importing Triton costs seconds); None for the reference
     load_ops: Callable[[], KernelOps] | None
+    # the vocab-parallel HTA-KL's phase ops (_ops/hta_kl_phases.py); None: the PyTorch-op phases
+    load_phases: Callable[[], object] | None = None
 
 
 def _always_available(_device_type: str) -> None:
@@ -91,6 +93,12 @@ def _compiled_ops() -> KernelOps:
     return KernelOps(ops.hta_kl_fused.default, ops.lif_forward.default, ops.lif_backward.default)
 
 
+def _kernel_phases():
+    from ._ops.hta_kl_phases import KernelPhases
+
+    return KernelPhases
+
+
 def _triton_ops() -> KernelOps:
     # Import statements, not importlib: torch.compile traces this call.
     from .triton_kernels import hta_kl, lif
@@ -102,7 +110,7 @@ _TABLE = {
     backend.name: backend
     for backend in (
         Backend("reference", _always_available, None),
-        Backend("cpu", _cpu_unavailable, _compiled_ops),
+        Backend("cpu", _cpu_unavailable, _compiled_ops, _kernel_phases),
         Backend("triton", _triton_unavailable, _triton_ops),
         # The CPU and CUDA kernels register under the same ops; the dispatcher picks by device.
         Backend("cuda", _cuda_unavailable, _compiled_ops),
@@ -161,3 +169,10 @@ def kernel_ops(backend: str) -> KernelOps:
     if loader is None:
         raise ValueError(f"backend {backend!r} has no kernels; call htakl_kernels.reference")
     return loader()
+
+
+def phase_ops(backend: str):
+    """The vocab-parallel phase ops of a resolved backend, or None where it has none (the
+    reference, and the GPU kernels, whose phases run as PyTorch ops)."""
+    loader = _TABLE[backend].load_phases
+    return None if loader is None else loader()

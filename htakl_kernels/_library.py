@@ -32,8 +32,28 @@ LIF_BACKWARD_SCHEMA = (
     "bool detach_reset, str surrogate, float alpha) -> (Tensor, Tensor)"
 )
 
+# The vocab-parallel HTA-KL's phases on one rank's slice of the classes: see
+# htakl_kernels/_ops/hta_kl_phases.py for the contract.
+HTA_KL_SLICE_SCHEMAS = {
+    "hta_kl_slice_max": "(Tensor x) -> Tensor",
+    "hta_kl_slice_exp_sums": "(Tensor x, Tensor row_max, float inv_tau) -> (Tensor, Tensor, Tensor)",
+    "hta_kl_slice_histogram": "(Tensor p, Tensor prefix, int shift, int width) -> (Tensor, Tensor)",
+    "hta_kl_slice_head": "(Tensor p, Tensor boundary, Tensor tied_in_head) -> Tensor",
+    "hta_kl_slice_sums": (
+        "(Tensor p, Tensor log_p, Tensor q, Tensor log_q, Tensor q_steps, Tensor log_q_steps, "
+        "Tensor head) -> Tensor"
+    ),
+    "hta_kl_slice_grads": (
+        "(Tensor p, Tensor log_p, Tensor q, Tensor log_q, Tensor q_steps, Tensor log_q_steps, "
+        "Tensor head, Tensor totals, float inv_tau, float row_scale, bool detach_weights, "
+        "int steps, bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)"
+    ),
+}
+
 LIBRARY = torch.library.Library("htakl", "DEF")
 LIBRARY.define("hta_kl_fused" + HTA_KL_SCHEMA)
+for _name, _schema in HTA_KL_SLICE_SCHEMAS.items():
+    LIBRARY.define(_name + _schema)
 LIBRARY.define("lif_forward" + LIF_FORWARD_SCHEMA)
 LIBRARY.define("lif_backward" + LIF_BACKWARD_SCHEMA)
 

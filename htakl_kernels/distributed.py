@@ -51,11 +51,16 @@ chunk of rows on each rank's slice of the heads' output rows (`vocab_parallel_ro
 `cross_entropy_rows`' two all_reduces), and one all_reduce of the input gradients after the
 chunk loop (`htakl_kernels/fused_linear.py`).
 
-**Backends.** On a group of two or more ranks every phase runs as PyTorch tensor ops on the
-inputs' device (CPU or CUDA), vectorized over rows and classes: the fused kernels compute a whole
-row in one pass and have no entry point for the split phases. `backend` is still checked (it must
-be available for the inputs' device) but selects no kernel there. Gloo (CPU tensors; CUDA tensors
-are moved to the CPU for the collectives) and NCCL (CUDA tensors) both work.
+**Backends.** The local work of each phase (the slice's maxima and sums of exponentials, one
+histogram per digit, the head membership, the row sums, the gradients) goes through the phase
+ops of the resolved `backend` (`phases_for`; contract in `htakl_kernels/_ops/hta_kl_phases.py`):
+the CPU kernel has them (csrc/cpu/hta_kl_cpu_phases.cpp, the fused kernel's per-class math); the
+reference backend, and the CUDA and Triton backends (which have no phase entry points yet), run
+the same phases as PyTorch tensor ops on the inputs' device, vectorized over rows and classes.
+The softmax normalization and the prob_mean mixing between phases are PyTorch ops on every
+backend. Gloo (CPU tensors; CUDA tensors are moved to the CPU for the collectives) and NCCL (CUDA
+tensors) both work. Every rank should resolve the same backend: the phase ops agree with the
+PyTorch ones to rounding, not bit for bit.
 
 **Agreement with one device.** The head is the same set of classes as the single-device kernels'
 on the concatenated rows (ties by global class index) wherever SPEC 1, *Rounding at the head
@@ -71,16 +76,14 @@ import struct
 import torch
 import torch.distributed as dist
 
-from ._backends import resolve_backend
+from ._backends import phase_ops, resolve_backend
+from ._ops.hta_kl_phases import MASS_BITS, TorchPhases, key_bits
 from ._library import accumulation_dtype
 from .reference.hta_kl import head_mask
 from ._validation import (ROW_REDUCTIONS, TIME_REDUCTIONS, HtaKlShape, check_choice,
                           check_first_order_backward, check_hta_kl_args)
 
-# Fixed-point scale of the selection's masses: p <= 1 (up to rounding), so a row's total stays
-# far below 2**63 even after float32 rounding of every p.
-_MASS_BITS = 62
-_DIGIT_BITS = 8
+_DIGIT_BITS = 8  # the selection's digits; masses in fixed point: hta_kl_phases.MASS_BITS
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 _CROSS_ENTROPY_REDUCTIONS = ("mean", "sum", "none")  # F.cross_entropy's
 _AGREEMENT_FIELDS = ("rows", "rows shape", "steps", "time input", "dtype", "temperature", "delta",
@@ -221,127 +224,90 @@ def agree(group: CollectiveGroup, check, names: tuple[str, ...] = _AGREEMENT_FIE
     return result, classes
 
 
-def _local_max(x: torch.Tensor) -> torch.Tensor:
-    """Each row's maximum over this rank's slice, -inf for an empty slice. NaN stays out of the
-    MAX (reductions need not propagate it); it reaches every rank through the sums of
-    exponentials that follow instead."""
-    if x.shape[-1] == 0:
-        return x.new_full(x.shape[:-1], -math.inf)
-    return torch.where(x.isnan(), -math.inf, x).amax(dim=-1)
+def phases_for(backend: str):
+    """The phase ops of a resolved backend: its kernels' where it has them (the CPU kernel), else
+    the PyTorch-op phases (the reference backend, CUDA and Triton)."""
+    return phase_ops(backend) or TorchPhases
 
 
-def _softmaxes(streams: list[torch.Tensor], group: CollectiveGroup, inv_tau: float):
-    """SPEC 1.1-1.2 over the whole rows for each of `streams` ([K, R, c] each: the teacher, the
-    student's softmaxes), two collectives for all of them: per stream, the log softmax and
-    softmax of the local slices and each row's log-sum-exp [K, R]."""
-    counts = [x.shape[0] for x in streams]
-    row_max = group.all_reduce(torch.cat([_local_max(x) for x in streams]), dist.ReduceOp.MAX)
-    shifted = [(x - m.unsqueeze(-1)) * inv_tau for x, m in zip(streams, row_max.split(counts))]
-    exponentials = [torch.exp(x) for x in shifted]
-    sums = group.all_reduce(torch.cat([e.sum(dim=-1, dtype=torch.float64) for e in exponentials]),
-                            dist.ReduceOp.SUM)
-    results = []
-    for x, e, total in zip(shifted, exponentials, sums.split(counts)):
-        log_sum = torch.log(total).to(x.dtype)
-        results.append((x - log_sum.unsqueeze(-1), e * torch.exp(-log_sum).unsqueeze(-1), log_sum))
-    return results
+def _softmaxes(x: torch.Tensor, group: CollectiveGroup, inv_tau: float, phases):
+    """SPEC 1.1-1.2 over the whole rows for the streams x [K, R, c] (the teacher, the student's
+    softmaxes; accumulation dtype), two collectives for all of them: the log softmax and softmax
+    of the local slices [K, R, c] and each row's log-sum-exp [K, R]."""
+    row_max = group.all_reduce(phases.slice_max(x), dist.ReduceOp.MAX)
+    shifted, exponentials, sums = phases.slice_exp_sums(x, row_max, inv_tau)
+    log_sum = torch.log(group.all_reduce(sums, dist.ReduceOp.SUM)).to(x.dtype).unsqueeze(-1)
+    return shifted - log_sum, exponentials * torch.exp(-log_sum), log_sum.squeeze(-1)
 
 
-def _head(p: torch.Tensor, invalid_rows: torch.Tensor, delta: float, group: CollectiveGroup) -> torch.Tensor:
+def _head(p: torch.Tensor, invalid_rows: torch.Tensor, delta: float, group: CollectiveGroup,
+          phases) -> torch.Tensor:
     """SPEC 1.3 membership [R, c] of the local classes, by a radix select over the whole rows.
 
     Keys are the bit patterns of p (non-negative floats order like their bits); masses are p in
-    fixed point, so the histograms add up exactly over the ranks. The first digit runs over every
-    class; the later ones only over the classes left in the chosen buckets (gathered into a flat
-    list, in row-major order, so ascending class index within a row). `invalid_rows` (NaN rows)
-    get an empty head, as in the kernels."""
-    key_bits = 31 if p.dtype == torch.float32 else 63
-    integer = torch.int32 if p.dtype == torch.float32 else torch.int64
-    rows, local_classes = p.shape
-    valid = ~p.isnan()
-    keys = torch.where(valid, p.view(integer), 0).to(torch.int64)
-    scale = float(2 ** _MASS_BITS)
+    fixed point, so the histograms add up exactly over the ranks. Each digit's histogram covers
+    the classes whose higher digits are the ones chosen so far; the last one's counts at the
+    chosen digit are the slice's classes tied at the boundary. `invalid_rows` (NaN rows) get an
+    empty head, as in the kernels."""
+    rows = p.shape[0]
     # mass < delta  <=>  fixed-point mass < ceil(delta * 2**62), exactly
-    threshold = math.ceil(float(delta) * scale)
-    prefix = keys.new_zeros(rows)
-    mass_above = keys.new_zeros(rows)
-
-    def choose(histogram, width):
-        """The boundary digit of every row from the group's histogram [R, 2**width]: the highest
-        digit whose mass at or above it reaches delta."""
-        nonlocal prefix, mass_above
-        histogram = group.all_reduce(histogram, dist.ReduceOp.SUM)
+    threshold = math.ceil(float(delta) * float(2 ** MASS_BITS))
+    prefix = torch.zeros(rows, dtype=torch.int64, device=p.device)
+    mass_above = torch.zeros_like(prefix)
+    remaining = key_bits(p.dtype)
+    whole_row_in_head = None
+    while remaining > 0:
+        width = min(_DIGIT_BITS, remaining)
+        remaining -= width
+        counts, masses = phases.slice_histogram(p, prefix, remaining, width)
+        # The boundary digit of every row: the highest whose mass at or above it reaches delta.
+        histogram = group.all_reduce(masses, dist.ReduceOp.SUM)
         at_or_above = histogram.flip(1).cumsum(1).flip(1) + mass_above.unsqueeze(1)
         reached = (at_or_above >= threshold).sum(dim=1)
-        # Past the first digit it is always reached: the chosen bucket's exact mass is split
-        # among its sub-buckets.
+        if whole_row_in_head is None:
+            # Past the first digit it is always reached: the chosen bucket's exact mass is split
+            # among its sub-buckets.
+            whole_row_in_head = reached == 0
         chosen = (reached - 1).clamp(min=0).unsqueeze(1)
         mass_above = (at_or_above.gather(1, chosen) - histogram.gather(1, chosen)).squeeze(1)
         prefix = (prefix << width) | chosen.squeeze(1)
-        return reached
-
-    width = min(_DIGIT_BITS, key_bits)
-    remaining = key_bits - width
-    first_digits = keys >> remaining
-    masses = torch.floor(torch.where(valid, p, 0).to(torch.float64) * scale).to(torch.int64)
-    whole_row_in_head = choose(keys.new_zeros(rows, 1 << width).scatter_add_(1, first_digits, masses),
-                               width) == 0
-    candidate_row, candidate_class = (first_digits == prefix.unsqueeze(1)).nonzero(as_tuple=True)
-    candidate_keys = keys[candidate_row, candidate_class]
-    candidate_masses = masses[candidate_row, candidate_class]
-    while remaining > 0:
-        width = min(_DIGIT_BITS, remaining)
-        shift = remaining - width
-        still = (candidate_keys >> remaining) == prefix[candidate_row]
-        slots = candidate_row * (1 << width) + ((candidate_keys >> shift) & ((1 << width) - 1))
-        histogram = keys.new_zeros(rows << width).scatter_add_(
-            0, slots, torch.where(still, candidate_masses, 0))
-        choose(histogram.view(rows, 1 << width), width)
-        remaining = shift
-    tied = (candidate_keys == prefix[candidate_row]) & valid[candidate_row, candidate_class]
-    local_ties = keys.new_zeros(rows).index_add_(0, candidate_row, tied.to(torch.int64))
+    local_ties = counts.gather(1, chosen).squeeze(1)
     tie_counts = group.all_gather(local_ties)  # [ranks, R]
-    tied_before = tie_counts[:group.rank].sum(dim=0)
+    integer = torch.int32 if p.dtype == torch.float32 else torch.int64
     boundary_value = prefix.to(integer).view(p.dtype).to(torch.float64)
-    boundary_mass = torch.floor(boundary_value * scale).to(torch.int64).clamp(min=1)
+    boundary_mass = torch.floor(boundary_value * float(2 ** MASS_BITS)).to(torch.int64).clamp(min=1)
     # SPEC 1.3's r = #{k >= 1 : mass_above + k w < delta} = ceil((delta - mass_above) / w) - 1,
     # in exact integers (no product k w that could overflow)
     room = threshold - mass_above
     tied_in_head = (-torch.div(-room, boundary_mass, rounding_mode="floor") - 1).clamp(min=0)
     tied_in_head = torch.minimum(tied_in_head, tie_counts.sum(dim=0))
-    # position of each tied candidate among its row's ties on this rank (candidates are in
-    # row-major order), then among the whole row's
-    running = tied.to(torch.int64).cumsum(0)
-    row_start = torch.cumsum(local_ties, 0) - local_ties
-    position = running - 1 - row_start[candidate_row] + tied_before[candidate_row]
-    head = keys > prefix.unsqueeze(1)
-    head[candidate_row, candidate_class] |= tied & (position < tied_in_head[candidate_row])
-    head |= whole_row_in_head.unsqueeze(1)
-    return head & ~invalid_rows.unsqueeze(1)
-
-
-def _where_positive(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """`value` where x > 0, else 0 (SPEC 1.6: a term whose leading factor is zero is zero)."""
-    return torch.where(x > 0, value, torch.zeros_like(value))
+    # the head's tied classes are the first of the whole row's: those of the ranks before this
+    # one come first
+    local_in_head = (tied_in_head - tie_counts[:group.rank].sum(dim=0)).clamp(min=0)
+    boundary = torch.where(whole_row_in_head, -1, prefix)
+    boundary = torch.where(invalid_rows, torch.iinfo(torch.int64).max, boundary)
+    return phases.slice_head(p, boundary.contiguous(), local_in_head.contiguous())
 
 
 def vocab_parallel_rows(student: torch.Tensor, teacher: torch.Tensor, group: CollectiveGroup, *,
-                        temperature: float, delta: float, logit_mean: bool, detach_weights: bool,
-                        row_scale: float, grad_student: bool, grad_teacher: bool):
+                        backend: str, temperature: float, delta: float, logit_mean: bool,
+                        detach_weights: bool, row_scale: float, grad_student: bool,
+                        grad_teacher: bool):
     """The fused op's contract (htakl_kernels/_ops/hta_kl.py) over the group: student [T, R, c],
     teacher [R, c] (local slices) -> (row_scale * loss_row [R] of the whole rows, the same on
-    every rank, and the gradients of the local slices or None). Every rank of the group must make
-    the same call (same R, T and options)."""
+    every rank, and the gradients of the local slices or None), the phases those of the resolved
+    `backend` (phases_for). Every rank of the group must make the same call (same R, T and
+    options)."""
     # The statistics keep the accumulation dtype: autocast would run their batched product in
     # 16 bits.
     with torch.autocast(student.device.type, enabled=False):
-        return _rows(student, teacher, group, temperature=temperature, delta=delta,
-                     logit_mean=logit_mean, detach_weights=detach_weights, row_scale=row_scale,
-                     grad_student=grad_student, grad_teacher=grad_teacher)
+        return _rows(student, teacher, group, phases_for(backend), temperature=temperature,
+                     delta=delta, logit_mean=logit_mean, detach_weights=detach_weights,
+                     row_scale=row_scale, grad_student=grad_student, grad_teacher=grad_teacher)
 
 
-def _rows(student, teacher, group, *, temperature, delta, logit_mean, detach_weights, row_scale,
-          grad_student, grad_teacher):
+def _rows(student, teacher, group, phases, *, temperature, delta, logit_mean, detach_weights,
+          row_scale, grad_student, grad_teacher):
     steps = student.shape[0]
     acc = accumulation_dtype(teacher.dtype)
     inv_tau = 1.0 / temperature
@@ -349,9 +315,9 @@ def _rows(student, teacher, group, *, temperature, delta, logit_mean, detach_wei
     student_acc = student.to(acc)
     if steps > 1 and logit_mean:
         student_acc = student_acc.mean(dim=0, keepdim=True)
-    (log_p, p, log_sum_p), (log_q_steps, q_steps, _) = _softmaxes(
-        [teacher.to(acc).unsqueeze(0), student_acc], group, inv_tau)
-    log_p, p = log_p[0], p[0]
+    streams = torch.cat([teacher.to(acc).unsqueeze(0), student_acc])
+    log_probs, probs, log_sums = _softmaxes(streams, group, inv_tau, phases)
+    log_p, p, log_q_steps, q_steps = log_probs[0], probs[0], log_probs[1:], probs[1:]
     if prob_mean:
         # SPEC 1.2: log q = logsumexp_t(log q_t) - log T; a class at -inf at every step has q = 0.
         q = q_steps.mean(dim=0)
@@ -359,75 +325,15 @@ def _rows(student, teacher, group, *, temperature, delta, logit_mean, detach_wei
         log_q = torch.where(never, -math.inf,
                             torch.logsumexp(torch.where(never, 0.0, log_q_steps), dim=0)
                             - math.log(steps))
-        # q_tk / q_k in [0, T], as a ratio of exponentials, never a division by a tiny q_k
-        ratio = _where_positive(q_steps, torch.exp(log_q_steps - log_q))
     else:
         q, log_q = q_steps[0], log_q_steps[0]
-
-    head = _head(p, log_sum_p[0].isnan(), delta, group)
-    distance = (p - q).abs()
-    sign = torch.sign(q - p)
-    # Head and tail sums of the split quantities in one batched product with [head, tail] masks
-    # (x * 1 and x * 0 are exact, so each sum holds exactly its side's terms).
-    split = [distance, q * sign, p * sign]
-    if prob_mean:
-        split += list(q_steps * sign)
-    head_f = head.to(acc)
-    sides = torch.bmm(torch.stack(split, dim=1), torch.stack([head_f, 1 - head_f], dim=2))
-    sums = [sides[:, 0, 0], sides[:, 0, 1],
-            _where_positive(p, p * (log_p - log_q)).sum(-1), _where_positive(q, q * (log_q - log_p)).sum(-1),
-            sides[:, 1, 0], sides[:, 1, 1], sides[:, 2, 0], sides[:, 2, 1]]
-    if prob_mean:
-        sums += [(p * ratio).sum(-1), _where_positive(q_steps, q_steps * (log_q - log_p + 1)).sum(-1),
-                 sides[:, 3:, 0].T, sides[:, 3:, 1].T]
-    totals = group.all_reduce(torch.cat([s.reshape(-1, p.shape[0]) for s in sums]).T.contiguous(),
-                              dist.ReduceOp.SUM).T
-    d_head, d_tail, fkl, rkl, q_head, q_tail, p_head, p_tail = totals[:8]
-
-    # SPEC 1.5-1.6
-    total = d_head + d_tail
-    vanished = total == 0
-    safe_total = torch.where(vanished, 1.0, total)
-    lam_h = torch.where(vanished, 0.5, d_head / safe_total)
-    lam_t = torch.where(vanished, 0.5, d_tail / safe_total)
-    loss_rows = row_scale * (lam_h * fkl + lam_t * rkl)
-    if not (grad_student or grad_teacher):
-        return loss_rows, None, None
-
-    # SPEC 2, with d_tail / Sg^2 formed as lam_t / Sg (Sg^2 may underflow)
-    if detach_weights:
-        dl_head = dl_tail = torch.zeros_like(total)
-    else:
-        dl_head = torch.where(vanished, 0.0, lam_t / safe_total)
-        dl_tail = torch.where(vanished, 0.0, -lam_h / safe_total)
-    column = lambda row_values: row_values.unsqueeze(-1)  # noqa: E731  [R] -> [R, 1]
-    dl = sign * torch.where(head, column(dl_head), column(dl_tail))
-    scale = row_scale * inv_tau
-    gap = column(fkl - rkl)
-    lam_h_, lam_t_, fkl_, rkl_ = column(lam_h), column(lam_t), column(fkl), column(rkl)
-    d_teacher = None
-    if grad_teacher:
-        sum_p_dl = column(dl_head * p_head + dl_tail * p_tail)
-        d_teacher = scale * (lam_h_ * _where_positive(p, p * (log_p - log_q - fkl_))
-                             + lam_t_ * (p - q) - gap * p * (dl - sum_p_dl))
-        d_teacher = d_teacher.to(teacher.dtype)
-    d_student = None
-    if grad_student:
-        if prob_mean:
-            step_sums = totals[8:].reshape(4, steps, -1)
-            g_sum = (-lam_h * step_sums[0] + lam_t * step_sums[1]
-                     + (fkl - rkl) * (dl_head * step_sums[2] + dl_tail * step_sums[3]))
-            q_t_g = (-lam_h_ * p * ratio
-                     + lam_t_ * _where_positive(q_steps, q_steps * (log_q - log_p + 1))
-                     + gap * q_steps * dl)
-            d_student = (scale / steps) * (q_t_g - q_steps * g_sum.unsqueeze(-1))
-        else:
-            sum_q_dl = column(dl_head * q_head + dl_tail * q_tail)
-            d_student = (scale / steps) * (lam_h_ * (q - p)
-                                           + lam_t_ * _where_positive(q, q * (log_q - log_p - rkl_))
-                                           + gap * q * (dl - sum_q_dl))
-            d_student = d_student.unsqueeze(0).expand(steps, -1, -1)
-        d_student = d_student.to(student.dtype)
+    head = _head(p, log_sums[0].isnan(), delta, group, phases)
+    tensors = (p, log_p, q, log_q, q_steps, log_q_steps, head)
+    totals = group.all_reduce(phases.slice_sums(*tensors), dist.ReduceOp.SUM)
+    loss_rows, d_student, d_teacher = phases.slice_grads(
+        *tensors, totals, inv_tau, row_scale, detach_weights, steps, grad_student, grad_teacher)
+    d_student = d_student.expand(steps, -1, -1).to(student.dtype) if grad_student else None
+    d_teacher = d_teacher.to(teacher.dtype) if grad_teacher else None
     return loss_rows, d_student, d_teacher
 
 
@@ -453,8 +359,9 @@ class _VocabParallelHtaKl(torch.autograd.Function):
 
 
 def _check_slice(student, teacher, temperature, delta, time_reduction, detach_weights, reduction,
-                 backend) -> HtaKlShape:
-    """check_hta_kl_args for a slice that may hold no class (C = 0 on this rank)."""
+                 backend) -> tuple[HtaKlShape, str]:
+    """check_hta_kl_args for a slice that may hold no class (C = 0 on this rank), and the
+    resolved backend."""
     no_classes = [isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == 0
                   for x in (student, teacher)]
     if all(no_classes):
@@ -466,8 +373,7 @@ def _check_slice(student, teacher, temperature, delta, time_reduction, detach_we
     else:
         shape = check_hta_kl_args(student, teacher, temperature, delta, time_reduction,
                                   detach_weights, reduction)
-    resolve_backend(backend, teacher.device)
-    return shape
+    return shape, resolve_backend(backend, teacher.device)
 
 
 def vocab_parallel_hta_kl_div(student, teacher, *, group, weight: float, temperature: float,
@@ -478,15 +384,15 @@ def vocab_parallel_hta_kl_div(student, teacher, *, group, weight: float, tempera
     comm = CollectiveGroup(group)
 
     def check():
-        shape = _check_slice(student, teacher, temperature, delta, time_reduction, detach_weights,
-                             reduction, backend)
+        shape, chosen = _check_slice(student, teacher, temperature, delta, time_reduction,
+                                     detach_weights, reduction, backend)
         fields = [shape.rows, shape_code(shape.rows_shape), shape.steps, int(shape.time_input),
                   DTYPE_CODES[teacher.dtype], float_bits(temperature), float_bits(delta),
                   TIME_REDUCTIONS.index(time_reduction), int(detach_weights),
                   ROW_REDUCTIONS.index(reduction), float_bits(weight)]
-        return shape, fields, shape.classes
+        return (shape, chosen), fields, shape.classes
 
-    shape, _classes = agree(comm, check)
+    (shape, chosen), _classes = agree(comm, check)
     logit_mean = shape.time_input and time_reduction == "logit_mean"
     if shape.rows == 0:  # every rank agrees: no row, no collective
         loss_rows = teacher.new_zeros(0, dtype=accumulation_dtype(teacher.dtype)) + 0 * student.sum()
@@ -496,34 +402,37 @@ def vocab_parallel_hta_kl_div(student, teacher, *, group, weight: float, tempera
         loss_rows = _VocabParallelHtaKl.apply(
             student.reshape(shape.steps, shape.rows, shape.classes),
             teacher.reshape(shape.rows, shape.classes), comm,
-            dict(temperature=float(temperature), delta=float(delta), logit_mean=logit_mean,
-                 detach_weights=detach_weights),
+            dict(backend=chosen, temperature=float(temperature), delta=float(delta),
+                 logit_mean=logit_mean, detach_weights=detach_weights),
             row_scale, grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad)
     loss = loss_rows.reshape(shape.rows_shape) if reduction == "none" else loss_rows.sum()
     return loss.to(student.dtype)
 
 
 def vocab_parallel_head_mask(teacher: torch.Tensor, *, temperature: float, delta: float,
-                             group) -> torch.Tensor:
+                             group, backend: str = "auto") -> torch.Tensor:
     """SPEC 1.3's head membership of this rank's classes (a bool tensor shaped like `teacher`,
     this rank's slice of the classes), the same classes a single device finds on the whole rows.
     Costs the log-sum-exp's two all_reduces and the selection's collectives (module docstring);
-    with group=None or a group of one rank, the single device's membership."""
+    with group=None or a group of one rank, the single device's membership. `backend` picks the
+    phase ops (phases_for)."""
     if not is_parallel(group):
         probabilities = torch.softmax(teacher.to(accumulation_dtype(teacher.dtype)) / temperature, -1)
         return head_mask(probabilities, delta)
     comm = CollectiveGroup(group)
 
     def check():
-        shape = _check_slice(teacher, teacher, temperature, delta, "prob_mean", False, "sum", "auto")
+        shape, chosen = _check_slice(teacher, teacher, temperature, delta, "prob_mean", False,
+                                     "sum", backend)
         fields = [shape.rows, shape_code(shape.rows_shape), 1, 0, DTYPE_CODES[teacher.dtype],
                   float_bits(temperature), float_bits(delta), 0, 0, 0, 0]
-        return shape, fields, shape.classes
+        return (shape, chosen), fields, shape.classes
 
-    shape, _classes = agree(comm, check)
+    (shape, chosen), _classes = agree(comm, check)
+    phases = phases_for(chosen)
     rows = teacher.reshape(1, shape.rows, shape.classes).to(accumulation_dtype(teacher.dtype))
-    [(_log_p, p, log_sum_p)] = _softmaxes([rows], comm, 1.0 / temperature)
-    return _head(p[0], log_sum_p[0].isnan(), delta, comm).reshape(teacher.shape)
+    _log_p, p, log_sum_p = _softmaxes(rows.contiguous(), comm, 1.0 / temperature, phases)
+    return _head(p[0], log_sum_p[0].isnan(), delta, comm, phases).reshape(teacher.shape)
 
 
 def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, group: CollectiveGroup,
@@ -536,7 +445,7 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, group: Collec
     picked logits together."""
     acc = accumulation_dtype(logits.dtype)
     x = logits.to(acc)
-    row_max = group.all_reduce(_local_max(x), dist.ReduceOp.MAX)
+    row_max = group.all_reduce(TorchPhases.slice_max(x), dist.ReduceOp.MAX)
     local_label = labels - first_class
     here = (local_label >= 0) & (local_label < x.shape[-1])
     picked = torch.where(

@@ -191,7 +191,8 @@ def _chunk_loss(plan: _Plan, student: torch.Tensor, teacher: torch.Tensor,
         d_teacher = torch.zeros_like(teacher) if want_teacher else None
     elif plan.group is not None:
         loss_rows, d_student, d_teacher = distributed.vocab_parallel_rows(
-            student, teacher, plan.group, temperature=plan.temperature, delta=plan.delta,
+            student, teacher, plan.group, backend=plan.backend, temperature=plan.temperature,
+            delta=plan.delta,
             logit_mean=time_input and plan.time_reduction == "logit_mean",
             detach_weights=plan.detach_weights, row_scale=weight * row_scale,
             grad_student=want_student, grad_teacher=want_teacher)

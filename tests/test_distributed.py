@@ -28,6 +28,8 @@ from hta_kl_oracle import draw_teacher
 
 GROUP_TIMEOUT_S = 240
 TEMPERATURE = 2.0
+# The local phases: the CPU kernel's phase ops, and the PyTorch-op phases of the reference.
+BACKENDS = ("cpu", "reference")
 
 
 def _free_port() -> int:
@@ -103,7 +105,7 @@ def _compare(student, teacher, sizes, rank, options, failures, what, device="cpu
     loss = loss.cpu()
     whole_student = student.clone().requires_grad_(True)
     whole_teacher = teacher.clone().requires_grad_(True)
-    expected = hk.hta_kl_div(whole_student, whole_teacher, backend="cpu", **options)
+    expected = hk.hta_kl_div(whole_student, whole_teacher, **dict(options, backend="cpu"))
     expected.sum().backward()
     dtype = student.dtype
     try:
@@ -120,10 +122,10 @@ def _compare(student, teacher, sizes, rank, options, failures, what, device="cpu
         failures.append(f"{what} sizes={sizes} {options}: {error}")
 
 
-def _compare_head(teacher, sizes, rank, delta, failures, what):
+def _compare_head(teacher, sizes, rank, delta, failures, what, backend="auto"):
     start, stop = _bounds(sizes, rank)
     got = hkd.vocab_parallel_head_mask(teacher[..., start:stop], temperature=TEMPERATURE,
-                                       delta=delta, group=dist.group.WORLD)
+                                       delta=delta, group=dist.group.WORLD, backend=backend)
     want = head_mask(torch.softmax(teacher.double() / TEMPERATURE, -1), delta)[..., start:stop]
     finite = ~teacher.isnan().any(-1)
     if not torch.equal(got[finite], want[finite]):
@@ -134,6 +136,7 @@ def _random_cases(rank, world, device="cpu"):
     """Random rows clear of the head boundary: every dtype, student kind, reduction and
     detach_weights, over three splits."""
     failures = []
+    backends = BACKENDS if device == "cpu" else ("cuda", "reference")
     generator = torch.Generator().manual_seed(1234 + world)
     rows, classes, delta = 5, 23, 0.6
     for dtype in (torch.float64, torch.float32):
@@ -145,8 +148,8 @@ def _random_cases(rank, world, device="cpu"):
             "T=4": torch.randn(4, rows, classes, generator=generator, dtype=torch.float64).to(dtype) * 3,
         }
         splits = _splits(classes, world, generator)
-        for sizes in splits:
-            _compare_head(teacher, sizes, rank, delta, failures, f"{dtype}")
+        for sizes, backend in zip(splits, itertools.cycle(backends)):
+            _compare_head(teacher, sizes, rank, delta, failures, f"{dtype} {backend}", backend)
         # Every combination once, the splits taking turns.
         combinations = [
             (kind, time_reduction, reduction, detach)
@@ -156,7 +159,8 @@ def _random_cases(rank, world, device="cpu"):
         ]
         for index, (kind, time_reduction, reduction, detach) in enumerate(combinations):
             options = dict(temperature=TEMPERATURE, delta=delta, time_reduction=time_reduction,
-                           reduction=reduction, detach_weights=detach)
+                           reduction=reduction, detach_weights=detach,
+                           backend=backends[index % len(backends)])
             _compare(students[kind], teacher, splits[index % len(splits)], rank, options, failures,
                      f"{dtype} {kind}", device)
     return failures
@@ -181,14 +185,16 @@ def _special_cases(rank, world):
         equal_rows = torch.zeros(2, classes, dtype=dtype)
         student = 3 * torch.randn(2, 4, classes, generator=generator, dtype=torch.float64).to(dtype)
         sizes_list = _splits(classes, world, generator)
-        for sizes in sizes_list:
-            _compare_head(tie_rows, sizes, rank, delta, failures, f"{dtype} ties")
-            _compare_head(equal_rows, sizes, rank, 0.5, failures, f"{dtype} all-equal")
+        for sizes, backend in itertools.product(sizes_list, BACKENDS):
+            _compare_head(tie_rows, sizes, rank, delta, failures, f"{dtype} ties {backend}", backend)
+            _compare_head(equal_rows, sizes, rank, 0.5, failures, f"{dtype} all-equal {backend}",
+                          backend)
         for index, (reduction, detach, time_reduction) in enumerate(itertools.product(
                 ("none", "batchmean"), (False, True), ("prob_mean", "logit_mean"))):
             sizes = sizes_list[index % len(sizes_list)]
             options = dict(temperature=TEMPERATURE, delta=delta, reduction=reduction,
-                           detach_weights=detach, time_reduction=time_reduction)
+                           detach_weights=detach, time_reduction=time_reduction,
+                           backend=BACKENDS[index % len(BACKENDS)])
             _compare(student, tie_rows, sizes, rank, options, failures, f"{dtype} ties")
             _compare(student[:, :2], equal_rows, sizes, rank, dict(options, delta=0.5),
                      failures, f"{dtype} all-equal")
@@ -205,7 +211,7 @@ def _special_cases(rank, world):
         for index, (reduction, detach) in enumerate(itertools.product(("none", "sum"), (False, True))):
             sizes = sizes_list[index % len(sizes_list)]
             options = dict(temperature=TEMPERATURE, delta=0.5, reduction=reduction,
-                           detach_weights=detach)
+                           detach_weights=detach, backend=BACKENDS[index % len(BACKENDS)])
             _compare(student, teacher, sizes, rank, options, failures, f"{dtype} non-finite")
             _compare(student[0], teacher, sizes, rank, options, failures, f"{dtype} non-finite 2-D")
     return failures
@@ -370,6 +376,7 @@ def _fused_linear_case(rank, sizes, dtype, failures, what, *, steps=None, labels
         for tensor in tensors.values():
             tensor.requires_grad_(True)
     extra = dict(row_mask=row_mask, **options)
+    extra_options = dict(backend=extra.pop("backend", "auto"))
     if labels is None:
         call = hk.fused_linear_hta_kl_div
     else:
@@ -382,8 +389,8 @@ def _fused_linear_case(rank, sizes, dtype, failures, what, *, steps=None, labels
         (loss * (1.0 if upstream is None else upstream.to(dtype))).sum().backward()
         return loss.detach()
 
-    got = run(local, group=dist.group.WORLD)
-    expected = run(whole, backend="cpu")
+    got = run(local, group=dist.group.WORLD, **extra_options)
+    expected = run(whole, **dict(extra_options, backend="cpu"))
     grad_tolerance = dict(GRAD_TOLERANCES[dtype], atol=1e-13 if dtype == torch.float64 else 1e-6)
     try:
         torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
@@ -408,7 +415,8 @@ def _fused_linear_worker(rank, world):
     splits = ([5, 0, 8], [1, 9, 3])  # a rank with no class; uneven slices
     cases = [
         (splits[0], torch.float64, "2-D", dict(reduction="batchmean", chunk_rows=4)),
-        (splits[1], torch.float64, "2-D", dict(reduction="sum", detach_weights=True)),
+        (splits[1], torch.float64, "2-D", dict(reduction="sum", detach_weights=True,
+                                               backend="reference")),
         (splits[0], torch.float64, "T=3", dict(steps=3, reduction="none", chunk_rows=2,
                                                upstream=upstream)),
         (splits[1], torch.float64, "T=3 logit_mean",

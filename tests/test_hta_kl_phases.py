@@ -1,0 +1,132 @@
+"""The CPU kernel's vocab-parallel phase ops (csrc/cpu/hta_kl_cpu_phases.cpp) against the
+PyTorch-op phases (htakl_kernels/_ops/hta_kl_phases.py): integers exactly, floats to rounding, on
+slices with no class, one class, ties, -inf classes and NaN rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from htakl_kernels._backends import phase_ops, unavailable_reason
+from htakl_kernels._ops.hta_kl_phases import KernelPhases, TorchPhases, key_bits, selection_keys
+
+pytestmark = pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None,
+                                reason="the C++ extension is not built")
+
+INV_TAU = 0.5
+CLOSE = {torch.float64: dict(rtol=1e-12, atol=1e-15), torch.float32: dict(rtol=1e-5, atol=1e-7)}
+
+
+def _slices(dtype, steps):
+    """(name, teacher [R, c], student [S, R, c]) slices: random rows with ties, -inf classes and
+    a NaN row; one class; no class."""
+    generator = torch.Generator().manual_seed(11 + steps)
+    rows, classes = 6, 37
+    draw = lambda *shape: (3 * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(dtype)  # noqa: E731
+    teacher, student = draw(rows, classes), draw(steps, rows, classes)
+    teacher[0, 3:9] = 1.25  # ties
+    teacher[1] = 0.0  # a whole row tied
+    teacher[2, :4] = student[:, 2, :4] = -math.inf  # masked in both
+    teacher[3, 5] = -math.inf  # masked in the teacher only
+    student[:, 4, 7] = -math.inf  # masked in the student only
+    teacher[5, 10] = math.nan  # a NaN row
+    return [("random", teacher, student), ("C=1", teacher[:, :1].contiguous(), student[..., :1].contiguous()),
+            ("C=0", teacher[:, :0].contiguous(), student[..., :0].contiguous())]
+
+
+def _softmax_inputs(teacher, student, prob_mean):
+    """The phases' inputs p, log p, q, log q, q_t, log q_t as distributed.py forms them from the
+    slice's own statistics (the slice as a whole row)."""
+    streams = torch.cat([teacher.unsqueeze(0), student])
+    row_max = TorchPhases.slice_max(streams)
+    shifted, exponentials, sums = TorchPhases.slice_exp_sums(streams, row_max, INV_TAU)
+    log_sum = torch.log(sums).to(streams.dtype).unsqueeze(-1)
+    log_probs, probs = shifted - log_sum, exponentials * torch.exp(-log_sum)
+    log_p, p, log_q_steps, q_steps = log_probs[0], probs[0], log_probs[1:], probs[1:]
+    if prob_mean:
+        q = q_steps.mean(dim=0)
+        log_q = torch.logsumexp(log_q_steps, dim=0) - math.log(q_steps.shape[0])
+    else:
+        q, log_q = q_steps[0], log_q_steps[0]
+    return p, log_p, q.contiguous(), log_q.contiguous(), q_steps, log_q_steps
+
+
+def test_cpu_backend_has_the_phase_ops():
+    assert phase_ops("cpu") is KernelPhases
+    assert phase_ops("reference") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_phase_ops_match_the_torch_phases(dtype, steps):
+    for name, teacher, student in _slices(dtype, steps):
+        what = f"{name} {dtype} S={steps}"
+        streams = torch.cat([teacher.unsqueeze(0), student])
+        # Phase 1: maxima exactly, and the shifted logits' exponentials and sums against a
+        # larger (whole-row) maximum.
+        row_max = TorchPhases.slice_max(streams)
+        assert torch.equal(KernelPhases.slice_max(streams), row_max), what
+        whole_max = torch.where(row_max.isfinite(), row_max + 0.75, 1.5)
+        expected = TorchPhases.slice_exp_sums(streams, whole_max, INV_TAU)
+        got = KernelPhases.slice_exp_sums(streams, whole_max, INV_TAU)
+        torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0, equal_nan=True, msg=what)
+        for g, e in zip(got[1:], expected[1:]):
+            torch.testing.assert_close(g, e, equal_nan=True, **CLOSE[dtype], msg=what)
+
+        tensors = _softmax_inputs(teacher, student, prob_mean=steps > 1)
+        p = tensors[0]
+        keys = selection_keys(p)
+        # Phase 2: every digit of the top class's key as the prefix, and a prefix nobody has.
+        bits = key_bits(dtype)
+        top = keys.max(dim=1).values if p.shape[1] else keys.new_zeros(p.shape[0])
+        remaining = bits
+        while remaining > 0:
+            width = min(8, remaining)
+            remaining -= width
+            for prefix in (top >> (remaining + width), top.new_full(top.shape, 3)):
+                expected = TorchPhases.slice_histogram(p, prefix, remaining, width)
+                got = KernelPhases.slice_histogram(p, prefix, remaining, width)
+                assert all(torch.equal(g, e) for g, e in zip(got, expected)), f"{what} shift {remaining}"
+        # Membership: a tied boundary with each number of its ties in the head, the whole row,
+        # none of it.
+        boundary = keys[:, min(5, p.shape[1] - 1)].contiguous() if p.shape[1] else keys.new_zeros(p.shape[0])
+        for tied in (0, 1, 3, 40):
+            tied_in_head = torch.full_like(boundary, tied)
+            for bound in (boundary, torch.full_like(boundary, -1),
+                          torch.full_like(boundary, torch.iinfo(torch.int64).max)):
+                assert torch.equal(KernelPhases.slice_head(p, bound, tied_in_head),
+                                   TorchPhases.slice_head(p, bound, tied_in_head)), f"{what} tied={tied}"
+        # Phases 3-4 with a head at the tied boundary, the slice's sums as the whole rows'.
+        head = TorchPhases.slice_head(p, boundary, torch.full_like(boundary, 2))
+        sums = TorchPhases.slice_sums(*tensors, head)
+        got = KernelPhases.slice_sums(*tensors, head)
+        # A NaN row's sums are only NaN where the contract says so: its distance.
+        nan_rows = p.isnan().any(dim=1) | tensors[2].isnan().any(dim=1)
+        torch.testing.assert_close(got[~nan_rows], sums[~nan_rows], **CLOSE[dtype], msg=what)
+        if p.shape[1]:
+            assert nan_rows.any() and (got[nan_rows, 0] + got[nan_rows, 1]).isnan().all(), what
+        for detach, logit_steps in ((False, steps), (True, 4)):
+            arguments = (*tensors, head, sums, INV_TAU, 0.25, detach, logit_steps, True, True)
+            expected = TorchPhases.slice_grads(*arguments)
+            got = KernelPhases.slice_grads(*arguments)
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, equal_nan=True, **CLOSE[dtype],
+                                           msg=f"{what} detach={detach}")
+            no_grads = KernelPhases.slice_grads(*arguments[:-2], False, False)
+            torch.testing.assert_close(no_grads[0], expected[0], equal_nan=True, **CLOSE[dtype])
+            assert no_grads[1].numel() == no_grads[2].numel() == 0
+
+
+def test_phase_ops_reject_bad_tensors():
+    p = torch.rand(3, 4)
+    with pytest.raises(RuntimeError, match="prefix"):
+        KernelPhases.slice_histogram(p, torch.zeros(2, dtype=torch.int64), 0, 8)
+    with pytest.raises(RuntimeError, match="digit"):
+        KernelPhases.slice_histogram(p, torch.zeros(3, dtype=torch.int64), 30, 8)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        KernelPhases.slice_max(torch.zeros(1, 3, 4, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="totals"):
+        tensors = (p, p, p, p, p.unsqueeze(0), p.unsqueeze(0), p > 0.5)
+        KernelPhases.slice_grads(*tensors, torch.zeros(3, 5), 1.0, 1.0, False, 1, True, True)
