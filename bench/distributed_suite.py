@@ -3,7 +3,8 @@
 and the bytes each rank passes to the collectives and sends under the ring algorithms.
 
 One rank is the single-device call (the CPU kernel); two or more run the phases of
-`htakl_kernels.distributed` as PyTorch ops on each rank's slice. The machine's threads are shared
+`htakl_kernels.distributed` on each rank's slice twice: through the CPU kernel's phase ops
+(backend "cpu", what "auto" picks) and as PyTorch ops (backend "reference"). The machine's threads are shared
 out among the ranks (`threads // ranks` each, at least 1), so the table shows what splitting the
 classes costs or saves on one machine; on several machines each rank would have its own cores.
 """
@@ -32,6 +33,9 @@ from . import measure
 SHAPES = [(256, 32000), (64, 131072)]
 QUICK_SHAPES = [(32, 4096)]
 RANKS = (1, 2, 4)
+# backend -> the path it takes on two or more ranks
+PATHS = {"cpu": "vocab-parallel (CPU phase ops, gloo)",
+         "reference": "vocab-parallel (torch-op phases, gloo)"}
 REPEATS = 5
 QUICK_REPEATS = 2
 GROUP_TIMEOUT_S = 1800
@@ -50,44 +54,45 @@ def _rank_main(rank, ranks, port, shapes, dtypes, repeats, threads, out_path) ->
                             timeout=datetime.timedelta(seconds=600))
     group = dist.group.WORLD if ranks > 1 else None
     rows_out = []
-    for dtype in dtypes:
-        for rows, classes in shapes:
-            share = [classes // ranks + (r < classes % ranks) for r in range(ranks)]
-            start = sum(share[:rank])
-            generator = torch.Generator().manual_seed(0)
-            # Logits spread like a trained classifier's, as in the loss suite.
-            teacher = (3.0 * torch.randn(rows, classes, generator=generator))
-            student = (3.0 * torch.randn(rows, classes, generator=generator))
-            teacher = teacher[:, start:start + share[rank]].to(dtype).contiguous()
-            student = student[:, start:start + share[rank]].to(dtype).contiguous().requires_grad_(True)
+    cases = [(dtype, shape, backend) for dtype in dtypes for shape in shapes
+             for backend in (("cpu",) if ranks == 1 else tuple(PATHS))]
+    for dtype, (rows, classes), backend in cases:
+        share = [classes // ranks + (r < classes % ranks) for r in range(ranks)]
+        start = sum(share[:rank])
+        generator = torch.Generator().manual_seed(0)
+        # Logits spread like a trained classifier's, as in the loss suite.
+        teacher = (3.0 * torch.randn(rows, classes, generator=generator))
+        student = (3.0 * torch.randn(rows, classes, generator=generator))
+        teacher = teacher[:, start:start + share[rank]].to(dtype).contiguous()
+        student = student[:, start:start + share[rank]].to(dtype).contiguous().requires_grad_(True)
 
-            def call():
-                hk.hta_kl_div(student, teacher, group=group).backward()
-                student.grad = None
+        def call():
+            hk.hta_kl_div(student, teacher, group=group, backend=backend).backward()
+            student.grad = None
 
-            call()  # warm-up
-            with hkd.Traffic() as traffic:
-                call()
-            times = []
-            for _ in range(repeats):
-                dist.barrier()
-                begin = time.perf_counter()
-                call()
-                # a call takes as long as its slowest rank
-                elapsed = torch.tensor([time.perf_counter() - begin], dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-                times.append(float(elapsed))
-            rows_out.append({
-                "case": f"{rows}x{classes}", "rows": rows, "classes": classes,
-                "dtype": str(dtype).removeprefix("torch."), "ranks": ranks,
-                "threads_per_rank": threads,
-                "path": "CPU kernel (single device)" if ranks == 1 else "vocab-parallel (torch ops, gloo)",
-                "median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3,
-                "max_ms": max(times) * 1e3, "repeats": repeats,
-                "collectives": traffic.collectives,
-                "bytes_passed_per_rank": traffic.bytes,
-                "bytes_sent_per_rank": traffic.sent_bytes(ranks) if ranks > 1 else 0,
-            })
+        call()  # warm-up
+        with hkd.Traffic() as traffic:
+            call()
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            begin = time.perf_counter()
+            call()
+            # a call takes as long as its slowest rank
+            elapsed = torch.tensor([time.perf_counter() - begin], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            times.append(float(elapsed))
+        rows_out.append({
+            "case": f"{rows}x{classes}", "rows": rows, "classes": classes,
+            "dtype": str(dtype).removeprefix("torch."), "ranks": ranks,
+            "threads_per_rank": threads,
+            "path": "CPU kernel (single device)" if ranks == 1 else PATHS[backend],
+            "median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3,
+            "max_ms": max(times) * 1e3, "repeats": repeats,
+            "collectives": traffic.collectives,
+            "bytes_passed_per_rank": traffic.bytes,
+            "bytes_sent_per_rank": traffic.sent_bytes(ranks) if ranks > 1 else 0,
+        })
     dist.destroy_process_group()
     if rank == 0:
         with open(out_path, "w") as handle:

@@ -6,8 +6,9 @@ every floating one in the accumulation dtype (float32, or float64 for float64 in
 ones are int64. `[K, R, c]` stacks K softmax
 streams (the teacher, then the student's) of R rows over the slice's c classes (c may be 0):
 
-    hta_kl_slice_max(x [K, R, c]) -> [K, R]: each row's maximum over the slice, NaN left out,
-        -inf for an empty slice.
+    hta_kl_slice_max(x [K, R, c]) -> [K, R]: each row's maximum over the slice, -inf for an
+        empty slice. NaN is left out (a MAX collective need not propagate it); it reaches every
+        rank through the sums of exponentials that follow.
     hta_kl_slice_exp_sums(x, row_max [K, R], inv_tau) -> (shifted = (x - row_max) * inv_tau,
         exp(shifted), the latter's sums over the slice [K, R] in float64).
     hta_kl_slice_histogram(p [R, c], prefix int64 [R], shift, width) -> (counts, masses), int64
