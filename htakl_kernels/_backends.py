@@ -99,6 +99,12 @@ def _kernel_phases():
     return KernelPhases
 
 
+def _triton_phases():
+    from .triton_kernels.hta_kl_phases import TritonPhases
+
+    return TritonPhases
+
+
 def _triton_ops() -> KernelOps:
     # Import statements, not importlib: torch.compile traces this call.
     from .triton_kernels import hta_kl, lif
@@ -111,7 +117,7 @@ _TABLE = {
     for backend in (
         Backend("reference", _always_available, None),
         Backend("cpu", _cpu_unavailable, _compiled_ops, _kernel_phases),
-        Backend("triton", _triton_unavailable, _triton_ops),
+        Backend("triton", _triton_unavailable, _triton_ops, _triton_phases),
         # The CPU and CUDA kernels register under the same ops; the dispatcher picks by device.
         Backend("cuda", _cuda_unavailable, _compiled_ops),
     )
@@ -173,6 +179,6 @@ def kernel_ops(backend: str) -> KernelOps:
 
 def phase_ops(backend: str):
     """The vocab-parallel phase ops of a resolved backend, or None where it has none (the
-    reference, and the GPU kernels, whose phases run as PyTorch ops)."""
+    reference and CUDA, whose phases run as PyTorch ops)."""
     loader = _TABLE[backend].load_phases
     return None if loader is None else loader()

@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 import htakl_kernels as hk
 from htakl_kernels import distributed as hkd
+from htakl_kernels._backends import unavailable_reason
 from htakl_kernels.reference.hta_kl import head_mask
 
 from hta_kl_oracle import draw_teacher
@@ -318,6 +319,11 @@ def _api_worker(rank, world):
     torch.testing.assert_close(half_loss, expected_half, rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(half_student.grad, whole_half.grad[..., start:stop], rtol=2e-2,
                                atol=2e-3)
+    # Triton's phase kernels (its interpreter on CPU tensors), where Triton is there.
+    if unavailable_reason("triton", "cpu") is None:
+        for dtype in (torch.float64, torch.float32):
+            _compare(student.to(dtype), teacher.to(dtype), sizes, rank,
+                     dict(backend="triton", reduction="none"), failures, f"triton {dtype}")
     after = hk.hta_kl_div(local_student, local_teacher, group=world_group)
     torch.testing.assert_close(after, hk.hta_kl_div(student, teacher), rtol=2e-5, atol=1e-6)
     # A group of one rank is the single-device call.

@@ -12,8 +12,16 @@ import torch
 from htakl_kernels._backends import phase_ops, unavailable_reason
 from htakl_kernels._ops.hta_kl_phases import KernelPhases, TorchPhases, key_bits, selection_keys
 
-pytestmark = pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None,
-                                reason="the C++ extension is not built")
+# The phase ops under test: the CPU kernel's, and Triton's (its interpreter on CPU tensors).
+IMPLEMENTATIONS = [
+    pytest.param("cpu", marks=pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None,
+                                                 reason="the C++ extension is not built")),
+    pytest.param("triton", marks=[
+        pytest.mark.triton,
+        pytest.mark.skipif(unavailable_reason("triton", "cpu") is not None,
+                           reason="needs Triton's interpreter (TRITON_INTERPRET=1)"),
+        pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]),
+]
 
 INV_TAU = 0.5
 CLOSE = {torch.float64: dict(rtol=1e-12, atol=1e-15), torch.float32: dict(rtol=1e-5, atol=1e-7)}
@@ -53,24 +61,26 @@ def _softmax_inputs(teacher, student, prob_mean):
     return p, log_p, q.contiguous(), log_q.contiguous(), q_steps, log_q_steps
 
 
-def test_cpu_backend_has_the_phase_ops():
+def test_backends_phase_ops():
     assert phase_ops("cpu") is KernelPhases
-    assert phase_ops("reference") is None
+    assert phase_ops("reference") is None and phase_ops("cuda") is None
 
 
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_phase_ops_match_the_torch_phases(dtype, steps):
+def test_phase_ops_match_the_torch_phases(backend, dtype, steps):
+    phases = phase_ops(backend)
     for name, teacher, student in _slices(dtype, steps):
         what = f"{name} {dtype} S={steps}"
         streams = torch.cat([teacher.unsqueeze(0), student])
         # Phase 1: maxima exactly, and the shifted logits' exponentials and sums against a
         # larger (whole-row) maximum.
         row_max = TorchPhases.slice_max(streams)
-        assert torch.equal(KernelPhases.slice_max(streams), row_max), what
+        assert torch.equal(phases.slice_max(streams), row_max), what
         whole_max = torch.where(row_max.isfinite(), row_max + 0.75, 1.5)
         expected = TorchPhases.slice_exp_sums(streams, whole_max, INV_TAU)
-        got = KernelPhases.slice_exp_sums(streams, whole_max, INV_TAU)
+        got = phases.slice_exp_sums(streams, whole_max, INV_TAU)
         torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0, equal_nan=True, msg=what)
         for g, e in zip(got[1:], expected[1:]):
             torch.testing.assert_close(g, e, equal_nan=True, **CLOSE[dtype], msg=what)
@@ -87,7 +97,7 @@ def test_phase_ops_match_the_torch_phases(dtype, steps):
             remaining -= width
             for prefix in (top >> (remaining + width), top.new_full(top.shape, 3)):
                 expected = TorchPhases.slice_histogram(p, prefix, remaining, width)
-                got = KernelPhases.slice_histogram(p, prefix, remaining, width)
+                got = phases.slice_histogram(p, prefix, remaining, width)
                 assert all(torch.equal(g, e) for g, e in zip(got, expected)), f"{what} shift {remaining}"
         # Membership: a tied boundary with each number of its ties in the head, the whole row,
         # none of it.
@@ -96,12 +106,12 @@ def test_phase_ops_match_the_torch_phases(dtype, steps):
             tied_in_head = torch.full_like(boundary, tied)
             for bound in (boundary, torch.full_like(boundary, -1),
                           torch.full_like(boundary, torch.iinfo(torch.int64).max)):
-                assert torch.equal(KernelPhases.slice_head(p, bound, tied_in_head),
+                assert torch.equal(phases.slice_head(p, bound, tied_in_head),
                                    TorchPhases.slice_head(p, bound, tied_in_head)), f"{what} tied={tied}"
         # Phases 3-4 with a head at the tied boundary, the slice's sums as the whole rows'.
         head = TorchPhases.slice_head(p, boundary, torch.full_like(boundary, 2))
         sums = TorchPhases.slice_sums(*tensors, head)
-        got = KernelPhases.slice_sums(*tensors, head)
+        got = phases.slice_sums(*tensors, head)
         # A NaN row's sums are only NaN where the contract says so: its distance.
         nan_rows = p.isnan().any(dim=1) | tensors[2].isnan().any(dim=1)
         torch.testing.assert_close(got[~nan_rows], sums[~nan_rows], **CLOSE[dtype], msg=what)
@@ -110,15 +120,16 @@ def test_phase_ops_match_the_torch_phases(dtype, steps):
         for detach, logit_steps in ((False, steps), (True, 4)):
             arguments = (*tensors, head, sums, INV_TAU, 0.25, detach, logit_steps, True, True)
             expected = TorchPhases.slice_grads(*arguments)
-            got = KernelPhases.slice_grads(*arguments)
+            got = phases.slice_grads(*arguments)
             for g, e in zip(got, expected):
                 torch.testing.assert_close(g, e, equal_nan=True, **CLOSE[dtype],
                                            msg=f"{what} detach={detach}")
-            no_grads = KernelPhases.slice_grads(*arguments[:-2], False, False)
+            no_grads = phases.slice_grads(*arguments[:-2], False, False)
             torch.testing.assert_close(no_grads[0], expected[0], equal_nan=True, **CLOSE[dtype])
             assert no_grads[1].numel() == no_grads[2].numel() == 0
 
 
+@IMPLEMENTATIONS[0].marks[0]
 def test_phase_ops_reject_bad_tensors():
     p = torch.rand(3, 4)
     with pytest.raises(RuntimeError, match="prefix"):
@@ -130,3 +141,33 @@ def test_phase_ops_reject_bad_tensors():
     with pytest.raises(RuntimeError, match="totals"):
         tensors = (p, p, p, p, p.unsqueeze(0), p.unsqueeze(0), p > 0.5)
         KernelPhases.slice_grads(*tensors, torch.zeros(3, 5), 1.0, 1.0, False, 1, True, True)
+
+
+@pytest.mark.triton
+def test_triton_phase_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter skips the compiler's frontend: compile every Triton phase kernel for an
+    H100 (sm_90), float32 and float64, in a process without TRITON_INTERPRET; no spills."""
+    pytest.importorskip("triton")
+    from triton_compile import parse_usage, run_compiler_script
+
+    script = """
+import triton.language as tl
+from htakl_kernels.triton_kernels import hta_kl_phases as k
+from htakl_kernels.triton_kernels.aot import compile_for_target, resource_usage
+for ty, key in (("fp32", tl.int32), ("fp64", tl.int64)):
+    for kernel, signature, constants in (
+            (k._slice_max_kernel, dict(x_ptr=f"*{ty}", out_ptr=f"*{ty}", classes="i64"),
+             dict(BLOCK=k.BLOCK)),
+            (k._slice_exp_sums_kernel, dict(x_ptr=f"*{ty}", max_ptr=f"*{ty}", scale_ptr=f"*{ty}",
+                                            shifted_ptr=f"*{ty}", exp_ptr=f"*{ty}",
+                                            sums_ptr="*fp64", classes="i64"), dict(BLOCK=k.BLOCK)),
+            (k._slice_histogram_kernel, dict(p_ptr=f"*{ty}", prefix_ptr="*i64", counts_ptr="*i64",
+                                             masses_ptr="*i64", classes="i64", shift="i32"),
+             dict(BUCKET_BITS=8, MASS_SCALE=float(2 ** 62), KEY_INT=key, BLOCK=k.HISTOGRAM_BLOCK)),
+            (k._slice_head_kernel, dict(p_ptr=f"*{ty}", boundary_ptr="*i64", tied_ptr="*i64",
+                                        head_ptr="*i8", classes="i64"),
+             dict(KEY_INT=key, BLOCK=k.BLOCK))):
+        print(*resource_usage(compile_for_target(kernel, signature, constants, num_warps=4)))
+"""
+    usage = parse_usage(run_compiler_script(script))
+    assert len(usage) == 8 and all(0 < registers <= 255 and spills == 0 for registers, spills in usage)
