@@ -171,3 +171,28 @@ for ty, key in (("fp32", tl.int32), ("fp64", tl.int64)):
 """
     usage = parse_usage(run_compiler_script(script))
     assert len(usage) == 8 and all(0 < registers <= 255 and spills == 0 for registers, spills in usage)
+
+
+@IMPLEMENTATIONS[0].marks[0]
+def test_opcheck():
+    """The registered ops against their fake implementations and schemas (torch.library)."""
+    teacher, student = _slices(torch.float64, 3)[0][1:]
+    # Finite losses (opcheck compares NaN as unequal): rows with ties and classes masked in both.
+    teacher, student = teacher[:3, :9].contiguous(), student[:, :3, :9].contiguous()
+    tensors = _softmax_inputs(teacher, student, True)
+    p = tensors[0]
+    streams = torch.cat([teacher.unsqueeze(0), student])
+    keys = selection_keys(p)
+    boundary = keys[:, 2].contiguous()
+    head = TorchPhases.slice_head(p, boundary, torch.ones_like(boundary))
+    sums = TorchPhases.slice_sums(*tensors, head)
+    cases = [
+        ("hta_kl_slice_max", (streams,)),
+        ("hta_kl_slice_exp_sums", (streams, TorchPhases.slice_max(streams), INV_TAU)),
+        ("hta_kl_slice_histogram", (p, keys.new_zeros(3), 55, 8)),
+        ("hta_kl_slice_head", (p, boundary, torch.ones_like(boundary))),
+        ("hta_kl_slice_sums", (*tensors, head)),
+        ("hta_kl_slice_grads", (*tensors, head, sums, INV_TAU, 0.5, False, 3, True, False)),
+    ]
+    for name, args in cases:
+        torch.library.opcheck(getattr(torch.ops.htakl, name).default, args)

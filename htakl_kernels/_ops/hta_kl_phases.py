@@ -45,6 +45,8 @@ import math
 
 import torch
 
+from .._library import HTA_KL_SLICE_SCHEMAS
+
 # Fixed-point scale of the selection's masses: p <= 1 (up to rounding), so a row's total stays
 # far below 2**63 even after float32 rounding of every p.
 MASS_BITS = 62
@@ -186,3 +188,39 @@ class KernelPhases:
     slice_head = staticmethod(lambda *args: torch.ops.htakl.hta_kl_slice_head(*args))
     slice_sums = staticmethod(lambda *args: torch.ops.htakl.hta_kl_slice_sums(*args))
     slice_grads = staticmethod(lambda *args: torch.ops.htakl.hta_kl_slice_grads(*args))
+
+
+# Fake implementations (shapes and dtypes only), so that the ops trace under torch.compile and
+# pass torch.library.opcheck.
+def _fake_max(x):
+    return x.new_empty(x.shape[:-1])
+
+
+def _fake_exp_sums(x, row_max, inv_tau):
+    return torch.empty_like(x), torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float64)
+
+
+def _fake_histogram(p, prefix, shift, width):
+    return prefix.new_empty(p.shape[0], 1 << width), prefix.new_empty(p.shape[0], 1 << width)
+
+
+def _fake_head(p, boundary, tied_in_head):
+    return torch.empty(p.shape, dtype=torch.bool, device=p.device)
+
+
+def _fake_sums(p, log_p, q, log_q, q_steps, log_q_steps, head):
+    softmaxes = q_steps.shape[0]
+    return p.new_empty(p.shape[0], 8 + (4 * softmaxes if softmaxes > 1 else 0))
+
+
+def _fake_grads(p, log_p, q, log_q, q_steps, log_q_steps, head, totals, inv_tau, row_scale,
+                detach_weights, steps, grad_student, grad_teacher):
+    return (p.new_empty(p.shape[0]),
+            torch.empty_like(q_steps) if grad_student else p.new_empty(0),
+            torch.empty_like(p) if grad_teacher else p.new_empty(0))
+
+
+_FAKES = dict(zip(HTA_KL_SLICE_SCHEMAS, (_fake_max, _fake_exp_sums, _fake_histogram, _fake_head,
+                                         _fake_sums, _fake_grads)))
+for _name, _fake in _FAKES.items():
+    torch.library.register_fake(f"htakl::{_name}", _fake)
