@@ -54,11 +54,10 @@ chunk loop (`htakl_kernels/fused_linear.py`).
 **Backends.** The local work of each phase (the slice's maxima and sums of exponentials, one
 histogram per digit, the head membership, the row sums, the gradients) goes through the phase
 ops of the resolved `backend` (`phases_for`; contract in `htakl_kernels/_ops/hta_kl_phases.py`):
-the CPU kernel has them all (csrc/cpu/hta_kl_cpu_phases.cpp, the fused kernel's per-class math);
-Triton has the row scans (maxima and exponentials, histograms, membership:
-triton_kernels/hta_kl_phases.py), its row sums and gradients being PyTorch ops; the reference
-and CUDA backends (the CUDA kernel has no phase entry points) run every phase as PyTorch tensor
-ops on the inputs' device, vectorized over rows and classes.
+the CPU kernel (csrc/cpu/hta_kl_cpu_phases.cpp, the fused kernel's per-class math) and Triton
+(triton_kernels/hta_kl_phases.py, the fused Triton kernel's per-class functions) have them; the
+reference and CUDA backends (the CUDA kernel has no phase entry points) run the same phases as
+PyTorch tensor ops on the inputs' device, vectorized over rows and classes.
 The softmax normalization and the prob_mean mixing between phases are PyTorch ops on every
 backend. Gloo (CPU tensors; CUDA tensors are moved to the CPU for the collectives) and NCCL (CUDA
 tensors) both work. Every rank should resolve the same backend: the phase ops agree with the

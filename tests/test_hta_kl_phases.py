@@ -40,6 +40,7 @@ def _slices(dtype, steps):
     teacher[3, 5] = -math.inf  # masked in the teacher only
     student[:, 4, 7] = -math.inf  # masked in the student only
     teacher[5, 10] = math.nan  # a NaN row
+    student[:, 0, 11] = -250.0  # q_t underflows in float32 while log q_t stays finite
     return [("random", teacher, student), ("C=1", teacher[:, :1].contiguous(), student[..., :1].contiguous()),
             ("C=0", teacher[:, :0].contiguous(), student[..., :0].contiguous())]
 
@@ -155,6 +156,9 @@ import triton.language as tl
 from htakl_kernels.triton_kernels import hta_kl_phases as k
 from htakl_kernels.triton_kernels.aot import compile_for_target, resource_usage
 for ty, key in (("fp32", tl.int32), ("fp64", tl.int64)):
+    slice_tensors = dict(p_ptr=f"*{ty}", log_p_ptr=f"*{ty}", q_ptr=f"*{ty}", log_q_ptr=f"*{ty}",
+                         q_steps_ptr=f"*{ty}", log_q_steps_ptr=f"*{ty}", head_ptr="*i8")
+    sizes = dict(rows="i64", classes="i64", softmaxes="i64", sums_per_row="i64")
     for kernel, signature, constants in (
             (k._slice_max_kernel, dict(x_ptr=f"*{ty}", out_ptr=f"*{ty}", classes="i64"),
              dict(BLOCK=k.BLOCK)),
@@ -166,11 +170,18 @@ for ty, key in (("fp32", tl.int32), ("fp64", tl.int64)):
              dict(BUCKET_BITS=8, MASS_SCALE=float(2 ** 62), KEY_INT=key, BLOCK=k.HISTOGRAM_BLOCK)),
             (k._slice_head_kernel, dict(p_ptr=f"*{ty}", boundary_ptr="*i64", tied_ptr="*i64",
                                         head_ptr="*i8", classes="i64"),
-             dict(KEY_INT=key, BLOCK=k.BLOCK))):
+             dict(KEY_INT=key, BLOCK=k.BLOCK)),
+            (k._slice_sums_kernel, dict(**slice_tensors, out_ptr=f"*{ty}", **sizes),
+             dict(BLOCK=k.BLOCK)),
+            (k._slice_grads_kernel, dict(**slice_tensors, totals_ptr=f"*{ty}",
+                                         scalars_ptr=f"*{ty}", loss_ptr=f"*{ty}",
+                                         d_student_ptr=f"*{ty}", d_teacher_ptr=f"*{ty}", **sizes,
+                                         detach_weights="i32"),
+             dict(GRAD_STUDENT=True, GRAD_TEACHER=True, BLOCK=k.BLOCK))):
         print(*resource_usage(compile_for_target(kernel, signature, constants, num_warps=4)))
 """
     usage = parse_usage(run_compiler_script(script))
-    assert len(usage) == 8 and all(0 < registers <= 255 and spills == 0 for registers, spills in usage)
+    assert len(usage) == 12 and all(0 < registers <= 255 and spills == 0 for registers, spills in usage)
 
 
 @IMPLEMENTATIONS[0].marks[0]

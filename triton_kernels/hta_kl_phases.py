@@ -1,11 +1,11 @@
 """Triton entry points for the vocab-parallel HTA-KL's phases (htakl_kernels/distributed.py).
 
-Contract: `htakl_kernels/_ops/hta_kl_phases.py`. The per-class phases that scan the slice for
-one row at a time run here, one program per row, the classes in blocks: the slice maxima, the
-shifted exponentials and their float64 sums, the selection's digit histograms (counts and
-fixed-point masses, int64: exact whatever the order) and the head membership (its ties counted
-in ascending class order across blocks). The row sums and gradients are the PyTorch-op phases
-(`TorchPhases`), whose batched products already run as one kernel each on the device.
+Contract: `htakl_kernels/_ops/hta_kl_phases.py`. Every phase op is one launch of one program
+per row, the classes in blocks: the slice maxima, the shifted exponentials and their float64
+sums, the selection's digit histograms (counts and fixed-point masses, int64: exact whatever the
+order), the head membership (its ties counted in ascending class order across blocks), the row
+sums (float64 lanes, summed in a fixed order) and the gradients. The per-class formulas are the
+fused Triton kernel's (`hta_kl.py`, mirroring csrc/hta_kl_math.h), in natural logs here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._ops.hta_kl_phases import MASS_BITS, TorchPhases, key_bits
+from .._ops.hta_kl_phases import MASS_BITS, key_bits
+from .hta_kl import (_fkl_term, _grad_student_softmax, _grad_teacher, _q_t_log_ratio, _rkl_term,
+                     _sign_of_difference)
 
 BLOCK = 128  # classes per block of the row scans
 HISTOGRAM_BLOCK = 32  # classes per block of the histograms, broadcast against every bucket
@@ -104,9 +106,163 @@ def _slice_head_kernel(p_ptr, boundary_ptr, tied_ptr, head_ptr, classes, KEY_INT
         seen += tl.sum(tied.to(tl.int64), axis=0)
 
 
-class TritonPhases(TorchPhases):
-    """The phase ops of the Triton backend: the row scans as the kernels above, the row sums and
-    gradients inherited from TorchPhases."""
+@triton.jit
+def _ratio(log_q_t, log_q):
+    """q_t / q from the logs, 0 only where log q_t is -inf (the fused kernel's _prob_ratio, in
+    natural logs)."""
+    return tl.where(log_q_t > float("-inf"), tl.exp(log_q_t - log_q), 0.0)
+
+
+@triton.jit
+def _load_class(ptr, row, classes, offs, mask):
+    return tl.load(ptr + row * classes + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _slice_sums_kernel(p_ptr, log_p_ptr, q_ptr, log_q_ptr, q_steps_ptr, log_q_steps_ptr, head_ptr,
+                       out_ptr, rows, classes, softmaxes, sums_per_row, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    d_head = tl.zeros([BLOCK], tl.float64)
+    d_tail = tl.zeros([BLOCK], tl.float64)
+    fkl = tl.zeros([BLOCK], tl.float64)
+    rkl = tl.zeros([BLOCK], tl.float64)
+    q_head = tl.zeros([BLOCK], tl.float64)
+    q_tail = tl.zeros([BLOCK], tl.float64)
+    p_head = tl.zeros([BLOCK], tl.float64)
+    p_tail = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, classes, BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < classes
+        p = _load_class(p_ptr, row, classes, offs, mask)
+        q = _load_class(q_ptr, row, classes, offs, mask)
+        log_p = _load_class(log_p_ptr, row, classes, offs, mask)
+        log_q = _load_class(log_q_ptr, row, classes, offs, mask)
+        head = tl.load(head_ptr + row * classes + offs, mask=mask, other=0) != 0
+        sign = _sign_of_difference(q, p)
+        distance = tl.abs(p - q).to(tl.float64)
+        d_head += tl.where(head, distance, 0.0)
+        d_tail += tl.where(head, 0.0, distance)
+        fkl += _fkl_term(p, log_p, log_q).to(tl.float64)
+        rkl += _rkl_term(q, log_q, log_p).to(tl.float64)
+        q_head += tl.where(head, q * sign, 0.0).to(tl.float64)
+        q_tail += tl.where(head, 0.0, q * sign).to(tl.float64)
+        p_head += tl.where(head, p * sign, 0.0).to(tl.float64)
+        p_tail += tl.where(head, 0.0, p * sign).to(tl.float64)
+    out = out_ptr + row * sums_per_row
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out + 0, tl.sum(d_head, axis=0).to(dtype))
+    tl.store(out + 1, tl.sum(d_tail, axis=0).to(dtype))
+    tl.store(out + 2, tl.sum(fkl, axis=0).to(dtype))
+    tl.store(out + 3, tl.sum(rkl, axis=0).to(dtype))
+    tl.store(out + 4, tl.sum(q_head, axis=0).to(dtype))
+    tl.store(out + 5, tl.sum(q_tail, axis=0).to(dtype))
+    tl.store(out + 6, tl.sum(p_head, axis=0).to(dtype))
+    tl.store(out + 7, tl.sum(p_tail, axis=0).to(dtype))
+    if softmaxes > 1:  # prob_mean: four sums per step
+        for t in range(0, softmaxes):
+            step = t * rows
+            p_ratio = tl.zeros([BLOCK], tl.float64)
+            log_ratio = tl.zeros([BLOCK], tl.float64)
+            q_t_head = tl.zeros([BLOCK], tl.float64)
+            q_t_tail = tl.zeros([BLOCK], tl.float64)
+            for start in range(0, classes, BLOCK):
+                offs = start + tl.arange(0, BLOCK).to(tl.int64)
+                mask = offs < classes
+                p = _load_class(p_ptr, row, classes, offs, mask)
+                q = _load_class(q_ptr, row, classes, offs, mask)
+                log_p = _load_class(log_p_ptr, row, classes, offs, mask)
+                log_q = _load_class(log_q_ptr, row, classes, offs, mask)
+                q_t = _load_class(q_steps_ptr, step + row, classes, offs, mask)
+                log_q_t = tl.load(log_q_steps_ptr + (step + row) * classes + offs, mask=mask,
+                                  other=float("-inf"))
+                head = tl.load(head_ptr + row * classes + offs, mask=mask, other=0) != 0
+                signed = q_t * _sign_of_difference(q, p)
+                p_ratio += (p * _ratio(log_q_t, log_q)).to(tl.float64)
+                log_ratio += _q_t_log_ratio(q_t, log_q, log_p).to(tl.float64)
+                q_t_head += tl.where(head, signed, 0.0).to(tl.float64)
+                q_t_tail += tl.where(head, 0.0, signed).to(tl.float64)
+            tl.store(out + 8 + t, tl.sum(p_ratio, axis=0).to(dtype))
+            tl.store(out + 8 + softmaxes + t, tl.sum(log_ratio, axis=0).to(dtype))
+            tl.store(out + 8 + 2 * softmaxes + t, tl.sum(q_t_head, axis=0).to(dtype))
+            tl.store(out + 8 + 3 * softmaxes + t, tl.sum(q_t_tail, axis=0).to(dtype))
+
+
+@triton.jit
+def _slice_grads_kernel(p_ptr, log_p_ptr, q_ptr, log_q_ptr, q_steps_ptr, log_q_steps_ptr,
+                        head_ptr, totals_ptr, scalars_ptr, loss_ptr, d_student_ptr, d_teacher_ptr,
+                        rows, classes, softmaxes, sums_per_row, detach_weights,
+                        GRAD_STUDENT: tl.constexpr, GRAD_TEACHER: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    sums = totals_ptr + row * sums_per_row
+    inv_tau = tl.load(scalars_ptr)
+    row_scale = tl.load(scalars_ptr + 1)
+    inv_steps = tl.load(scalars_ptr + 2)
+    d_head = tl.load(sums)
+    d_tail = tl.load(sums + 1)
+    fkl = tl.load(sums + 2)
+    rkl = tl.load(sums + 3)
+    # SPEC 1.5-1.6 and 2 (hta_kl_math.h's make_row_stats): lam = 1/2 each where both distances
+    # vanish; dl's coefficients formed as lam / Sg, zero when detached or vanished.
+    total = d_head + d_tail
+    vanished = total == 0
+    safe_total = tl.where(vanished, 1.0, total)
+    lam_h = tl.where(vanished, 0.5, d_head / safe_total)
+    lam_t = tl.where(vanished, 0.5, d_tail / safe_total)
+    tl.store(loss_ptr + row, row_scale * (lam_h * fkl + lam_t * rkl))
+    still = (detach_weights == 0) & (total != 0)
+    dl_head = tl.where(still, lam_t / safe_total, 0.0)
+    dl_tail = tl.where(still, -lam_h / safe_total, 0.0)
+    grad_scale = row_scale * inv_tau
+    sum_q_dl = dl_head * tl.load(sums + 4) + dl_tail * tl.load(sums + 5)
+    sum_p_dl = dl_head * tl.load(sums + 6) + dl_tail * tl.load(sums + 7)
+    for start in range(0, classes, BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < classes
+        p = _load_class(p_ptr, row, classes, offs, mask)
+        q = _load_class(q_ptr, row, classes, offs, mask)
+        log_p = _load_class(log_p_ptr, row, classes, offs, mask)
+        log_q = _load_class(log_q_ptr, row, classes, offs, mask)
+        head = tl.load(head_ptr + row * classes + offs, mask=mask, other=0) != 0
+        dl = _sign_of_difference(q, p) * tl.where(head, dl_head, dl_tail)
+        if GRAD_TEACHER:
+            tl.store(d_teacher_ptr + row * classes + offs,
+                     _grad_teacher(lam_h, lam_t, fkl, rkl, grad_scale, p, log_p, q, log_q, dl,
+                                   sum_p_dl), mask=mask)
+        if GRAD_STUDENT:
+            if softmaxes == 1:
+                tl.store(d_student_ptr + row * classes + offs,
+                         inv_steps * _grad_student_softmax(lam_h, lam_t, fkl, rkl, grad_scale, p,
+                                                           log_p, q, log_q, dl, sum_q_dl),
+                         mask=mask)
+    if GRAD_STUDENT:
+        if softmaxes > 1:  # prob_mean (hta_kl_math.h's time_step_g_sum, q_t_times_g)
+            for t in range(0, softmaxes):
+                step = t * rows
+                g_sum = (-lam_h * tl.load(sums + 8 + t) + lam_t * tl.load(sums + 8 + softmaxes + t)
+                         + (fkl - rkl) * (dl_head * tl.load(sums + 8 + 2 * softmaxes + t)
+                                          + dl_tail * tl.load(sums + 8 + 3 * softmaxes + t)))
+                for start in range(0, classes, BLOCK):
+                    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+                    mask = offs < classes
+                    p = _load_class(p_ptr, row, classes, offs, mask)
+                    q = _load_class(q_ptr, row, classes, offs, mask)
+                    log_p = _load_class(log_p_ptr, row, classes, offs, mask)
+                    log_q = _load_class(log_q_ptr, row, classes, offs, mask)
+                    q_t = _load_class(q_steps_ptr, step + row, classes, offs, mask)
+                    log_q_t = tl.load(log_q_steps_ptr + (step + row) * classes + offs, mask=mask,
+                                      other=float("-inf"))
+                    head = tl.load(head_ptr + row * classes + offs, mask=mask, other=0) != 0
+                    dl = _sign_of_difference(q, p) * tl.where(head, dl_head, dl_tail)
+                    q_t_g = (-lam_h * p * _ratio(log_q_t, log_q)
+                             + lam_t * _q_t_log_ratio(q_t, log_q, log_p) + (fkl - rkl) * q_t * dl)
+                    tl.store(d_student_ptr + (step + row) * classes + offs,
+                             grad_scale * inv_steps * (q_t_g - q_t * g_sum), mask=mask)
+
+
+class TritonPhases:
+    """The phase ops of the Triton backend (the module docstring's contract), each one launch of
+    a kernel above."""
 
     @staticmethod
     def slice_max(x: torch.Tensor) -> torch.Tensor:
@@ -146,3 +302,31 @@ class TritonPhases(TorchPhases):
                                               head, p.shape[1], KEY_INT=_key_int(p.dtype),
                                               BLOCK=BLOCK)
         return head.view(torch.bool)
+
+    @staticmethod
+    def slice_sums(p, log_p, q, log_q, q_steps, log_q_steps, head):
+        softmaxes = q_steps.shape[0]
+        sums = p.new_empty(p.shape[0], 8 + (4 * softmaxes if softmaxes > 1 else 0))
+        if p.shape[0]:
+            _slice_sums_kernel[(p.shape[0],)](
+                p, log_p, q, log_q, q_steps, log_q_steps, head.view(torch.int8), sums, p.shape[0],
+                p.shape[1], softmaxes, sums.shape[1], BLOCK=BLOCK)
+        return sums
+
+    @staticmethod
+    def slice_grads(p, log_p, q, log_q, q_steps, log_q_steps, head, totals, inv_tau: float,
+                    row_scale: float, detach_weights: bool, steps: int, grad_student: bool,
+                    grad_teacher: bool):
+        rows, classes = p.shape
+        loss_rows = p.new_empty(rows)
+        d_student = torch.empty_like(q_steps) if grad_student else p.new_empty(0)
+        d_teacher = torch.empty_like(p) if grad_teacher else p.new_empty(0)
+        if rows:
+            # in the accumulation dtype (a float argument would reach the kernel as float32)
+            scalars = torch.tensor([inv_tau, row_scale, 1.0 / steps], dtype=p.dtype, device=p.device)
+            _slice_grads_kernel[(rows,)](
+                p, log_p, q, log_q, q_steps, log_q_steps, head.view(torch.int8),
+                totals.contiguous(), scalars, loss_rows, d_student, d_teacher, rows, classes,
+                q_steps.shape[0], totals.shape[1], int(detach_weights), GRAD_STUDENT=grad_student,
+                GRAD_TEACHER=grad_teacher, BLOCK=BLOCK)
+        return loss_rows, d_student, d_teacher

@@ -210,10 +210,12 @@ struct SliceView {
 
   bool prob_mean() const { return softmaxes > 1; }
   int64_t sums_per_row() const { return 8 + (prob_mean() ? 4 * softmaxes : 0); }
-  // q_tk / q_k from the logs (hta_kl_math.h: never a division by a tiny q_k), 0 where q_tk = 0
+  // q_tk / q_k from the logs (hta_kl_math.h: never a division by a tiny q_k), 0 only where
+  // log q_tk is -inf (an underflowed q_tk beside an equally tiny q_k has a ratio of order 1)
   acc_t ratio(int64_t t, int64_t index) const {
-    const int64_t at = t * rows * classes + index;
-    return q_steps[at] > acc_t(0) ? std::exp(log_q_steps[at] - log_q[index]) : acc_t(0);
+    const acc_t log_q_t = log_q_steps[t * rows * classes + index];
+    return log_q_t > -std::numeric_limits<acc_t>::infinity() ? std::exp(log_q_t - log_q[index])
+                                                             : acc_t(0);
   }
 };
 

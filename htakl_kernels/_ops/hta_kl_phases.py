@@ -24,7 +24,7 @@ streams (the teacher, then the student's) of R rows over the slice's c classes (
         and tail sums of |p - q|, F's and R's terms, the head and tail sums of q s and of p s
         (s = sign(q - p)); with S > 1 softmaxes (prob_mean) then per step the sums of p r_t,
         of q_t (log q - log p + 1), and the head and tail sums of q_t s (r_t = q_t / q from the
-        logs, 0 where q_t = 0). n = 8, or 8 + 4 S. In a row with a NaN probability the sum of
+        logs, 0 where log q_t = -inf). n = 8, or 8 + 4 S. In a row with a NaN probability the sum of
         the two distances is NaN (so are its loss and gradients); its other sums may differ
         between implementations.
     hta_kl_slice_grads(p, ..., head, totals [R, n], inv_tau, row_scale, detach_weights, steps,
@@ -69,9 +69,10 @@ def _where_positive(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, value, torch.zeros_like(value))
 
 
-def _ratios(q_steps, log_q_steps, log_q):
-    """q_t / q in [0, T] as a ratio of exponentials, never a division by a tiny q."""
-    return _where_positive(q_steps, torch.exp(log_q_steps - log_q))
+def _ratios(log_q_steps, log_q):
+    """q_t / q in [0, T] as a ratio of exponentials, never a division by a tiny q; 0 only where
+    log q_t is -inf (an underflowed q_t beside an equally tiny q has a ratio of order 1)."""
+    return torch.where(torch.isneginf(log_q_steps), 0.0, torch.exp(log_q_steps - log_q))
 
 
 class TorchPhases:
@@ -123,7 +124,7 @@ class TorchPhases:
                 _where_positive(q, q * (log_q - log_p)).sum(-1),
                 sides[:, 1, 0], sides[:, 1, 1], sides[:, 2, 0], sides[:, 2, 1]]
         if prob_mean:
-            sums += [(p * _ratios(q_steps, log_q_steps, log_q)).sum(-1),
+            sums += [(p * _ratios(log_q_steps, log_q)).sum(-1),
                      _where_positive(q_steps, q_steps * (log_q - log_p + 1)).sum(-1),
                      sides[:, 3:, 0].T, sides[:, 3:, 1].T]
         return torch.cat([s.reshape(-1, p.shape[0]) for s in sums]).T.contiguous()
@@ -166,7 +167,7 @@ class TorchPhases:
             step_sums = totals[8:].reshape(4, q_steps.shape[0], -1)
             g_sum = (-lam_h * step_sums[0] + lam_t * step_sums[1]
                      + (fkl - rkl) * (dl_head * step_sums[2] + dl_tail * step_sums[3]))
-            q_t_g = (-lam_h_ * p * _ratios(q_steps, log_q_steps, log_q)
+            q_t_g = (-lam_h_ * p * _ratios(log_q_steps, log_q)
                      + lam_t_ * _where_positive(q_steps, q_steps * (log_q - log_p + 1))
                      + gap * q_steps * dl)
             d_student = (scale / steps) * (q_t_g - q_steps * g_sum.unsqueeze(-1))
