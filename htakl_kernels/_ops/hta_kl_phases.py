@@ -93,12 +93,14 @@ class TorchPhases:
     @staticmethod
     def slice_histogram(p, prefix, shift: int, width: int):
         keys = selection_keys(p)
-        match = ((keys >> (shift + width)) == prefix.unsqueeze(1)) & ~p.isnan()
-        digits = (keys >> shift) & ((1 << width) - 1)
-        masses = torch.floor(torch.where(match, p, 0).to(torch.float64) * float(2 ** MASS_BITS))
-        zeros = keys.new_zeros(p.shape[0], 1 << width)
-        return (zeros.scatter_add(1, digits, match.to(torch.int64)),
-                zeros.scatter_add(1, digits, masses.to(torch.int64)))
+        # Only the matching classes are gathered and binned: past the first digit, a few.
+        row, column = (((keys >> (shift + width)) == prefix.unsqueeze(1)) & ~p.isnan()).nonzero(
+            as_tuple=True)
+        slots = (row << width) | ((keys[row, column] >> shift) & ((1 << width) - 1))
+        masses = torch.floor(p[row, column].to(torch.float64) * float(2 ** MASS_BITS))
+        zeros = keys.new_zeros(p.shape[0] << width)
+        return (zeros.index_add(0, slots, torch.ones_like(slots)).view(p.shape[0], 1 << width),
+                zeros.index_add(0, slots, masses.to(torch.int64)).view(p.shape[0], 1 << width))
 
     @staticmethod
     def slice_head(p, boundary, tied_in_head):
