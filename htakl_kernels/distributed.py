@@ -59,8 +59,8 @@ the CPU kernel (csrc/cpu/hta_kl_cpu_phases.cpp, the fused kernel's per-class mat
 reference and CUDA backends (the CUDA kernel has no phase entry points) run the same phases as
 PyTorch tensor ops on the inputs' device, vectorized over rows and classes.
 The softmax normalization and the prob_mean mixing between phases are PyTorch ops on every
-backend. Gloo (CPU tensors; CUDA tensors are moved to the CPU for the collectives) and NCCL (CUDA
-tensors) both work. Every rank should resolve the same backend: the phase ops agree with the
+backend. Gloo takes CPU tensors (CUDA tensors are moved to the CPU for the collectives); NCCL takes
+CUDA tensors through the same code, but has not been run yet (it needs a GPU per rank). Every rank should resolve the same backend: the phase ops agree with the
 PyTorch ones to rounding, not bit for bit.
 
 **Agreement with one device.** The head is the same set of classes as the single-device kernels'
