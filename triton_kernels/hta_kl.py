@@ -303,13 +303,16 @@ def _octave_thresholds(p_max, lse2_p, buckets, RADIX_BUCKETS: tl.constexpr, KEY:
 
 @triton.jit
 def _histogram(teacher_row, begin, end, scale, lse2_p, hi, thresholds,
-               RADIX_BLOCK: tl.constexpr, ACC: tl.constexpr, KEY: tl.constexpr,
-               MASS: tl.constexpr, KEY_END: tl.constexpr, FIXED_ONE: tl.constexpr):
+               RADIX_BLOCK: tl.constexpr, COUNTED: tl.constexpr, ACC: tl.constexpr,
+               KEY: tl.constexpr, MASS: tl.constexpr, KEY_END: tl.constexpr,
+               FIXED_ONE: tl.constexpr):
     """One pass over the teacher's classes [begin, end): for each of the ascending `thresholds`,
-    the mass and the count of the keys in [threshold, hi).
+    the mass and, if COUNTED, the count of the keys in [threshold, hi) (else the counts are 0).
 
     Thresholds by classes, the classes along the threads (few threads share a class's key), and
-    each lane's sums kept over the pass and reduced once at its end."""
+    each lane's sums kept over the pass and reduced once at its end. A row's first histogram
+    needs no counts (the copy of its boundary bucket counts that bucket): a third less work per
+    class and threshold."""
     radix_lanes = tl.arange(0, RADIX_BLOCK)
     masses = tl.zeros([thresholds.shape[0], RADIX_BLOCK], MASS)
     counts = tl.zeros([thresholds.shape[0], RADIX_BLOCK], MASS)
@@ -318,21 +321,22 @@ def _histogram(teacher_row, begin, end, scale, lse2_p, hi, thresholds,
                                 MASS, KEY_END, FIXED_ONE)
         hit = (key[None, :] >= thresholds[:, None]) & (key < hi)[None, :]
         masses += tl.where(hit, mass[None, :], 0)
-        counts += hit.to(MASS)
+        if COUNTED:
+            counts += hit.to(MASS)
     return tl.sum(masses, 1), tl.sum(counts, 1)
 
 
 @triton.jit
-def _choose_bucket(masses, counts, thresholds, buckets, hi, mass_above, delta_fixed,
+def _choose_bucket(masses, thresholds, buckets, hi, mass_above, delta_fixed,
                    RADIX_BUCKETS: tl.constexpr, KEY: tl.constexpr, MASS: tl.constexpr):
     """The histogram's bucket that holds w: the last threshold whose mass at or above reaches
-    delta (the masses decrease along the thresholds). Returns its index, its [lo, hi), the mass at
-    or above its hi and its count of classes."""
+    delta (the masses decrease along the thresholds). Returns its index, its [lo, hi) and the
+    mass at or above its hi."""
     chosen = tl.sum((mass_above + masses >= delta_fixed).to(tl.int32), 0) - 1
     lo = _pick(thresholds, buckets, chosen).to(KEY)
     hi = tl.where(chosen + 1 < RADIX_BUCKETS, _pick(thresholds, buckets, chosen + 1), hi).to(KEY)
     mass_above += _pick(masses, buckets, chosen + 1).to(MASS)
-    return chosen, lo, hi, mass_above, _bucket_count(counts, buckets, chosen)
+    return chosen, lo, hi, mass_above
 
 
 @triton.jit
@@ -342,47 +346,47 @@ def _bucket_count(counts, buckets, chosen):
 
 
 @triton.jit
-def _narrow(teacher_row, classes, scale, lse2_p, masses, counts, thresholds, delta_fixed,
+def _narrow(teacher_row, classes, scale, lse2_p, lo, hi, mass_above, count, delta_fixed,
             CAPACITY: tl.constexpr, RADIX_BLOCK: tl.constexpr, RADIX_BUCKETS: tl.constexpr,
             ACC: tl.constexpr, KEY: tl.constexpr, MASS: tl.constexpr, KEY_END: tl.constexpr,
             FIXED_ONE: tl.constexpr):
-    """From the first histogram of a row whose mass reaches delta: its bucket holding w, split
-    evenly by further passes over the teacher while it holds more than CAPACITY classes and more
-    than one key. Returns lo, hi, the mass at or above hi and the bucket's count."""
+    """The bucket [lo, hi) holding w (mass_above at or above hi, `count` classes), split evenly
+    by further passes over the teacher while it holds more than CAPACITY classes and more than
+    one key. Returns the new lo, hi, mass at or above hi and count."""
     buckets = tl.arange(0, RADIX_BUCKETS)
-    _, lo, hi, mass_above, count = _choose_bucket(masses, counts, thresholds, buckets, KEY_END,
-                                                  tl.zeros([], MASS), delta_fixed, RADIX_BUCKETS,
-                                                  KEY, MASS)
     while (count > CAPACITY) & (hi - lo > 1):
         width = (hi - lo + RADIX_BUCKETS - 1) // RADIX_BUCKETS
         thresholds = tl.minimum(lo + buckets * width, hi).to(KEY)
         masses, counts = _histogram(teacher_row, 0, classes, scale, lse2_p, hi, thresholds,
-                                    RADIX_BLOCK, ACC, KEY, MASS, KEY_END, FIXED_ONE)
-        _, lo, hi, mass_above, count = _choose_bucket(masses, counts, thresholds, buckets, hi,
-                                                      mass_above, delta_fixed, RADIX_BUCKETS, KEY,
-                                                      MASS)
+                                    RADIX_BLOCK, True, ACC, KEY, MASS, KEY_END, FIXED_ONE)
+        chosen, lo, hi, mass_above = _choose_bucket(masses, thresholds, buckets, hi, mass_above,
+                                                    delta_fixed, RADIX_BUCKETS, KEY, MASS)
+        count = _bucket_count(counts, buckets, chosen).to(count.dtype)
     return lo, hi, mass_above, count
 
 
 @triton.jit
 def _compact(teacher_row, begin, end, scale, lse2_p, lo, hi, keys_row, index_row, written,
-             RADIX_BLOCK: tl.constexpr, ACC: tl.constexpr,
+             BLOCK: tl.constexpr, CAPACITY: tl.constexpr, ACC: tl.constexpr,
              KEY: tl.constexpr, MASS: tl.constexpr, KEY_END: tl.constexpr,
              FIXED_ONE: tl.constexpr):
     """Append the keys in [lo, hi) of classes [begin, end) and their class indices to the
-    workspace row from position `written`, in class order; returns the count.
-    In sub-blocks of one class per thread: a scan over more classes per thread costs more."""
-    lanes = tl.arange(0, RADIX_BLOCK)
-    for start in range(begin, end, RADIX_BLOCK):
+    workspace row (of CAPACITY) from position `written`, in class order; returns `written` plus
+    the count of those classes, those that did not fit included.
+    In chunks of BLOCK classes, so the per-chunk count and its branch cost each class a fraction;
+    the scan runs only in chunks that hold some (few in a peaked row)."""
+    lanes = tl.arange(0, BLOCK)
+    for start in range(begin, end, BLOCK):
         offs = start + lanes
         key, _ = _chunk_keys(teacher_row, offs, end, scale, lse2_p, ACC, KEY, MASS, KEY_END,
                              FIXED_ONE)
-        inside = (key >= lo) & (key < hi)
-        found = tl.sum(inside.to(tl.int32), 0)
-        if found > 0:  # most sub-blocks of a peaked row hold none
-            position = written + tl.cumsum(inside.to(tl.int32), 0) - inside.to(tl.int32)
-            tl.store(keys_row + position, key, mask=inside)
-            tl.store(index_row + position, offs.to(KEY), mask=inside)
+        inside = ((key >= lo) & (key < hi)).to(tl.int32)
+        found = tl.sum(inside, 0)
+        if found > 0:
+            position = written + tl.cumsum(inside, 0) - inside
+            stored = (inside != 0) & (position < CAPACITY)
+            tl.store(keys_row + position, key, mask=stored)
+            tl.store(index_row + position, offs.to(KEY), mask=stored)
         written += found
     return written
 
@@ -427,25 +431,31 @@ def _head_of_keys(keys, indices, lo, hi, mass_above, delta_fixed, delta, ACC: tl
 
 
 @triton.jit
-def _head_of_row(teacher_row, classes, scale, lse2_p, masses, counts, thresholds, keys_row,
+def _head_of_row(teacher_row, classes, scale, lse2_p, lo, hi, mass_above, count, keys_row,
                  index_row, delta_fixed, delta, copied, CAPACITY: tl.constexpr,
                  RADIX_BLOCK: tl.constexpr, RADIX_BUCKETS: tl.constexpr, ACC: tl.constexpr,
                  KEY: tl.constexpr, MASS: tl.constexpr, KEY_END: tl.constexpr,
                  MANTISSA_BITS: tl.constexpr, FIXED_ONE: tl.constexpr):
-    """w and the tie limit of a chunked row whose mass reaches delta, from its first histogram:
-    the bucket holding w narrowed to at most CAPACITY classes (`_narrow`), its keys copied to the
-    workspace row (unless `copied` already) and bisected there; or, for a bucket of the one key w,
-    the tie limit by a count over the row when only some of its classes are in the head."""
-    lo, hi, mass_above, count = _narrow(teacher_row, classes, scale, lse2_p, masses, counts,
-                                        thresholds, delta_fixed, CAPACITY, RADIX_BLOCK,
-                                        RADIX_BUCKETS, ACC, KEY, MASS, KEY_END, FIXED_ONE)
+    """w and the tie limit of a chunked row whose mass reaches delta, from the bucket [lo, hi)
+    of its first histogram that holds w (mass_above at or above hi, `count` classes), whose keys
+    are in the workspace row if `copied`. A bucket of more than CAPACITY classes is narrowed
+    (`_narrow`) and copied again; the keys are bisected in the workspace. A bucket of the one
+    key w in more classes than the workspace holds: the tie limit by a count over the row, when
+    only some of its classes are in the head."""
+    copied = copied & (count <= CAPACITY)  # a bucket that did not fit was copied in part
+    if count > CAPACITY:
+        lo, hi, mass_above, count = _narrow(teacher_row, classes, scale, lse2_p, lo, hi,
+                                            mass_above, count, delta_fixed, CAPACITY,
+                                            RADIX_BLOCK, RADIX_BUCKETS, ACC, KEY, MASS, KEY_END,
+                                            FIXED_ONE)
     boundary_bits = lo
     tie_limit = tl.zeros([], tl.int32)
-    if hi - lo > 1:
+    if count <= CAPACITY:
         if not copied:
             _compact(teacher_row, 0, classes, scale, lse2_p, lo, hi, keys_row, index_row,
-                     tl.zeros([], tl.int32), RADIX_BLOCK, ACC, KEY, MASS, KEY_END, FIXED_ONE)
-            tl.debug_barrier()  # the stores above are read back by other threads
+                     tl.zeros([], tl.int32), CAPACITY, CAPACITY, ACC, KEY, MASS, KEY_END,
+                     FIXED_ONE)
+        tl.debug_barrier()  # the workspace's stores are read back by other threads
         lanes = tl.arange(0, CAPACITY)
         keys = tl.load(keys_row + lanes, mask=lanes < count, other=-1)
         indices = tl.load(index_row + lanes, mask=lanes < count, other=0)
@@ -679,6 +689,22 @@ def _call_constants(temperature, head_mass, head_mass_fixed, row_scale_in, steps
             tl.log2(steps_acc))
 
 
+@triton.jit
+def _row_pointers(row, student_ptr, teacher_ptr, d_student_ptr, d_teacher_ptr, classes,
+                  slice_stride, ALIGN: tl.constexpr):
+    """The row's length, the student's step stride and the row's four pointers, shared by both
+    kernels. C and the stride are rewritten as multiples of ALIGN (the launcher's gcd(C, 16),
+    which divides both): the same values, now known to the compiler as multiples, so a row that
+    starts 16-byte aligned is loaded and stored in vectors, as Triton does on its own only when
+    C is a multiple of 16. 64-bit offsets: the row index is widened before it multiplies C, the
+    stride before a time step multiplies it (T * R * C may reach 2**31)."""
+    classes = classes // ALIGN * ALIGN
+    slice_stride = (tl.zeros([], tl.int64) + slice_stride) // ALIGN * ALIGN
+    start = row.to(tl.int64) * classes
+    return (classes, slice_stride, teacher_ptr + start, student_ptr + start,
+            d_teacher_ptr + start, d_student_ptr + start)
+
+
 # ---------------------------------------------------------------------------------------------
 # The kernel: one program per row.
 
@@ -691,20 +717,18 @@ def _hta_kl_kernel(
     head_mass_fixed, steps, classes, slice_stride,
     PROB_MEAN: tl.constexpr, TWO_D: tl.constexpr, STEPS_PAD: tl.constexpr, ON_CHIP: tl.constexpr,
     BLOCK: tl.constexpr, RADIX_BLOCK: tl.constexpr, RADIX_BUCKETS: tl.constexpr,
-    DETACH: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    DETACH: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, ALIGN: tl.constexpr,
     ACC: tl.constexpr, KEY: tl.constexpr, MASS: tl.constexpr, TOP_BIT: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, FIXED_ONE: tl.constexpr, TINY: tl.constexpr,
 ):
     if TWO_D:
         steps = 1  # the student is one slice: the loops over time steps vanish at compile time
-    # 64-bit offsets: the row index is widened before it multiplies the row length.
     row = tl.program_id(0).to(tl.int64)
-    teacher_row = teacher_ptr + row * classes
-    student_row = student_ptr + row * classes
+    classes, slice_stride, teacher_row, student_row, d_teacher_row, d_student_row = \
+        _row_pointers(row, student_ptr, teacher_ptr, d_student_ptr, d_teacher_ptr, classes,
+                      slice_stride, ALIGN)
     scale, scale_q, delta, delta_fixed, row_scale, grad_scale, inv_steps, log2_steps = \
         _call_constants(temperature, head_mass, head_mass_fixed, row_scale_in, steps, ACC, MASS)
-    # Widened here, so that t * slice_stride cannot overflow for T * R * C >= 2**31.
-    slice_stride = tl.zeros([], tl.int64) + slice_stride
     lanes = tl.arange(0, BLOCK)
     step_ids = tl.arange(0, STEPS_PAD)
     zero = tl.zeros([], ACC)
@@ -769,17 +793,24 @@ def _hta_kl_kernel(
         buckets = tl.arange(0, RADIX_BUCKETS)
         thresholds = _octave_thresholds(p_max, lse2_p, buckets, RADIX_BUCKETS, KEY, KEY_END,
                                         MANTISSA_BITS)
-        masses, counts = _histogram(teacher_row, 0, classes, scale, lse2_p, KEY_END, thresholds,
-                                    RADIX_BLOCK, ACC, KEY, MASS, KEY_END, FIXED_ONE)
+        masses, uncounted = _histogram(teacher_row, 0, classes, scale, lse2_p, KEY_END,
+                                       thresholds, RADIX_BLOCK, False, ACC, KEY, MASS, KEY_END,
+                                       FIXED_ONE)
         total_mass = _pick(masses, buckets, 0)
         boundary_bits = tl.zeros([], KEY)
         tie_limit = tl.zeros([], tl.int32)
         if total_mass >= delta_fixed:
+            chosen, lo, hi, mass_above = _choose_bucket(masses, thresholds, buckets, KEY_END,
+                                                        tl.zeros([], MASS), delta_fixed,
+                                                        RADIX_BUCKETS, KEY, MASS)
             keys_row = workspace_ptr + row * (2 * BLOCK)
+            count = _compact(teacher_row, 0, classes, scale, lse2_p, lo, hi, keys_row,
+                             keys_row + BLOCK, tl.zeros([], tl.int32), BLOCK, BLOCK, ACC, KEY,
+                             MASS, KEY_END, FIXED_ONE)
             boundary_bits, tie_limit = _head_of_row(
-                teacher_row, classes, scale, lse2_p, masses, counts, thresholds, keys_row,
-                keys_row + BLOCK, delta_fixed, delta, False, BLOCK, RADIX_BLOCK, RADIX_BUCKETS,
-                ACC, KEY, MASS, KEY_END, MANTISSA_BITS, FIXED_ONE)
+                teacher_row, classes, scale, lse2_p, lo, hi, mass_above, count, keys_row,
+                keys_row + BLOCK, delta_fixed, delta, tl.full([], 1, tl.int1), BLOCK,
+                RADIX_BLOCK, RADIX_BUCKETS, ACC, KEY, MASS, KEY_END, MANTISSA_BITS, FIXED_ONE)
     all_head = total_mass < delta_fixed
 
     # ---- Pass 3, SPEC 1.4-1.6 and 2: every per-row sum. ----------------------------------------
@@ -796,7 +827,7 @@ def _hta_kl_kernel(
     if GRAD_S or GRAD_T:
         _write_gradients(
             row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row,
-            d_teacher_ptr + row * classes, d_student_ptr + row * classes, slice_stride, steps, 0,
+            d_teacher_row, d_student_row, slice_stride, steps, 0,
             classes, scale, scale_q, lse2_p, lse2_q, lse2_steps, step_ids, log2_steps,
             boundary_bits, tie_limit, all_head, lam_h, lam_t, fkl, rkl,
             dl_head, dl_tail, grad_scale, inv_steps, q_head, q_tail, p_head, p_tail,
@@ -868,7 +899,7 @@ def _hta_kl_split_kernel(
     head_mass_fixed, steps, classes, slice_stride, segments, segment_length,
     PHASE: tl.constexpr, PROB_MEAN: tl.constexpr, TWO_D: tl.constexpr, STEPS_PAD: tl.constexpr,
     BLOCK: tl.constexpr, RADIX_BLOCK: tl.constexpr, RADIX_BUCKETS: tl.constexpr,
-    DETACH: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    DETACH: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, ALIGN: tl.constexpr,
     ACC: tl.constexpr, KEY: tl.constexpr, MASS: tl.constexpr, TOP_BIT: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, FIXED_ONE: tl.constexpr, TINY: tl.constexpr,
 ):
@@ -880,13 +911,13 @@ def _hta_kl_split_kernel(
     else:
         row = tl.program_id(0).to(tl.int64) // segments
         segment = (tl.program_id(0) % segments).to(tl.int32)
+    classes, slice_stride, teacher_row, student_row, d_teacher_row, d_student_row = \
+        _row_pointers(row, student_ptr, teacher_ptr, d_student_ptr, d_teacher_ptr, classes,
+                      slice_stride, ALIGN)
     begin = segment * segment_length
     end = tl.minimum(begin + segment_length, classes)
-    teacher_row = teacher_ptr + row * classes
-    student_row = student_ptr + row * classes
     scale, scale_q, delta, delta_fixed, row_scale, grad_scale, inv_steps, log2_steps = \
         _call_constants(temperature, head_mass, head_mass_fixed, row_scale_in, steps, ACC, MASS)
-    slice_stride = tl.zeros([], tl.int64) + slice_stride
     step_ids = tl.arange(0, STEPS_PAD)
     buckets = tl.arange(0, RADIX_BUCKETS)
     KEY_END: tl.constexpr = 1 << (TOP_BIT + 1)
@@ -915,8 +946,9 @@ def _hta_kl_split_kernel(
         if PHASE == 2:
             thresholds = _octave_thresholds(p_max, lse2_p, buckets, RADIX_BUCKETS, KEY, KEY_END,
                                             MANTISSA_BITS)
+            # counted: each segment's count of the boundary bucket places its copy (phase 3)
             masses, counts = _histogram(teacher_row, begin, end, scale, lse2_p, KEY_END,
-                                        thresholds, RADIX_BLOCK, ACC, KEY, MASS, KEY_END,
+                                        thresholds, RADIX_BLOCK, True, ACC, KEY, MASS, KEY_END,
                                         FIXED_ONE)
             part = histograms_row + segment * (2 * RADIX_BUCKETS)
             tl.store(part + buckets, masses)
@@ -927,21 +959,22 @@ def _hta_kl_split_kernel(
             masses, counts, counts_before = _load_histograms(histograms_row, segments, segment,
                                                              buckets, RADIX_BUCKETS, MASS)
             reaches = _pick(masses, buckets, 0) >= delta_fixed
-            chosen, lo, hi, mass_above, count = _choose_bucket(
-                masses, counts, thresholds, buckets, KEY_END, tl.zeros([], MASS), delta_fixed,
+            chosen, lo, hi, mass_above = _choose_bucket(
+                masses, thresholds, buckets, KEY_END, tl.zeros([], MASS), delta_fixed,
                 RADIX_BUCKETS, KEY, MASS)
-            copied = reaches & (count <= BLOCK) & (hi - lo > 1)
+            count = _bucket_count(counts, buckets, chosen)
+            copied = reaches & (count <= BLOCK)
             if PHASE == 3:
                 if copied:
                     _compact(teacher_row, begin, end, scale, lse2_p, lo, hi, keys_row, index_row,
                              _bucket_count(counts_before, buckets, chosen).to(tl.int32),
-                             RADIX_BLOCK, ACC, KEY, MASS, KEY_END, FIXED_ONE)
+                             BLOCK, BLOCK, ACC, KEY, MASS, KEY_END, FIXED_ONE)
             else:
                 boundary_bits = tl.zeros([], KEY)
                 tie_limit = tl.zeros([], tl.int32)
                 if reaches:
                     boundary_bits, tie_limit = _head_of_row(
-                        teacher_row, classes, scale, lse2_p, masses, counts, thresholds,
+                        teacher_row, classes, scale, lse2_p, lo, hi, mass_above, count,
                         keys_row, index_row, delta_fixed, delta, copied, BLOCK, RADIX_BLOCK,
                         RADIX_BUCKETS, ACC, KEY, MASS, KEY_END, MANTISSA_BITS, FIXED_ONE)
                 tl.store(selection_row, boundary_bits)
@@ -999,7 +1032,7 @@ def _hta_kl_split_kernel(
                 if GRAD_S or GRAD_T:
                     _write_gradients(
                         None, None, None, teacher_row, student_row,
-                        d_teacher_ptr + row * classes, d_student_ptr + row * classes,
+                        d_teacher_row, d_student_row,
                         slice_stride, steps, begin, end, scale, scale_q, lse2_p, lse2_q,
                         lse2_steps, step_ids, log2_steps, boundary_bits, tie_limit, all_head,
                         lam_h, lam_t, fkl, rkl, dl_head, dl_tail, grad_scale,
@@ -1057,6 +1090,12 @@ def kernel_constants(wide: bool) -> dict:
         # Below this a sum of the steps' q_t may have lost terms to underflow.
         TINY=2.0**-900 if wide else 2.0**-100,
     )
+
+
+def row_alignment(classes: int) -> int:
+    """The kernels' ALIGN: the largest power of two up to 16 that divides C (and so every row's
+    start and the student's step stride, in elements)."""
+    return math.gcd(classes, 16)
 
 
 def head_mass_fixed(delta: float, wide: bool) -> int:
@@ -1120,7 +1159,7 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
         PROB_MEAN=steps > 1 and not logit_mean, TWO_D=steps == 1, STEPS_PAD=steps_pad,
         BLOCK=block, RADIX_BLOCK=radix_block, RADIX_BUCKETS=1 << RADIX_BITS,
         DETACH=detach_weights, GRAD_S=grad_student, GRAD_T=grad_teacher,
-        num_warps=_num_warps(block, wide), **kernel_constants(wide))
+        ALIGN=row_alignment(classes), num_warps=_num_warps(block, wide), **kernel_constants(wide))
     scalars = (float(temperature), float(delta), float(row_scale), head_mass_fixed(delta, wide),
                steps, classes, rows * classes)
     if segments == 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .aot import AOT_ARCH, TYPE_NAMES, compile_for_target, resource_usage
 from .hta_kl import (RADIX_BITS, RADIX_BLOCK, _hta_kl_kernel, _hta_kl_split_kernel, _num_warps,
-                     default_layout, kernel_constants)
+                     default_layout, kernel_constants, row_alignment)
 
 # The split kernel's phases (hta_kl.py, _hta_kl_split_kernel).
 SPLIT_PHASES = (1, 2, 3, 4, 5, 6)
@@ -40,36 +40,38 @@ def _signature(storage: str, split: bool) -> dict[str, str]:
     return {**pointers, **scalars}
 
 
-def _constants(storage: str, block: int, prob_mean: bool, steps_pad: int) -> dict:
+def _constants(storage: str, block: int, prob_mean: bool, steps_pad: int, classes: int) -> dict:
     """The constexprs launch_hta_kl passes for T steps padded to `steps_pad` (1: T = 1, the 2-D
-    kernel)."""
+    kernel) and rows of `classes`."""
     two_d = steps_pad == 1
     return dict(
         PROB_MEAN=prob_mean and not two_d, TWO_D=two_d,
         STEPS_PAD=steps_pad if prob_mean and not two_d else 1, BLOCK=block,
         RADIX_BLOCK=min(RADIX_BLOCK, block), RADIX_BUCKETS=1 << RADIX_BITS, DETACH=False,
-        GRAD_S=True, GRAD_T=True, **kernel_constants(storage == "float64"),
+        GRAD_S=True, GRAD_T=True, ALIGN=row_alignment(classes),
+        **kernel_constants(storage == "float64"),
     )
 
 
 def compile_variant(storage: str, *, on_chip: bool, block: int, prob_mean: bool, steps_pad: int = 4,
-                    arch: int = AOT_ARCH):
+                    classes: int | None = None, arch: int = AOT_ARCH):
     """The one-program-per-row kernel compiled for sm_`arch` with the launch parameters
-    launch_hta_kl would pick for T steps padded to `steps_pad` (a power of two): steps_pad = 1 is
-    T = 1, the 2-D kernel."""
+    launch_hta_kl would pick for T steps padded to `steps_pad` (a power of two; steps_pad = 1 is
+    T = 1, the 2-D kernel) and rows of `classes` (default: `block`, a multiple of 16), from
+    tensors PyTorch allocated (16-byte aligned)."""
+    constants = _constants(storage, block, prob_mean, steps_pad, block if classes is None else classes)
     return compile_for_target(
-        _hta_kl_kernel, _signature(storage, split=False),
-        dict(ON_CHIP=on_chip, **_constants(storage, block, prob_mean, steps_pad)),
-        num_warps=_num_warps(block, storage == "float64"), arch=arch)
+        _hta_kl_kernel, _signature(storage, split=False), dict(ON_CHIP=on_chip, **constants),
+        num_warps=_num_warps(block, storage == "float64"), arch=arch, aligned_pointers=True)
 
 
 def compile_split_variant(storage: str, *, phase: int, block: int, prob_mean: bool,
-                          steps_pad: int = 4, arch: int = AOT_ARCH):
+                          steps_pad: int = 4, classes: int | None = None, arch: int = AOT_ARCH):
     """One phase of the split kernel (rows over several programs), as compile_variant."""
+    constants = _constants(storage, block, prob_mean, steps_pad, block if classes is None else classes)
     return compile_for_target(
-        _hta_kl_split_kernel, _signature(storage, split=True),
-        dict(PHASE=phase, **_constants(storage, block, prob_mean, steps_pad)),
-        num_warps=_num_warps(block, storage == "float64"), arch=arch)
+        _hta_kl_split_kernel, _signature(storage, split=True), dict(PHASE=phase, **constants),
+        num_warps=_num_warps(block, storage == "float64"), arch=arch, aligned_pointers=True)
 
 
 def _main() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -24,6 +25,7 @@ DTYPES = ("float32", "bfloat16")
 # 0: a 2-D student (its own variant where the harness has one: two_d), T = 1: [1, R, C]
 HTA_KL_STEPS = (0, 1, 4, 8)
 HTA_KL_ON_CHIP_CLASSES = (1000,)  # on-chip rows among the benchmark shapes
+HTA_KL_CHUNKED_CLASSES = 32000  # the chunked ones (32000, 131072, 262144) align alike
 
 
 def package_view(source_root: str, folder: str, harness: str) -> str:
@@ -89,15 +91,19 @@ def compile_hta_kl(out: str) -> dict:
     index = {}
     for dtype in DTYPES:
         on_chip_limit, chunk = hta_kl.default_layout(False)
-        blocks = [(True, triton.next_power_of_2(c)) for c in HTA_KL_ON_CHIP_CLASSES
-                  if c <= on_chip_limit] + [(False, chunk)]
-        for on_chip, block in blocks:
+        # (on chip, block, classes): the chunked benchmark rows are all multiples of 16 classes
+        layouts = [(True, triton.next_power_of_2(c), c) for c in HTA_KL_ON_CHIP_CLASSES
+                   if c <= on_chip_limit] + [(False, chunk, HTA_KL_CHUNKED_CLASSES)]
+        for on_chip, block, classes in layouts:
+            align = math.gcd(classes, 16)
             for steps in HTA_KL_STEPS:
                 options = {}
                 if steps == 0:
                     if "two_d" not in harness_options:
                         continue  # a harness without it: a 2-D student runs the T = 1 kernel
                     options["two_d"] = True
+                if "classes" in harness_options:  # rows aligned as `classes`' are (ALIGN)
+                    options["classes"] = classes
                 name = f"hta_kl-{dtype}-{'onchip' if on_chip else 'chunked'}{block}-T{steps}"
                 compiled = hta_kl_aot.compile_variant(
                     dtype, on_chip=on_chip, block=block, prob_mean=steps > 1,
@@ -105,6 +111,7 @@ def compile_hta_kl(out: str) -> dict:
                 radix_block = getattr(hta_kl, "RADIX_BLOCK", None)
                 index[name] = _save(out, name, compiled, block=block, on_chip=on_chip,
                                     steps=steps, on_chip_limit=on_chip_limit,
+                                    align=align if "classes" in harness_options else None,
                                     radix_block=min(radix_block, block) if radix_block else None,
                                     radix_bits=getattr(hta_kl, "RADIX_BITS", None))
     return index

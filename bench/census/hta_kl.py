@@ -212,8 +212,10 @@ class TritonKernels:
         on_chip_limit = entries[0]["on_chip_limit"]
         on_chip = classes <= on_chip_limit
         block = 1 << max(0, (classes - 1).bit_length()) if on_chip else None
+        align = math.gcd(classes, 16)  # the launcher's ALIGN, where the harness compiles it
         for entry in entries:
-            if entry["on_chip"] == on_chip and (block is None or entry["block"] == block):
+            if entry["on_chip"] == on_chip and (block is None or entry["block"] == block) and \
+                    entry.get("align") in (None, align):
                 return entry
         raise ValueError(f"no Triton HTA-KL variant compiled for {dtype}, T = {steps}, "
                          f"C = {classes} (see census/_triton_worker.py)")
