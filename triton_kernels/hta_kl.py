@@ -551,7 +551,12 @@ def _row_sums(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slic
     time step, sum_j p_j r_tj, sum_j q_tj (log q_j - log p_j + 1) and the signed head / tail
     sums of q_tj (csrc/hta_kl_math.h, time_step_g_sum)."""
     lanes = tl.arange(0, BLOCK)
-    zero = tl.zeros([], ACC)
+    # Chunked, a student of one softmax keeps the row's sums per lane over the chunks and reduces
+    # them once, after the loop (a reduction over the block per chunk and sum costs more than the
+    # sum itself); prob_mean, whose chunks hold T more values per class, has not the registers;
+    # on chip there is one chunk.
+    PER_LANE: tl.constexpr = not (PROB_MEAN or ON_CHIP)
+    zero = tl.zeros([BLOCK if PER_LANE else 1], ACC)
     d_head, d_tail, fkl, rkl = zero, zero, zero, zero
     q_head, q_tail, p_head, p_tail = zero, zero, zero, zero
     steps_p_ratio = tl.zeros([STEPS_PAD], ACC)
@@ -566,14 +571,14 @@ def _row_sums(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slic
             boundary_bits, tie_limit, all_head, ON_CHIP, PROB_MEAN, TINY, ACC, KEY)
         tail = mask & ~head
         distance = tl.abs(p - q)
-        d_head += tl.sum(tl.where(head, distance, 0.0), 0)
-        d_tail += tl.sum(tl.where(tail, distance, 0.0), 0)
-        fkl += tl.sum(tl.where(mask, _fkl_term(p, log_p, log_q), 0.0), 0)
-        rkl += tl.sum(tl.where(mask, _rkl_term(q, log_q, log_p), 0.0), 0)
+        d_head = _accumulate(d_head, tl.where(head, distance, 0.0), PER_LANE)
+        d_tail = _accumulate(d_tail, tl.where(tail, distance, 0.0), PER_LANE)
+        fkl = _accumulate(fkl, tl.where(mask, _fkl_term(p, log_p, log_q), 0.0), PER_LANE)
+        rkl = _accumulate(rkl, tl.where(mask, _rkl_term(q, log_q, log_p), 0.0), PER_LANE)
         sign = _sign_of_difference(q, p)
         if GRAD_T:
-            p_head += tl.sum(tl.where(head, p * sign, 0.0), 0)
-            p_tail += tl.sum(tl.where(tail, p * sign, 0.0), 0)
+            p_head = _accumulate(p_head, tl.where(head, p * sign, 0.0), PER_LANE)
+            p_tail = _accumulate(p_tail, tl.where(tail, p * sign, 0.0), PER_LANE)
         if GRAD_S:
             if PROB_MEAN:
                 for t in range(steps):
@@ -591,10 +596,20 @@ def _row_sums(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slic
                     steps_head += tl.where(at_t, tl.sum(tl.where(head, q_t * sign, 0.0), 0), 0.0)
                     steps_tail += tl.where(at_t, tl.sum(tl.where(tail, q_t * sign, 0.0), 0), 0.0)
             else:
-                q_head += tl.sum(tl.where(head, q * sign, 0.0), 0)
-                q_tail += tl.sum(tl.where(tail, q * sign, 0.0), 0)
-    return (d_head, d_tail, fkl, rkl, q_head, q_tail, p_head, p_tail, steps_p_ratio,
-            steps_log_ratio, steps_head, steps_tail)
+                q_head = _accumulate(q_head, tl.where(head, q * sign, 0.0), PER_LANE)
+                q_tail = _accumulate(q_tail, tl.where(tail, q * sign, 0.0), PER_LANE)
+    return (tl.sum(d_head, 0), tl.sum(d_tail, 0), tl.sum(fkl, 0), tl.sum(rkl, 0),
+            tl.sum(q_head, 0), tl.sum(q_tail, 0), tl.sum(p_head, 0), tl.sum(p_tail, 0),
+            steps_p_ratio, steps_log_ratio, steps_head, steps_tail)
+
+
+@triton.jit
+def _accumulate(total, values, PER_LANE: tl.constexpr):
+    """total + values per lane, or + their sum into a total of one lane."""
+    if PER_LANE:
+        return total + values
+    else:
+        return total + tl.sum(values, 0, keep_dims=True)
 
 
 @triton.jit
