@@ -142,16 +142,19 @@ def _logit_sum(student_row, slice_stride, steps, offs, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _lse2_combine(running_max, running_sum, s):
+def _lse2_combine(running_max, running_sum, s, PER_LANE: tl.constexpr = False):
     """Online base-2 logsumexp over a row: merge the chunk s into (max, sum of exp2(. - max)).
+    PER_LANE: the sum is kept per lane of s (the caller sums it once, after its last chunk).
 
     An all -inf prefix keeps (-inf, 0) instead of producing NaN, so the result is
     max + log2(sum): -inf for an all -inf row (whose softmax is NaN, like the reference's).
     """
     new_max = tl.maximum(running_max, tl.max(s, 0))
     shift = tl.where(new_max == NEG_INF, 0.0, new_max)
-    new_sum = running_sum * tl.exp2(running_max - shift) + tl.sum(tl.exp2(s - shift), 0)
-    return new_max, new_sum
+    terms = tl.exp2(s - shift)
+    if not PER_LANE:
+        terms = tl.sum(terms, 0)
+    return new_max, running_sum * tl.exp2(running_max - shift) + terms
 
 
 @triton.jit
@@ -215,17 +218,19 @@ def _normalisers(teacher_row, student_row, slice_stride, steps, begin, end, scal
                  step_ids, BLOCK: tl.constexpr, PROB_MEAN: tl.constexpr, STEPS_PAD: tl.constexpr,
                  ACC: tl.constexpr):
     """Pass 1 over classes [begin, end) in chunks: the partial base-2 logsumexps (max, sum) of the
-    teacher, of the student's (mean) logits, and for prob_mean of each step."""
+    teacher, of the student's (mean) logits, and for prob_mean of each step. The teacher's and the
+    student's sums are kept per lane (a reduction over the block per chunk costs more)."""
     lanes = tl.arange(0, BLOCK)
     zero = tl.zeros([], ACC)
-    p_max, p_sum = zero + NEG_INF, zero
-    q_max, q_sum = zero + NEG_INF, zero
+    p_max, p_sum = zero + NEG_INF, tl.zeros([BLOCK], ACC)
+    q_max, q_sum = zero + NEG_INF, tl.zeros([BLOCK], ACC)
     steps_max = tl.zeros([STEPS_PAD], ACC) + NEG_INF
     steps_sum = tl.zeros([STEPS_PAD], ACC)
     for start in range(begin, end, BLOCK):
         offs = start + lanes
         mask = offs < end
-        p_max, p_sum = _lse2_combine(p_max, p_sum, _logits(teacher_row, offs, mask, ACC) * scale)
+        p_max, p_sum = _lse2_combine(p_max, p_sum, _logits(teacher_row, offs, mask, ACC) * scale,
+                                     True)
         if PROB_MEAN:
             for t in range(steps):
                 x = _logits(student_row + t * slice_stride, offs, mask, ACC)
@@ -236,8 +241,8 @@ def _normalisers(teacher_row, student_row, slice_stride, steps, begin, end, scal
         else:
             q_max, q_sum = _lse2_combine(
                 q_max, q_sum,
-                _logit_sum(student_row, slice_stride, steps, offs, mask, ACC) * scale_q)
-    return p_max, p_sum, q_max, q_sum, steps_max, steps_sum
+                _logit_sum(student_row, slice_stride, steps, offs, mask, ACC) * scale_q, True)
+    return p_max, tl.sum(p_sum, 0), q_max, tl.sum(q_sum, 0), steps_max, steps_sum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,8 +578,10 @@ def _row_sums(row_mask, log2_p_tile, log2_q_tile, teacher_row, student_row, slic
         distance = tl.abs(p - q)
         d_head = _accumulate(d_head, tl.where(head, distance, 0.0), PER_LANE)
         d_tail = _accumulate(d_tail, tl.where(tail, distance, 0.0), PER_LANE)
-        fkl = _accumulate(fkl, tl.where(mask, _fkl_term(p, log_p, log_q), 0.0), PER_LANE)
-        rkl = _accumulate(rkl, tl.where(mask, _rkl_term(q, log_q, log_p), 0.0), PER_LANE)
+        # Outside the row p = q = 0, and the terms 0 (NaN only in a row whose normaliser is:
+        # its loss is NaN anyway).
+        fkl = _accumulate(fkl, _fkl_term(p, log_p, log_q), PER_LANE)
+        rkl = _accumulate(rkl, _rkl_term(q, log_q, log_p), PER_LANE)
         sign = _sign_of_difference(q, p)
         if GRAD_T:
             p_head = _accumulate(p_head, tl.where(head, p * sign, 0.0), PER_LANE)
