@@ -243,6 +243,21 @@ def test_byte_models():
     assert lif.model_bytes("float32", 8, 1024) == 5 * 8 * 1024 * 4
 
 
+def test_triton_split_mirrors_the_launcher():
+    """The census splits few long rows over as many programs as launch_hta_kl does."""
+    pytest.importorskip("triton")
+    from htakl_kernels.triton_kernels import hta_kl as kernels
+
+    for rows, classes, chunk, sms in ((8, 131072, 4096, 132), (1, 262141, 4096, 132),
+                                      (100, 40000, 4096, 132), (3, 5000, 2048, 78),
+                                      (132, 131072, 4096, 132)):
+        wanted = kernels.split_segments(rows, classes, chunk, sms)
+        wanted = -(-classes // kernels.segment_length(classes, wanted, chunk))
+        assert hta_kl.split_segments(rows, classes, chunk, sms) == wanted
+    assert hta_kl.split_segments(8, 131072, 4096, 132) == 32
+    assert hta_kl.split_segments(132, 131072, 4096, 132) == 1
+
+
 def test_launch_constants_are_read_from_the_sources():
     lif_text = open(os.path.join(ROOT, "csrc", "cuda", "lif_cuda.cu")).read()
     assert lif.cuda_constant(lif_text, "kThreads") == int(

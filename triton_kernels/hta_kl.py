@@ -914,6 +914,34 @@ def _load_histograms(histograms_row, segments, segment, buckets, RADIX_BUCKETS: 
 
 
 @triton.jit
+def _load_sums(sums_row, segments, step_ids, STEPS_PAD: tl.constexpr, ACC: tl.constexpr):
+    """The row's pass-3 sums from its segments' (phase 5), added in order."""
+    zero = tl.zeros([], ACC)
+    d_head, d_tail, fkl, rkl = zero, zero, zero, zero
+    q_head, q_tail, p_head, p_tail = zero, zero, zero, zero
+    steps_p_ratio = tl.zeros([STEPS_PAD], ACC)
+    steps_log_ratio = tl.zeros([STEPS_PAD], ACC)
+    steps_head = tl.zeros([STEPS_PAD], ACC)
+    steps_tail = tl.zeros([STEPS_PAD], ACC)
+    for s in range(segments):
+        part = sums_row + s * (SUMS + 4 * STEPS_PAD)
+        d_head += tl.load(part)
+        d_tail += tl.load(part + 1)
+        fkl += tl.load(part + 2)
+        rkl += tl.load(part + 3)
+        q_head += tl.load(part + 4)
+        q_tail += tl.load(part + 5)
+        p_head += tl.load(part + 6)
+        p_tail += tl.load(part + 7)
+        steps_p_ratio += tl.load(part + SUMS + step_ids)
+        steps_log_ratio += tl.load(part + SUMS + STEPS_PAD + step_ids)
+        steps_head += tl.load(part + SUMS + 2 * STEPS_PAD + step_ids)
+        steps_tail += tl.load(part + SUMS + 3 * STEPS_PAD + step_ids)
+    return (d_head, d_tail, fkl, rkl, q_head, q_tail, p_head, p_tail, steps_p_ratio,
+            steps_log_ratio, steps_head, steps_tail)
+
+
+@triton.jit
 def _hta_kl_split_kernel(
     student_ptr, teacher_ptr, loss_ptr, d_student_ptr, d_teacher_ptr,
     normalisers_ptr, histograms_ptr, candidates_ptr, selection_ptr, sums_ptr,
@@ -1027,27 +1055,9 @@ def _hta_kl_split_kernel(
                 tl.store(part + SUMS + 2 * STEPS_PAD + step_ids, steps_head)
                 tl.store(part + SUMS + 3 * STEPS_PAD + step_ids, steps_tail)
             else:
-                zero = tl.zeros([], ACC)
-                d_head, d_tail, fkl, rkl = zero, zero, zero, zero
-                q_head, q_tail, p_head, p_tail = zero, zero, zero, zero
-                steps_p_ratio = tl.zeros([STEPS_PAD], ACC)
-                steps_log_ratio = tl.zeros([STEPS_PAD], ACC)
-                steps_head = tl.zeros([STEPS_PAD], ACC)
-                steps_tail = tl.zeros([STEPS_PAD], ACC)
-                for s in range(segments):
-                    part = sums_row + s * (SUMS + 4 * STEPS_PAD)
-                    d_head += tl.load(part)
-                    d_tail += tl.load(part + 1)
-                    fkl += tl.load(part + 2)
-                    rkl += tl.load(part + 3)
-                    q_head += tl.load(part + 4)
-                    q_tail += tl.load(part + 5)
-                    p_head += tl.load(part + 6)
-                    p_tail += tl.load(part + 7)
-                    steps_p_ratio += tl.load(part + SUMS + step_ids)
-                    steps_log_ratio += tl.load(part + SUMS + STEPS_PAD + step_ids)
-                    steps_head += tl.load(part + SUMS + 2 * STEPS_PAD + step_ids)
-                    steps_tail += tl.load(part + SUMS + 3 * STEPS_PAD + step_ids)
+                (d_head, d_tail, fkl, rkl, q_head, q_tail, p_head, p_tail, steps_p_ratio,
+                 steps_log_ratio, steps_head, steps_tail) = _load_sums(sums_row, segments,
+                                                                       step_ids, STEPS_PAD, ACC)
                 lam_h, lam_t, dl_head, dl_tail = _row_weights(d_head, d_tail, DETACH)
                 if segment == 0:
                     tl.store(loss_ptr + row, row_scale * (lam_h * fkl + lam_t * rkl))
@@ -1126,16 +1136,27 @@ def head_mass_fixed(delta: float, wide: bool) -> int:
 
 
 def default_segments(rows: int, classes: int, chunk: int, device: torch.device) -> int:
+    """Segments per chunked row on `device` (`split_segments`); 1 off a GPU."""
+    if device.type != "cuda":
+        return 1
+    return split_segments(rows, classes, chunk,
+                          torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def split_segments(rows: int, classes: int, chunk: int, processors: int) -> int:
     """Segments per chunked row: when there are fewer rows than multiprocessors, each row is split
     over several programs (segments of whole chunks), about two programs per multiprocessor. With
     more rows every multiprocessor is busy anyway, and one program's passes over its row may hit
     L2 where a split row's phases, each a launch of its own, re-read it from memory."""
-    if device.type != "cuda":
-        return 1
-    processors = torch.cuda.get_device_properties(device).multi_processor_count
     if rows >= processors:
         return 1
     return max(1, min(-(-2 * processors // rows), -(-classes // chunk)))
+
+
+def segment_length(classes: int, segments: int, chunk: int) -> int:
+    """Classes per segment: the row split in `segments`, rounded up to whole chunks (so fewer
+    segments may cover the row: -(-classes // segment_length) of them)."""
+    return -(-(-(-classes // segments)) // chunk) * chunk
 
 
 def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, delta: float,
@@ -1172,8 +1193,8 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
         segments = 1
     elif segments is None:
         segments = default_segments(rows, classes, chunk, teacher.device)
-    segment_length = -(-(-(-classes // segments)) // chunk) * chunk  # whole chunks
-    segments = -(-classes // segment_length)
+    length = segment_length(classes, segments, chunk)
+    segments = -(-classes // length)
     steps_pad = triton.next_power_of_2(steps)
     key_dtype = torch.int64 if wide else torch.int32
     device = teacher.device
@@ -1208,7 +1229,7 @@ def launch_hta_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     for phase in range(1, 7):
         kernel[(rows if phase == 4 else rows * segments,)](
             student, teacher, loss_rows, d_student, d_teacher, normalisers, histograms,
-            candidates, selection, sums, *scalars, segments, segment_length, PHASE=phase,
+            candidates, selection, sums, *scalars, segments, length, PHASE=phase,
             **options)
     return loss_rows, d_student, d_teacher
 

@@ -109,11 +109,19 @@ def compile_hta_kl(out: str) -> dict:
                     dtype, on_chip=on_chip, block=block, prob_mean=steps > 1,
                     steps_pad=triton.next_power_of_2(max(steps, 1)), **options)
                 radix_block = getattr(hta_kl, "RADIX_BLOCK", None)
-                index[name] = _save(out, name, compiled, block=block, on_chip=on_chip,
-                                    steps=steps, on_chip_limit=on_chip_limit,
-                                    align=align if "classes" in harness_options else None,
-                                    radix_block=min(radix_block, block) if radix_block else None,
-                                    radix_bits=getattr(hta_kl, "RADIX_BITS", None))
+                launch = dict(block=block, on_chip=on_chip, steps=steps,
+                              on_chip_limit=on_chip_limit,
+                              align=align if "classes" in harness_options else None,
+                              radix_block=min(radix_block, block) if radix_block else None,
+                              radix_bits=getattr(hta_kl, "RADIX_BITS", None))
+                index[name] = _save(out, name, compiled, **launch)
+                # The split kernel's phases, for few long rows (where the harness has them).
+                for phase in getattr(hta_kl_aot, "SPLIT_PHASES", ()) if not on_chip else ():
+                    split_name = f"{name}-split{phase}"
+                    compiled = hta_kl_aot.compile_split_variant(
+                        dtype, phase=phase, block=block, prob_mean=steps > 1,
+                        steps_pad=triton.next_power_of_2(max(steps, 1)), **options)
+                    index[split_name] = _save(out, split_name, compiled, phase=phase, **launch)
     return index
 
 

@@ -92,10 +92,10 @@ def hta_kl_records(source_root: str, cards, *, shapes=HTA_KL_SHAPES, steps=HTA_K
             for t in steps:
                 for rows, classes in shapes:
                     for card in cards:
-                        launch, counts = hta_kl.launch(card, family, dtype, t, rows, classes)
+                        pairs = hta_kl.launches(card, family, dtype, t, rows, classes)
                         records.append(_record(
-                            backend, "hta_kl", dtype, card, [launch],
-                            _pass_records([("hta_kl", counts)]),
+                            backend, "hta_kl", dtype, card, [launch for launch, _ in pairs],
+                            _pass_records((launch.name, counts) for launch, counts in pairs),
                             hta_kl.model_bytes(dtype, t, rows, classes), rows * classes,
                             steps=t, rows=rows, classes=classes))
     return records

@@ -47,7 +47,8 @@ CUDA_ANCHORS = [
     (None, r"^// Launch\."),
 ]
 # Regions of triton_kernels/hta_kl.py: the helpers of each pass (their code is inlined with the
-# helpers' own line info), then the kernel's body; the split kernel is not modelled.
+# helpers' own line info), then the kernel's body, then the split kernel's helpers that combine
+# its segments' partial results (its body, which calls the passes' helpers, belongs to none).
 TRITON_ANCHORS = [
     ("1 normalisers", r"^# Loads and normalisers"),
     ("2 head boundary", r"^# Head selection"),
@@ -58,7 +59,9 @@ TRITON_ANCHORS = [
     ("2 head boundary", r"# ---- Pass 2"),
     ("3 row sums", r"# ---- Pass 3"),
     ("4 gradients", r"# ---- Pass 4"),
-    (None, r"^# The split kernel"),
+    ("split: segments combined", r"^# The split kernel"),
+    (None, r"^def _hta_kl_split_kernel"),
+    (None, r"^# Launch and registration"),
 ]
 # Loops of the Triton kernel that run only in rare rows: the narrowing rounds (a boundary bucket
 # of more than a chunk of classes), the count of a boundary tied in more classes than the
@@ -203,10 +206,11 @@ class TritonKernels:
         self.index = _triton_index(source_root, harness)
         self.functions = {}
 
-    def _variant(self, dtype: str, steps: int, classes: int):
-        """The compiled variant the launcher picks; a 2-D student (steps 0) takes the T = 1
-        kernel where the harness compiles no 2-D one."""
-        ours = [e for name, e in self.index.items() if name.startswith(f"hta_kl-{dtype}-")]
+    def _variant(self, dtype: str, steps: int, classes: int, phase: int | None = None):
+        """The compiled variant the launcher picks (`phase`: that phase of the split kernel); a
+        2-D student (steps 0) takes the T = 1 kernel where the harness compiles no 2-D one."""
+        ours = [e for name, e in self.index.items()
+                if name.startswith(f"hta_kl-{dtype}-") and e.get("phase") == phase]
         entries = [e for e in ours if e["steps"] == steps] or [
             e for e in ours if steps == 0 and e["steps"] == 1]
         on_chip_limit = entries[0]["on_chip_limit"]
@@ -220,8 +224,18 @@ class TritonKernels:
         raise ValueError(f"no Triton HTA-KL variant compiled for {dtype}, T = {steps}, "
                          f"C = {classes} (see census/_triton_worker.py)")
 
-    def launch(self, card: Card, dtype: str, steps: int, rows: int, classes: int):
+    def segments(self, card: Card, dtype: str, steps: int, rows: int, classes: int) -> int:
+        """Programs per row as launch_hta_kl splits a chunked row on `card`
+        (default_segments, whole chunks per segment); 1: the one-program-per-row kernel."""
         entry = self._variant(dtype, steps, classes)
+        return 1 if entry["on_chip"] else split_segments(rows, classes, entry["block"], card.sms)
+
+    def launch(self, card: Card, dtype: str, steps: int, rows: int, classes: int,
+               phase: int | None = None, segments: int = 1):
+        """The one-program-per-row kernel, or (`phase`) one phase of the split kernel with
+        `segments` programs per row (one in phase 4)."""
+        entry = self._variant(dtype, steps, classes, phase)
+        programs_per_row = 1 if phase in (None, 4) else segments
         if entry["cubin"] not in self.functions:
             (function,) = disassemble(entry["cubin"]).values()
             analysis.relocate(function, self.path)
@@ -238,6 +252,8 @@ class TritonKernels:
             h = loop.header
             if any(rare in h or rare == _python_function_of(loop) for rare in TRITON_RARE):
                 return 0.0
+            if phase == 4 and _python_function_of(loop) == "_compact":
+                return 0.0  # phase 3 copied the bucket; phase 4 copies it only after narrowing
             if re.search(TRITON_ROW_LOOP + r"RADIX_BLOCK\)", h):
                 return threads / radix_block
             if re.search(TRITON_ROW_LOOP + r"BLOCK\)", h):
@@ -255,7 +271,7 @@ class TritonKernels:
         def per_row(chain) -> float:
             if any(re.search(TRITON_ROW_LOOP, sl.header) for sl in chain):
                 return 1.0
-            return threads / classes
+            return threads * programs_per_row / classes
 
         counts = analysis.count(function, self.path, TRITON_ANCHORS, factor, per_row)
         per_thread = max(1, block // threads) * STORAGE_BYTES[dtype]  # one slice's chunk
@@ -268,7 +284,61 @@ def model_bytes(dtype: str, steps: int, rows: int, classes: int) -> int:
     return (3 if steps == 0 else 2 * steps + 1) * elements * STORAGE_BYTES[dtype]
 
 
-def launch(card: Card, kernels, dtype: str, steps: int, rows: int, classes: int) -> model.Launch:
+def launches(card: Card, kernels, dtype: str, steps: int, rows: int, classes: int) -> list:
+    """The launches of a call, each with its counts: one, or the split kernel's six phases where
+    the Triton launcher splits few long rows (2-D student: steps = 0)."""
+    segments = kernels.segments(card, dtype, steps, rows, classes) \
+        if hasattr(kernels, "segments") else 1
+    if segments == 1:
+        return [launch(card, kernels, dtype, steps, rows, classes)]
+    return [split_launch(card, kernels, dtype, steps, rows, classes, phase, segments)
+            for phase in SPLIT_PHASES]
+
+
+def split_segments(rows: int, classes: int, chunk: int, sms: int) -> int:
+    """The segments launch_hta_kl splits each of `rows` chunked rows in on a card of `sms`
+    multiprocessors (triton_kernels/hta_kl.py: split_segments, then whole chunks per segment;
+    tests/test_census.py checks the two agree). The census does not import the kernel module,
+    which registers its op with PyTorch."""
+    if rows >= sms:
+        return 1
+    segments = max(1, min(-(-2 * sms // rows), -(-classes // chunk)))
+    length = -(-(-(-classes // segments)) // chunk) * chunk
+    return -(-classes // length)
+
+
+# The split kernel's phases (triton_kernels/hta_kl.py, _hta_kl_split_kernel): 1 reads the rows
+# (normalisers) and 6 writes the gradients; 4 runs one program per row.
+SPLIT_PHASES = (1, 2, 3, 4, 5, 6)
+
+
+def split_launch(card: Card, kernels, dtype: str, steps: int, rows: int, classes: int,
+                 phase: int, segments: int):
+    """One phase of the split kernel. Its rows are few (fewer than SMs): when they fit in L2
+    the first phase reads them from DRAM, the last writes the gradients, and the phases between
+    re-read them from L2."""
+    slices = max(steps, 1)
+    function, counts, threads, shared, _, inflight = kernels.launch(
+        card, dtype, steps, rows, classes, phase=phase, segments=segments)
+    b = STORAGE_BYTES[dtype]
+    elements = rows * classes
+    useful = model_bytes(dtype, steps, rows, classes)
+    reads = (slices + 1) * elements * b
+    requested = sum(p.global_bytes for p in counts.passes) * elements
+    if reads <= L2_SHARE_FOR_ROWS * card.l2_bytes:
+        dram = {1: min(useful, reads), 6: max(0, useful - reads)}.get(phase, 0)
+        notes = ["re-reads hit L2"]
+    else:
+        dram = requested
+        notes = ["re-reads from DRAM"]
+    return model.Launch(
+        name=f"hta_kl split {phase}", blocks=rows * (1 if phase == 4 else segments),
+        threads=threads, registers=function.registers, shared_bytes=shared, dram_bytes=dram,
+        instructions=counts.instructions * elements, mufu=counts.mufu * elements,
+        inflight_bytes_per_thread=inflight, l2_bytes=requested, notes=notes), counts
+
+
+def launch(card: Card, kernels, dtype: str, steps: int, rows: int, classes: int):
     """The one launch of a call (2-D student: steps = 0)."""
     slices = max(steps, 1)
     function, counts, threads, shared, held, inflight = kernels.launch(card, dtype, steps, rows,
