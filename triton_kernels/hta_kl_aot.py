@@ -59,7 +59,8 @@ def compile_variant(storage: str, *, on_chip: bool, block: int, prob_mean: bool,
     launch_hta_kl would pick for T steps padded to `steps_pad` (a power of two; steps_pad = 1 is
     T = 1, the 2-D kernel) and rows of `classes` (default: `block`, a multiple of 16), from
     tensors PyTorch allocated (16-byte aligned)."""
-    constants = _constants(storage, block, prob_mean, steps_pad, block if classes is None else classes)
+    constants = _constants(storage, block, prob_mean, steps_pad,
+                           block if classes is None else classes)
     return compile_for_target(
         _hta_kl_kernel, _signature(storage, split=False), dict(ON_CHIP=on_chip, **constants),
         num_warps=_num_warps(block, storage == "float64"), arch=arch, aligned_pointers=True)
@@ -68,7 +69,8 @@ def compile_variant(storage: str, *, on_chip: bool, block: int, prob_mean: bool,
 def compile_split_variant(storage: str, *, phase: int, block: int, prob_mean: bool,
                           steps_pad: int = 4, classes: int | None = None, arch: int = AOT_ARCH):
     """One phase of the split kernel (rows over several programs), as compile_variant."""
-    constants = _constants(storage, block, prob_mean, steps_pad, block if classes is None else classes)
+    constants = _constants(storage, block, prob_mean, steps_pad,
+                           block if classes is None else classes)
     return compile_for_target(
         _hta_kl_split_kernel, _signature(storage, split=True), dict(PHASE=phase, **constants),
         num_warps=_num_warps(block, storage == "float64"), arch=arch, aligned_pointers=True)
