@@ -9,6 +9,9 @@
 # CUDAExtension passes to nvcc (no implicit half/bfloat16 conversions), so a file that passes here
 # also compiles in `pip install -e .` on a CUDA machine.
 # The .cu files are torch-free; the torch-facing binding (.cpp) is compiled by setup.py only.
+# ptxas also reports every kernel that spills registers to local memory or uses local memory at
+# all (-warn-spills, -warn-lmem-usage; an error under --Werror): the kernels are designed to keep
+# their state in registers, so a spill fails the check.
 #
 # Usage: scripts/nvcc_check.sh [files...]   (default: every .cu under csrc). NVCC overrides nvcc.
 set -euo pipefail
@@ -39,7 +42,8 @@ for source in "${files[@]}"; do
   object="$workdir/$(echo "$source" | tr '/' '_').o"
   log="$workdir/log"
   echo "nvcc_check: $source"
-  if ! "$NVCC" -c "${flags[@]}" -Icsrc "$source" -o "$object" >"$log" 2>&1; then
+  if ! "$NVCC" -c "${flags[@]}" -Xptxas=-warn-spills,-warn-lmem-usage -Icsrc "$source" \
+      -o "$object" >"$log" 2>&1; then
     cat "$log"
     echo "nvcc_check: FAILED to compile $source" >&2
     status=1

@@ -148,23 +148,25 @@ def test_boundary_inside_a_group_of_ties(group, dtype):
         assert torch.equal(a, b.cpu())
 
 
-# A prob_mean student's first 4 steps (kStepGroup) gather their sums of SPEC 2's G_t in the
-# row-sums pass, and only when its gradient is asked for; each further group of 4 takes a pass.
-@pytest.mark.parametrize("steps", [4, 5, 9], ids=lambda t: f"T={t}")
+# A prob_mean student's first steps (kStepGroupOf: 4 for float32, 1 for float64) gather their sums
+# of SPEC 2's G_t in the row-sums pass, and only when its gradient is asked for; each further
+# group takes a pass.
+@pytest.mark.parametrize("steps", [2, 4, 5, 9], ids=lambda t: f"T={t}")
 @pytest.mark.parametrize("wanted", ["student", "teacher", "both"])
-def test_prob_mean_step_groups_and_requested_gradients(steps, wanted):
-    student, teacher = draw_case(2, 3000, steps, torch.float32, seed=steps)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_prob_mean_step_groups_and_requested_gradients(dtype, steps, wanted):
+    student, teacher = draw_case(2, 3000, steps, dtype, seed=steps)
     expected_loss, expected_student, expected_teacher = oracle(
         student.cpu(), teacher.cpu(), temperature=2.0, delta=0.5, reduction="none")
     loss, d_student, d_teacher = torch.ops.htakl.hta_kl_fused(
         student, teacher, 2.0, 0.5, False, False, wanted != "teacher", wanted != "student")
-    assert_close_for_row_size(loss, expected_loss, torch.float32, 3000, "loss")
+    assert_close_for_row_size(loss, expected_loss, dtype, 3000, "loss")
     if wanted != "teacher":
-        assert_close_for_row_size(d_student, expected_student, torch.float32, 3000, "d student")
+        assert_close_for_row_size(d_student, expected_student, dtype, 3000, "d student")
     else:
         assert d_student.numel() == 0
     if wanted != "student":
-        assert_close_for_row_size(d_teacher, expected_teacher, torch.float32, 3000, "d teacher")
+        assert_close_for_row_size(d_teacher, expected_teacher, dtype, 3000, "d teacher")
     else:
         assert d_teacher.numel() == 0
 

@@ -10,7 +10,7 @@
 //      the candidates left fit a shared-memory list, later rounds read the list (SPEC 1.3);
 //   4. the row sums: d_head, d_tail, F, R and the signed sums the gradient needs (SPEC 1.4-1.6);
 //   5. gradients (SPEC 2): teacher and single-softmax student in one pass; prob_mean students with
-//      T > 1 need per-step sums first (one pass per group of kStepGroup steps) and then one pass.
+//      T > 1 need per-step sums first (one pass per group of kStepGroupOf steps) and then one pass.
 // docs/ARCHITECTURE.md groups these into its four passes shared by all backends: 1-2 are its
 // Pass 1, 3 its Pass 2, 4 its Pass 3, 5 its Pass 4 (the numbers here are bench/census's anchors).
 // p, q and their logs are recomputed from the logits in every pass with the same expressions
@@ -75,6 +75,12 @@ constexpr int kChunksPerThread = 4;
 constexpr int kStepGroup = 4;                 // prob_mean steps whose sums one pass gathers
 constexpr int kSumsPerStep = 4;               // sum p r_t, sum q_t (log q - log p + 1), signed H/T
 constexpr int kMaxSums = kStepGroup * kSumsPerStep;
+// double's sums take two registers each and its exp many more: one step per group keeps the
+// prob_mean row-sums pass within 128 registers without spilling (double's speed is secondary).
+template <typename acc_t>
+constexpr int kStepGroupOf = sizeof(acc_t) == 8 ? 1 : kStepGroup;
+template <typename acc_t>
+constexpr int kStepSumsOf = kStepGroupOf<acc_t> * kSumsPerStep;
 constexpr int kVectorBytes = 16;
 
 // ---------------------------------------------------------------------------------------------
@@ -839,14 +845,14 @@ enum RowSum {
 };
 
 // prob_mean: the class sums that SPEC 2's G_t = sum_j q_tj g_j of the steps group ..
-// group + kStepGroup - 1 is made of (time_step_g_sum), added over one chunk: per step, sum p r_t,
+// group + kStepGroupOf - 1 is made of (time_step_g_sum), added over one chunk: per step, sum p r_t,
 // sum q_t (log q - log p + 1), and q_t s summed over the head and over the tail.
 template <typename scalar_t, Student kStudent, bool kWhole>
 __device__ __forceinline__ void add_step_sums(
     const RowView<scalar_t, kStudent>& row, int64_t group, Span<kWhole> span,
     const htakl::acc_t<scalar_t> (&log_p)[Chunk<scalar_t>::kWidth],
     const htakl::acc_t<scalar_t> (&log_q)[Chunk<scalar_t>::kWidth],
-    htakl::acc_t<scalar_t> (&sums)[kMaxSums]) {
+    htakl::acc_t<scalar_t> (&sums)[kStepSumsOf<htakl::acc_t<scalar_t>>]) {
   using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   // What does not depend on the step, once per class.
@@ -860,7 +866,7 @@ __device__ __forceinline__ void add_step_sums(
   }
   acc_t logits[kWidth];
 #pragma unroll
-  for (int g = 0; g < kStepGroup; ++g) {
+  for (int g = 0; g < kStepGroupOf<acc_t>; ++g) {
     const int64_t t = group + g;
     if (t >= row.steps) break;
     Chunk<scalar_t>::load(row.step(t), span, logits);
@@ -880,13 +886,14 @@ __device__ __forceinline__ void add_step_sums(
   }
 }
 
-// G_t of the steps group .. group + kStepGroup - 1 from their block-wide sums; thread 0 writes.
+// G_t of the steps group .. group + kStepGroupOf - 1 from their block-wide sums; thread 0 writes.
 template <typename acc_t>
 __device__ __forceinline__ void write_step_g_sums(const RowStats<acc_t>& stats, int64_t group,
-                                                  int64_t steps, const acc_t (&sums)[kMaxSums],
+                                                  int64_t steps,
+                                                  const acc_t (&sums)[kStepSumsOf<acc_t>],
                                                   acc_t* step_g_sums) {
   if (threadIdx.x != 0) return;
-  for (int g = 0; g < kStepGroup && group + g < steps; ++g) {
+  for (int g = 0; g < kStepGroupOf<acc_t> && group + g < steps; ++g) {
     step_g_sums[group + g] =
         time_step_g_sum(stats, sums[g * kSumsPerStep + 0], sums[g * kSumsPerStep + 1],
                         sums[g * kSumsPerStep + 2], sums[g * kSumsPerStep + 3]);
@@ -894,11 +901,11 @@ __device__ __forceinline__ void write_step_g_sums(const RowStats<acc_t>& stats, 
 }
 
 // The row sums, and for a prob_mean student whose gradient is asked for (`with_step_sums`) the
-// first kStepGroup steps' sums of SPEC 2's G_t in the same pass.
+// first kStepGroupOf steps' sums of SPEC 2's G_t in the same pass.
 template <typename scalar_t, Student kStudent>
 __device__ void compute_row_sums(const RowView<scalar_t, kStudent>& row,
                                  htakl::acc_t<scalar_t> (&sums)[kRowSums],
-                                 htakl::acc_t<scalar_t> (&step_sums)[kMaxSums],
+                                 htakl::acc_t<scalar_t> (&step_sums)[kStepSumsOf<htakl::acc_t<scalar_t>>],
                                  bool with_step_sums,
                                  BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
@@ -906,7 +913,7 @@ __device__ void compute_row_sums(const RowView<scalar_t, kStudent>& row,
 #pragma unroll
   for (int k = 0; k < kRowSums; ++k) sums[k] = acc_t(0);
 #pragma unroll
-  for (int k = 0; k < kMaxSums; ++k) step_sums[k] = acc_t(0);
+  for (int k = 0; k < kStepSumsOf<acc_t>; ++k) step_sums[k] = acc_t(0);
   for_each_chunk(row, row.whole_end, [&](auto span, const auto& log_p, const auto& log_q) {
     if constexpr (kStudent == Student::kProbMean) {
       if (with_step_sums) add_step_sums(row, 0, span, log_p, log_q, step_sums);
@@ -974,21 +981,22 @@ __device__ void write_softmax_gradients(const RowView<scalar_t, kStudent>& row,
   });
 }
 
-// prob_mean with T > 1: G_t = sum_j q_tj g_j for every step (the first kStepGroup steps' sums
-// come from pass 4; each further group of kStepGroup steps takes one pass, so the sums stay in
+// prob_mean with T > 1: G_t = sum_j q_tj g_j for every step (the first kStepGroupOf steps' sums
+// come from pass 4; each further group of kStepGroupOf steps takes one pass, so the sums stay in
 // registers), then dL/dz_tk (SPEC 2).
 template <typename scalar_t, Student kStudent>
 __device__ void write_prob_mean_student_gradient(
     const RowView<scalar_t, kStudent>& row, const RowStats<htakl::acc_t<scalar_t>>& stats,
-    const htakl::acc_t<scalar_t> (&first_group_sums)[kMaxSums],
+    const htakl::acc_t<scalar_t> (&first_group_sums)[kStepSumsOf<htakl::acc_t<scalar_t>>],
     htakl::acc_t<scalar_t>* step_g_sums, scalar_t* grad_student_row,
     int64_t grad_step_stride, uint32_t whole_end, BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
   constexpr int kWidth = Chunk<scalar_t>::kWidth;
   acc_t logits[kWidth], grad[kWidth];
   write_step_g_sums(stats, 0, row.steps, first_group_sums, step_g_sums);
-  for (int64_t group = kStepGroup; group < row.steps; group += kStepGroup) {
-    acc_t sums[kMaxSums] = {};
+  constexpr int kGroup = kStepGroupOf<acc_t>;
+  for (int64_t group = kGroup; group < row.steps; group += kGroup) {
+    acc_t sums[kStepSumsOf<acc_t>] = {};
     for_each_chunk(row, row.whole_end, [&](auto span, const auto& log_p, const auto& log_q) {
       add_step_sums(row, group, span, log_p, log_q, sums);
     });
@@ -1026,8 +1034,16 @@ __device__ void write_prob_mean_student_gradient(
 // ---------------------------------------------------------------------------------------------
 // The kernel.
 
+// Blocks of kMaxThreads threads each SM must hold at once, which caps the registers per thread
+// (65536 per SM): a float single softmax keeps two blocks per SM at 64 registers without spilling;
+// the students with per-step sums, and double, need up to 128. Named explicitly: with a maximum of
+// threads only, ptxas may aim at more blocks per SM and spill instead.
 template <typename scalar_t, Student kStudent>
-__global__ void __launch_bounds__(kMaxThreads)
+constexpr int kMinBlocksPerSm =
+    kStudent == Student::kSingle && sizeof(htakl::acc_t<scalar_t>) == 4 ? 2 : 1;
+
+template <typename scalar_t, Student kStudent>
+__global__ void __launch_bounds__(kMaxThreads, (kMinBlocksPerSm<scalar_t, kStudent>))
     hta_kl_fused_kernel(const KernelParams<scalar_t> params) {
   using acc_t = htakl::acc_t<scalar_t>;
   __shared__ BlockScratch<acc_t> scratch;
@@ -1093,7 +1109,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
     compute_log_sum_exps(row, step_lse, scratch);       // SPEC 1.1, 1.2
     find_head_boundary(row, params, candidate_key, scratch);  // SPEC 1.3
-    acc_t sums[kRowSums], step_sums[kMaxSums];
+    acc_t sums[kRowSums], step_sums[kStepSumsOf<acc_t>];
     compute_row_sums(row, sums, step_sums, grad_student_row != nullptr, scratch);  // SPEC 1.4, 1.6
     const RowStats<acc_t> stats =                       // SPEC 1.5
         make_row_stats(sums[kDistanceHead], sums[kDistanceTail], sums[kForwardKl],
