@@ -148,6 +148,32 @@ def test_boundary_inside_a_group_of_ties(group, dtype):
         assert torch.equal(a, b.cpu())
 
 
+# A sweep of the head selection combines the masses of the lanes that share a digit and one of
+# them updates the histogram, element after element. Rows whose lanes all share a digit (equal
+# logits), whose lanes alternate between two digits, and whose levels repeat every 3 classes, both
+# short (one or two warps) and long (16 warps on the same buckets, swept twice); run twice, same
+# bits.
+HISTOGRAM_ROWS = {"equal logits": lambda index: 0.0 * index,
+                  "two alternating levels": lambda index: 3.0 * (index % 2),
+                  "three repeating levels": lambda index: 0.5 * (index % 3)}
+
+
+@pytest.mark.parametrize("classes", [1000, 50257])
+@pytest.mark.parametrize("pattern", sorted(HISTOGRAM_ROWS))
+def test_warp_histograms_of_rows_sharing_digits(pattern, classes):
+    index = torch.arange(classes, dtype=torch.float64)
+    teacher = HISTOGRAM_ROWS[pattern](index).float().expand(2, classes).contiguous()
+    generator = torch.Generator().manual_seed(classes)
+    student = torch.randn(2, classes, generator=generator) * 3
+    # The boundary falls inside the top level's ties, at least 0.1 class from a whole class in
+    # every row here (e.g. 370.5 classes of 1000 equal ones): no rounding decides the head.
+    first = check_fused_against_oracle(CUDA, student.cuda(), teacher.cuda(), temperature=1.0,
+                                       delta=0.3705, time_reduction="prob_mean", what=pattern)
+    again = fused(CUDA, student.cuda(), teacher.cuda(), temperature=1.0, delta=0.3705)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b.cpu())
+
+
 # A prob_mean student's first steps (kStepGroupOf: 4 for float32, 1 for float64) gather their sums
 # of SPEC 2's G_t in the row-sums pass, and only when its gradient is asked for; each further
 # group takes a pass.

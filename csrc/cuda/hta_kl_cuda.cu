@@ -905,7 +905,8 @@ __device__ __forceinline__ void write_step_g_sums(const RowStats<acc_t>& stats, 
 template <typename scalar_t, Student kStudent>
 __device__ void compute_row_sums(const RowView<scalar_t, kStudent>& row,
                                  htakl::acc_t<scalar_t> (&sums)[kRowSums],
-                                 htakl::acc_t<scalar_t> (&step_sums)[kStepSumsOf<htakl::acc_t<scalar_t>>],
+                                 htakl::acc_t<scalar_t> (
+                                     &step_sums)[kStepSumsOf<htakl::acc_t<scalar_t>>],
                                  bool with_step_sums,
                                  BlockScratch<htakl::acc_t<scalar_t>>& scratch) {
   using acc_t = htakl::acc_t<scalar_t>;
