@@ -6,8 +6,9 @@
 // Conventions every backend (and the reference, htakl_kernels/reference/lif.py) follows, so that
 // spikes agree bit for bit:
 //   * the state (V, H) lives in the storage type's `acc_t` (common.h: double for double, else float);
-//   * H is formed exactly as SPEC 3 writes it, with a true division by tau (not a multiplication
-//     by 1/tau, which rounds differently);
+//   * H is formed exactly as SPEC 3 writes it, with a correctly rounded division by tau (not a
+//     multiplication by 1/tau, which rounds differently; the GPU gets the same quotient through
+//     divide_by_tau's reciprocal form);
 //   * a spike is `H - v_threshold >= 0` (SPEC 3, note the >=);
 //   * the hard reset is the product form H (1 - S) + v_reset S (not a select), so an infinite H
 //     gives NaN exactly as the reference does. Both products are exact (S is 0 or 1), so a fused
@@ -16,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "common.h"
 
@@ -51,16 +53,69 @@ struct LifParams {
   bool detach_reset;  // backward only
   LifSurrogate surrogate;  // backward only
   acc_t alpha;             // backward only: surrogate sharpness
-  // 1 - 1/tau, dH[t]/dV[t-1]: set by with_lif_constants once per call, as the GPU does not hoist
-  // a division (a subroutine there) out of its loops.
-  acc_t v_prev_factor;
+  // Set by with_lif_constants once per call, as the GPU does not hoist a division (a subroutine
+  // there) out of its loops:
+  acc_t v_prev_factor;    // 1 - 1/tau, dH[t]/dV[t-1]
+  acc_t tau_reciprocal;   // 1/tau, correctly rounded (divide_by_tau)
+  acc_t exact_quotient_min;    // divide_by_tau's reciprocal form serves nonzero |a| >= this ...
+  acc_t exact_quotient_limit;  // ... and |a| < this (infinity, or 0 when tau is too large)
 };
+
+// 2^exponent, exactly (a constant expression: no ldexp in device code).
+template <typename acc_t>
+HTAKL_HD constexpr acc_t power_of_two(int exponent) {
+  acc_t result = acc_t(1);
+  for (; exponent > 0; --exponent) result *= acc_t(2);
+  for (; exponent < 0; ++exponent) result /= acc_t(2);
+  return result;
+}
 
 // p with its derived constants set (every LifParams a kernel receives has them).
 template <typename acc_t>
 HTAKL_HD LifParams<acc_t> with_lif_constants(LifParams<acc_t> p) {
   p.v_prev_factor = acc_t(1) - acc_t(1) / p.tau;
+  p.tau_reciprocal = acc_t(1) / p.tau;
+  // divide_by_tau's bounds. Nonzero |a| >= tau 2^(min_exponent + digits + 4) (float: 2^-97 tau,
+  // double: 2^-964 tau) keeps the quotient normal and its ulp times tau's ulp at or above the
+  // smallest subnormal, so the residual is exact and nothing underflows; tau <= 2^64 keeps 1/tau normal (tau is > 1, but its float may be infinite).
+  using limits = std::numeric_limits<acc_t>;
+  p.exact_quotient_min = p.tau * power_of_two<acc_t>(limits::min_exponent + limits::digits + 4);
+  p.exact_quotient_limit = p.tau <= power_of_two<acc_t>(64) ? limits::infinity() : acc_t(0);
   return p;
+}
+
+// a / tau, correctly rounded (the IEEE quotient, bit for bit), without a division per call site:
+// q = a (1/tau) is within an ulp of a / tau, the residual a - q tau is exact in one fma, and one
+// more fma with the correctly rounded reciprocal gives the correctly rounded quotient (Markstein's
+// theorem, P. Markstein, IBM J. Res. Dev. 34(1), 1990; tests/test_lif_division.py checks it bit for
+// bit against the division). The residual is formed negated, q tau - a, so that a = -0 gives -0.
+// Outside the band where nothing overflows or underflows (with_lif_constants: tiny nonzero a,
+// infinities, NaN, huge tau) the true division runs instead.
+//
+// The GPU takes the reciprocal form: its division is a reciprocal estimate, refinement and range
+// check, about twice the instructions. The CPU kernel divides: a vector division costs it less
+// than the form's fma, compare and blend, and its baseline copy has no fma instruction.
+template <typename acc_t>
+HTAKL_HD acc_t divide_by_tau_reciprocal(acc_t a, const LifParams<acc_t>& p) {
+  using std::fabs;
+  using std::fma;
+  const acc_t magnitude = fabs(a);
+  if (magnitude < p.exact_quotient_limit &&
+      (magnitude >= p.exact_quotient_min || a == acc_t(0))) {
+    const acc_t q = a * p.tau_reciprocal;
+    const acc_t negated_residual = fma(q, p.tau, -a);
+    return fma(-negated_residual, p.tau_reciprocal, q);
+  }
+  return a / p.tau;  // rarely taken (bench/census/lif.py leaves it off the GPU's cost)
+}
+
+template <typename acc_t>
+HTAKL_HD acc_t divide_by_tau(acc_t a, const LifParams<acc_t>& p) {
+#if defined(__CUDA_ARCH__)
+  return divide_by_tau_reciprocal(a, p);
+#else
+  return a / p.tau;
+#endif
 }
 
 // The same options in another precision: each value rounded once (to nearest), as a kernel whose
@@ -82,8 +137,8 @@ HTAKL_HD LifParams<to_t> cast_lif_params(const LifParams<from_t>& p) {
 // SPEC 3: the membrane after charging, H[t], from V[t-1] and X[t].
 template <typename acc_t>
 HTAKL_HD acc_t lif_charge(acc_t v_prev, acc_t x, const LifParams<acc_t>& p) {
-  if (p.decay_input) return v_prev + (x - (v_prev - p.v_reset)) / p.tau;
-  return v_prev - (v_prev - p.v_reset) / p.tau + x;
+  if (p.decay_input) return v_prev + divide_by_tau(x - (v_prev - p.v_reset), p);
+  return v_prev - divide_by_tau(v_prev - p.v_reset, p) + x;
 }
 
 // SPEC 3: S[t] = (H[t] - v_threshold >= 0), as 0 or 1.
@@ -154,7 +209,7 @@ HTAKL_HD LifStepGrad<acc_t> lif_step_grad(acc_t g_spike, acc_t g_v, acc_t h,
                          : (g_spike + g_v * (p.v_reset - h)) * sg + g_v * keep;
   }
   // dH[t]/dX[t] = 1/tau (decay_input) or 1; dH[t]/dV[t-1] = 1 - 1/tau either way.
-  return {p.decay_input ? g_h / p.tau : g_h, g_h * p.v_prev_factor};
+  return {p.decay_input ? divide_by_tau(g_h, p) : g_h, g_h * p.v_prev_factor};
 }
 
 // The backward's walk over time for one group of neurons (one thread's on the GPU, one block's on

@@ -77,6 +77,10 @@ def _segment_kernels(source_root, path, functions, threads, chunk) -> dict:
     its short and long segment. Passes: the forward kernel's loop; the backward's two sweeps, by
     their lines in lif_math.h's lif_backward_segments."""
     math_path = os.path.join(source_root, "csrc", "lif_math.h")
+    rare = _rare_division(math_path)
+    if rare is not None:
+        for function in functions.values():
+            function.leave_out(rare)
     backward_anchors = [("sweep 1: checkpoints", r"^\s*group\.begin_forward\(\);"),
                         ("sweep 2: segments", r"^\s*group\.begin_backward\(\);"),
                         (None, r"^\s*group\.end_backward\(\);")]
@@ -106,6 +110,29 @@ def _segment_kernels(source_root, path, functions, threads, chunk) -> dict:
         kernels["backward-segments", dtype] = by_segment
         kernels["backward", dtype] = by_segment[max(by_segment)]  # the passes census.py lists
     return kernels
+
+
+def _rare_division(math_path: str):
+    """Picks the instructions of divide_by_tau_reciprocal's true division (lif_math.h), the arm
+    taken only for a tiny nonzero, infinite or NaN dividend: the heaviest path would count it in
+    place of the reciprocal form every other dividend takes. The arms' join (BSSY/BSYNC, which
+    the line info may give to the division's line) runs on both and stays counted. None for
+    kernels without the reciprocal form (older trees)."""
+    lines = open(math_path).read().splitlines()
+    found = [n for n, text in enumerate(lines, start=1)
+             if re.search(r"return a / p\.tau;\s*// rarely taken", text)]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(f"{math_path}: {len(found)} lines `return a / p.tau;  // rarely taken` "
+                         f"(divide_by_tau_reciprocal's fallback); the census leaves exactly one out")
+    (line,) = found
+
+    def rare(ins) -> bool:
+        return (bool(ins.source) and ins.source[0].line == line
+                and os.path.basename(ins.source[0].file) == "lif_math.h"
+                and ins.base not in ("BSSY", "BSYNC"))
+    return rare
 
 
 def _one_instantiation(functions: dict, prefix: str):

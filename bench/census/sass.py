@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 def tool(name: str) -> str:
@@ -102,6 +103,15 @@ class Function:
             self._loops = self._find_loops()
         return self._loops
 
+    def leave_out(self, rare: Callable[[Instruction], bool]) -> None:
+        """Recount every loop's heaviest path with the instructions `rare` picks weighing
+        nothing: the arm of a branch that data of any use never takes (a fallback for
+        subnormal or infinite operands), which would otherwise be the heavier arm."""
+        for loop in self.loops():
+            nested = [inner for inner in self.loops() if loop.contains(inner)]
+            loop.path_instructions, loop.path_mufu, loop.path_global_bytes = _longest_path(
+                loop, nested, self.labels, rare)
+
     def _find_loops(self) -> list[Loop]:
         ranges: dict[int, int] = {}
         for ins in self.instructions:
@@ -149,13 +159,16 @@ def weights(ins: Instruction, vector_loop: bool = False) -> tuple[int, int, int]
     return 1, int(ins.base == "MUFU"), size
 
 
-def _longest_path(loop: Loop, nested: list[Loop], labels: dict[str, int]
-                  ) -> tuple[int, int, int]:
+def _longest_path(loop: Loop, nested: list[Loop], labels: dict[str, int],
+                  rare: Callable[[Instruction], bool] | None = None) -> tuple[int, int, int]:
     """(instructions, MUFU instructions, global bytes) on the heaviest path (by instructions)
     from loop.start to its backward branch at loop.end, walking forward edges only (the body
-    without its back edge is acyclic)."""
+    without its back edge is acyclic); instructions `rare` picks weigh nothing."""
     inner = [lp for lp in nested if not any(o.contains(lp) for o in nested)]
     vector = any(access_bytes(ins) == 16 for ins in loop.instructions)
+
+    def weigh(ins: Instruction) -> tuple[int, int, int]:
+        return (0, 0, 0) if rare is not None and rare(ins) else weights(ins, vector)
     # Nodes by address: own instructions, and each directly nested loop as one node that costs
     # nothing and continues after its backward branch.
     nodes: dict[int, tuple[Instruction | None, list[int]]] = {}
@@ -181,7 +194,7 @@ def _longest_path(loop: Loop, nested: list[Loop], labels: dict[str, int]
     for address in sorted(nodes, reverse=True):
         ins, successors = nodes[address]
         if address == loop.end:
-            best[address] = weights(ins, vector)
+            best[address] = weigh(ins)
             continue
         reachable = [best[s] for s in successors if best.get(s) is not None]
         if not reachable:
@@ -189,11 +202,11 @@ def _longest_path(loop: Loop, nested: list[Loop], labels: dict[str, int]
             continue
         heaviest = max(reachable)
         if ins is not None:
-            heaviest = tuple(a + b for a, b in zip(heaviest, weights(ins, vector)))
+            heaviest = tuple(a + b for a, b in zip(heaviest, weigh(ins)))
         best[address] = heaviest
     found = best.get(loop.start)
     if found is None:  # no forward path closes the iteration (irreducible flow): count it all
-        return tuple(sum(w) for w in zip(*(weights(ins, vector) for ins in loop.instructions)))
+        return tuple(sum(w) for w in zip(*(weigh(ins) for ins in loop.instructions)))
     return found
 
 

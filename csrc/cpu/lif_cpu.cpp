@@ -165,6 +165,28 @@ std::tuple<at::Tensor, at::Tensor> lif_backward_cpu(
                                    surrogate, alpha, kCpuSegment);
 }
 
+// divide_by_tau_reciprocal (lif_math.h, the GPU kernels' division by tau) applied to every
+// element of a float32 or float64 tensor, for tests/test_lif_division.py to compare with a / tau.
+at::Tensor lif_divide_by_tau_cpu(const at::Tensor& a_in, double tau) {
+  TORCH_CHECK(std::isfinite(tau) && tau > 1, "_lif_divide_by_tau: tau must be a finite number > 1, "
+              "got ", tau);
+  TORCH_CHECK(a_in.scalar_type() == at::kFloat || a_in.scalar_type() == at::kDouble,
+              "_lif_divide_by_tau: a must be float32 or float64, got ", a_in.scalar_type());
+  const at::Tensor a = a_in.contiguous();
+  at::Tensor quotient = at::empty_like(a);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "lif_divide_by_tau_cpu", [&] {
+    LifParams<scalar_t> p{};
+    p.tau = scalar_t(tau);
+    p = with_lif_constants(p);
+    const scalar_t* from = a.const_data_ptr<scalar_t>();
+    scalar_t* to = quotient.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, a.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) to[i] = divide_by_tau_reciprocal(from[i], p);
+    });
+  });
+  return quotient;
+}
+
 }  // namespace
 
 // Not part of the API: lif_backward with H held `segment` steps at a time instead of
@@ -176,12 +198,15 @@ TORCH_LIBRARY_FRAGMENT(htakl, m) {
       "Tensor x, Tensor v_init, float tau, float v_threshold, float v_reset, bool soft_reset, "
       "bool decay_input, bool detach_reset, str surrogate, float alpha, int segment) "
       "-> (Tensor, Tensor)");
+  // Not part of the API either: the GPU kernels' division by tau, run on the CPU.
+  m.def("_lif_divide_by_tau(Tensor a, float tau) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(htakl, CPU, m) {
   m.impl("lif_forward", &lif_forward_cpu);
   m.impl("lif_backward", &lif_backward_cpu);
   m.impl("_lif_backward_segments", &lif_backward_cpu_segments);
+  m.impl("_lif_divide_by_tau", &lif_divide_by_tau_cpu);
 }
 
 }  // namespace htakl
