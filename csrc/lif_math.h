@@ -235,6 +235,8 @@ HTAKL_HD LifStepGrad<acc_t> lif_step_grad(acc_t g_spike, acc_t g_v, acc_t h,
 //   forward(t, k, keep)        one forward step at time t; keep: H[t] into slot k of the segment
 //   begin_backward()           the gradient reaching V[T-1] = grad_v_last
 //   backward(t, k)             SPEC 3's table at time t from H in slot k (lif_step_grad)
+// and may rely on the order of the calls within a segment: forward for k = 0, 1, ... up, then (in
+// sweep 2) backward for the same k down to 0.
 //   end_backward()             grad_v_init = the gradient reaching V[-1]
 template <typename Segment, typename Group>
 HTAKL_HD void lif_backward_segments(int64_t steps, Segment segment, Group& group) {
@@ -249,7 +251,7 @@ HTAKL_HD void lif_backward_segments(int64_t steps, Segment segment, Group& group
   group.begin_backward();
   for (int64_t c = segments - 1; c >= 0; --c) {
     const int64_t first = c * length;
-    const int64_t count = steps - first < length ? steps - first : length;
+    const int count = steps - first < length ? static_cast<int>(steps - first) : length;
     if (c + 1 < segments) group.restore(c);  // the last segment continues sweep 1
     HTAKL_UNROLL
     for (int k = 0; k < length; ++k) {

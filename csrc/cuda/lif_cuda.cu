@@ -132,6 +132,13 @@ struct ThreadNeurons {
   acc_t* __restrict__ checkpoints;  // [lif_checkpoints(steps, kSegment), neurons]
   int64_t neurons;
   int64_t n;  // the thread's first neuron
+  // The element offset of the step forward() reads next, or backward() handled last: a
+  // segment's walk (lif_backward_segments) runs forward over its steps from k = 0 up, then
+  // backward over the same steps down, so the offset moves by a row per step instead of a 64-bit
+  // multiply per step. Vector kernels only: in the one-neuron kernel ptxas spills 8 bytes of
+  // float64's around the division's slow path with it.
+  static constexpr bool kCursor = kWidth > 1;
+  int64_t cursor = 0;
   LifParams<acc_t> p;
   acc_t v[kWidth];
   acc_t g_v[kWidth];
@@ -156,8 +163,10 @@ struct ThreadNeurons {
     copy_state(v, checkpoints + (c - 1) * neurons + n);
   }
   __device__ __forceinline__ void forward(int64_t t, int k, bool keep) {
+    if (!kCursor || k == 0) cursor = t * neurons + n;
     acc_t x_t[kWidth];
-    load_acc(x + t * neurons + n, x_t);
+    load_acc(x + cursor, x_t);
+    cursor += neurons;
 #pragma unroll
     for (int w = 0; w < kWidth; ++w) {
       const acc_t h_t = lif_charge(v[w], x_t[w], p);  // SPEC 3
@@ -171,7 +180,7 @@ struct ThreadNeurons {
     if (grad_v_last != nullptr) load_acc(grad_v_last + n, g_v);
   }
   __device__ __forceinline__ void backward(int64_t t, int k) {
-    const int64_t index = t * neurons + n;
+    const int64_t index = kCursor ? cursor -= neurons : t * neurons + n;
     acc_t g_spike[kWidth], g_seq[kWidth];
 #pragma unroll
     for (int w = 0; w < kWidth; ++w) g_spike[w] = acc_t(0);
