@@ -114,8 +114,24 @@ def _ratio(log_q_t, log_q):
 
 
 @triton.jit
-def _load_class(ptr, row, classes, offs, mask):
-    return tl.load(ptr + row * classes + offs, mask=mask, other=0.0)
+def _load_block(p_ptr, log_p_ptr, q_ptr, log_q_ptr, head_ptr, row, classes, offs, mask):
+    """A block of one row's classes of phases 3-4's inputs: p, log p, q, log q and the head."""
+    at = row * classes + offs
+    p = tl.load(p_ptr + at, mask=mask, other=0.0)
+    log_p = tl.load(log_p_ptr + at, mask=mask, other=0.0)
+    q = tl.load(q_ptr + at, mask=mask, other=0.0)
+    log_q = tl.load(log_q_ptr + at, mask=mask, other=0.0)
+    head = tl.load(head_ptr + at, mask=mask, other=0) != 0
+    return p, log_p, q, log_q, head
+
+
+@triton.jit
+def _load_step_block(q_steps_ptr, log_q_steps_ptr, step_row, classes, offs, mask):
+    """The same block of one student softmax's q_t and log q_t (row `step_row` of [S x R, c])."""
+    at = step_row * classes + offs
+    q_t = tl.load(q_steps_ptr + at, mask=mask, other=0.0)
+    log_q_t = tl.load(log_q_steps_ptr + at, mask=mask, other=float("-inf"))
+    return q_t, log_q_t
 
 
 @triton.jit
@@ -133,11 +149,8 @@ def _slice_sums_kernel(p_ptr, log_p_ptr, q_ptr, log_q_ptr, q_steps_ptr, log_q_st
     for start in range(0, classes, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < classes
-        p = _load_class(p_ptr, row, classes, offs, mask)
-        q = _load_class(q_ptr, row, classes, offs, mask)
-        log_p = _load_class(log_p_ptr, row, classes, offs, mask)
-        log_q = _load_class(log_q_ptr, row, classes, offs, mask)
-        head = tl.load(head_ptr + row * classes + offs, mask=mask, other=0) != 0
+        p, log_p, q, log_q, head = _load_block(p_ptr, log_p_ptr, q_ptr, log_q_ptr, head_ptr, row,
+                                               classes, offs, mask)
         sign = _sign_of_difference(q, p)
         distance = tl.abs(p - q).to(tl.float64)
         d_head += tl.where(head, distance, 0.0)
@@ -168,14 +181,10 @@ def _slice_sums_kernel(p_ptr, log_p_ptr, q_ptr, log_q_ptr, q_steps_ptr, log_q_st
             for start in range(0, classes, BLOCK):
                 offs = start + tl.arange(0, BLOCK).to(tl.int64)
                 mask = offs < classes
-                p = _load_class(p_ptr, row, classes, offs, mask)
-                q = _load_class(q_ptr, row, classes, offs, mask)
-                log_p = _load_class(log_p_ptr, row, classes, offs, mask)
-                log_q = _load_class(log_q_ptr, row, classes, offs, mask)
-                q_t = _load_class(q_steps_ptr, step + row, classes, offs, mask)
-                log_q_t = tl.load(log_q_steps_ptr + (step + row) * classes + offs, mask=mask,
-                                  other=float("-inf"))
-                head = tl.load(head_ptr + row * classes + offs, mask=mask, other=0) != 0
+                p, log_p, q, log_q, head = _load_block(p_ptr, log_p_ptr, q_ptr, log_q_ptr,
+                                                       head_ptr, row, classes, offs, mask)
+                q_t, log_q_t = _load_step_block(q_steps_ptr, log_q_steps_ptr, step + row, classes,
+                                                offs, mask)
                 signed = q_t * _sign_of_difference(q, p)
                 p_ratio += (p * _ratio(log_q_t, log_q)).to(tl.float64)
                 log_ratio += _q_t_log_ratio(q_t, log_q, log_p).to(tl.float64)
@@ -219,11 +228,8 @@ def _slice_grads_kernel(p_ptr, log_p_ptr, q_ptr, log_q_ptr, q_steps_ptr, log_q_s
     for start in range(0, classes, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < classes
-        p = _load_class(p_ptr, row, classes, offs, mask)
-        q = _load_class(q_ptr, row, classes, offs, mask)
-        log_p = _load_class(log_p_ptr, row, classes, offs, mask)
-        log_q = _load_class(log_q_ptr, row, classes, offs, mask)
-        head = tl.load(head_ptr + row * classes + offs, mask=mask, other=0) != 0
+        p, log_p, q, log_q, head = _load_block(p_ptr, log_p_ptr, q_ptr, log_q_ptr, head_ptr, row,
+                                               classes, offs, mask)
         dl = _sign_of_difference(q, p) * tl.where(head, dl_head, dl_tail)
         if GRAD_TEACHER:
             tl.store(d_teacher_ptr + row * classes + offs,
@@ -245,14 +251,10 @@ def _slice_grads_kernel(p_ptr, log_p_ptr, q_ptr, log_q_ptr, q_steps_ptr, log_q_s
                 for start in range(0, classes, BLOCK):
                     offs = start + tl.arange(0, BLOCK).to(tl.int64)
                     mask = offs < classes
-                    p = _load_class(p_ptr, row, classes, offs, mask)
-                    q = _load_class(q_ptr, row, classes, offs, mask)
-                    log_p = _load_class(log_p_ptr, row, classes, offs, mask)
-                    log_q = _load_class(log_q_ptr, row, classes, offs, mask)
-                    q_t = _load_class(q_steps_ptr, step + row, classes, offs, mask)
-                    log_q_t = tl.load(log_q_steps_ptr + (step + row) * classes + offs, mask=mask,
-                                      other=float("-inf"))
-                    head = tl.load(head_ptr + row * classes + offs, mask=mask, other=0) != 0
+                    p, log_p, q, log_q, head = _load_block(p_ptr, log_p_ptr, q_ptr, log_q_ptr,
+                                                           head_ptr, row, classes, offs, mask)
+                    q_t, log_q_t = _load_step_block(q_steps_ptr, log_q_steps_ptr, step + row,
+                                                    classes, offs, mask)
                     dl = _sign_of_difference(q, p) * tl.where(head, dl_head, dl_tail)
                     q_t_g = (-lam_h * p * _ratio(log_q_t, log_q)
                              + lam_t * _q_t_log_ratio(q_t, log_q, log_p) + (fkl - rkl) * q_t * dl)
@@ -323,7 +325,8 @@ class TritonPhases:
         d_teacher = torch.empty_like(p) if grad_teacher else p.new_empty(0)
         if rows:
             # in the accumulation dtype (a float argument would reach the kernel as float32)
-            scalars = torch.tensor([inv_tau, row_scale, 1.0 / steps], dtype=p.dtype, device=p.device)
+            scalars = torch.tensor([inv_tau, row_scale, 1.0 / steps], dtype=p.dtype,
+                                   device=p.device)
             _slice_grads_kernel[(rows,)](
                 p, log_p, q, log_q, q_steps, log_q_steps, head.view(torch.int8),
                 totals.contiguous(), scalars, loss_rows, d_student, d_teacher, rows, classes,
