@@ -36,7 +36,9 @@ LIF_BACKWARD_SCHEMA = (
 # htakl_kernels/_ops/hta_kl_phases.py for the contract.
 HTA_KL_SLICE_SCHEMAS = {
     "hta_kl_slice_max": "(Tensor x) -> Tensor",
-    "hta_kl_slice_exp_sums": "(Tensor x, Tensor row_max, float inv_tau) -> (Tensor, Tensor, Tensor)",
+    "hta_kl_slice_exp_sums": (
+        "(Tensor x, Tensor row_max, float inv_tau) -> (Tensor, Tensor, Tensor)"
+    ),
     "hta_kl_slice_histogram": "(Tensor p, Tensor prefix, int shift, int width) -> (Tensor, Tensor)",
     "hta_kl_slice_head": "(Tensor p, Tensor boundary, Tensor tied_in_head) -> Tensor",
     "hta_kl_slice_sums": (

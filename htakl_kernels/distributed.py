@@ -35,7 +35,7 @@ one):
 | 0 | all_gather, int64 (per call, not per row) | 13 x 8 bytes in all |
 | 1 | all_reduce MAX | `(1 + S) b` |
 | 1 | all_reduce SUM, float64 | `(1 + S) 8` |
-| 2 | all_reduce SUM, int64, once per digit: 4 (float32 p) or 8 (float64 p) | `256 x 8` (last digit `128 x 8`) |
+| 2 | all_reduce SUM, int64: 4 digits (float32 p) or 8 (float64) | `256 x 8` (last `128 x 8`) |
 | 2 | all_gather, int64 (tie count) | 8 |
 | 3 | all_reduce SUM | `(8 + 4 T') b`, `T'` = T for `prob_mean` with T > 1, else 0 |
 
@@ -59,9 +59,10 @@ the CPU kernel (csrc/cpu/hta_kl_cpu_phases.cpp, the fused kernel's per-class mat
 reference and CUDA backends (the CUDA kernel has no phase entry points) run the same phases as
 PyTorch tensor ops on the inputs' device, vectorized over rows and classes.
 The softmax normalization and the prob_mean mixing between phases are PyTorch ops on every
-backend. Gloo takes CPU tensors (CUDA tensors are moved to the CPU for the collectives); NCCL takes
-CUDA tensors through the same code, but has not been run yet (it needs a GPU per rank). Every rank should resolve the same backend: the phase ops agree with the
-PyTorch ones to rounding, not bit for bit.
+backend. Gloo takes CPU tensors (CUDA tensors are moved to the CPU for the collectives); NCCL
+takes CUDA tensors through the same code, but has not been run yet (it needs a GPU per rank).
+Every rank should resolve the same backend: the phase ops agree with the PyTorch ones to
+rounding, not bit for bit.
 
 **Agreement with one device.** The head is the same set of classes as the single-device kernels'
 on the concatenated rows (ties by global class index) wherever SPEC 1, *Rounding at the head
@@ -87,6 +88,7 @@ from ._validation import (ROW_REDUCTIONS, TIME_REDUCTIONS, HtaKlShape, check_cho
 _DIGIT_BITS = 8  # the selection's digits; masses in fixed point: hta_kl_phases.MASS_BITS
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 _CROSS_ENTROPY_REDUCTIONS = ("mean", "sum", "none")  # F.cross_entropy's
+_CROSS_ENTROPY_FIELDS = ("rows", "rows shape", "dtype", "reduction", "ignore_index", "labels")
 _AGREEMENT_FIELDS = ("rows", "rows shape", "steps", "time input", "dtype", "temperature", "delta",
                      "time_reduction", "detach_weights", "reduction", "weight")
 
@@ -149,7 +151,8 @@ class CollectiveGroup:
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         uses_nccl = "nccl" in str(dist.get_backend(group)).lower()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if uses_nccl
+                       else torch.device("cpu"))
 
     def all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
         moved = tensor.to(self.device).contiguous()
@@ -204,8 +207,8 @@ def agree(group: CollectiveGroup, check, names: tuple[str, ...] = _AGREEMENT_FIE
     if failed:
         # Every rank knows that some rank failed, so every rank joins this exchange of messages.
         messages = [None] * group.size
-        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}",
-                               group=group.group)
+        own = None if error is None else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(messages, own, group=group.group)
         if error is not None:
             raise error
         first = failed[0]
@@ -226,8 +229,8 @@ def agree(group: CollectiveGroup, check, names: tuple[str, ...] = _AGREEMENT_FIE
 
 
 def phases_for(backend: str):
-    """The phase ops of a resolved backend: its kernels' where it has them (the CPU kernel), else
-    the PyTorch-op phases (the reference backend, CUDA and Triton)."""
+    """The phase ops of a resolved backend: its kernels' where it has them (the CPU kernel and
+    Triton), else the PyTorch-op phases (the reference backend and CUDA)."""
     return phase_ops(backend) or TorchPhases
 
 
@@ -354,8 +357,10 @@ class _VocabParallelHtaKl(torch.autograd.Function):
     def backward(ctx, grad_rows):
         check_first_order_backward("hta_kl_div")
         d_student, d_teacher = ctx.saved_tensors
-        grad_student = None if d_student is None else d_student * grad_rows.to(d_student.dtype).view(1, -1, 1)
-        grad_teacher = None if d_teacher is None else d_teacher * grad_rows.to(d_teacher.dtype).view(-1, 1)
+        grad_student = (None if d_student is None
+                        else d_student * grad_rows.to(d_student.dtype).view(1, -1, 1))
+        grad_teacher = (None if d_teacher is None
+                        else d_teacher * grad_rows.to(d_teacher.dtype).view(-1, 1))
         return grad_student, grad_teacher, None, None, None, None, None
 
 
@@ -396,16 +401,17 @@ def vocab_parallel_hta_kl_div(student, teacher, *, group, weight: float, tempera
     (shape, chosen), _classes = agree(comm, check)
     logit_mean = shape.time_input and time_reduction == "logit_mean"
     if shape.rows == 0:  # every rank agrees: no row, no collective
-        loss_rows = teacher.new_zeros(0, dtype=accumulation_dtype(teacher.dtype)) + 0 * student.sum()
+        acc = accumulation_dtype(teacher.dtype)
+        loss_rows = teacher.new_zeros(0, dtype=acc) + 0 * student.sum()
     else:
         row_scale = shape.row_scale(reduction, weight)
-        grad_enabled = torch.is_grad_enabled()
+        grad_on = torch.is_grad_enabled()
         loss_rows = _VocabParallelHtaKl.apply(
             student.reshape(shape.steps, shape.rows, shape.classes),
             teacher.reshape(shape.rows, shape.classes), comm,
             dict(backend=chosen, temperature=float(temperature), delta=float(delta),
                  logit_mean=logit_mean, detach_weights=detach_weights),
-            row_scale, grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad)
+            row_scale, grad_on and student.requires_grad, grad_on and teacher.requires_grad)
     loss = loss_rows.reshape(shape.rows_shape) if reduction == "none" else loss_rows.sum()
     return loss.to(student.dtype)
 
@@ -418,7 +424,8 @@ def vocab_parallel_head_mask(teacher: torch.Tensor, *, temperature: float, delta
     with group=None or a group of one rank, the single device's membership. `backend` picks the
     phase ops (phases_for)."""
     if not is_parallel(group):
-        probabilities = torch.softmax(teacher.to(accumulation_dtype(teacher.dtype)) / temperature, -1)
+        logits = teacher.to(accumulation_dtype(teacher.dtype))
+        probabilities = torch.softmax(logits / temperature, -1)
         return head_mask(probabilities, delta)
     comm = CollectiveGroup(group)
 
@@ -495,18 +502,29 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, 
     comm = CollectiveGroup(group)
 
     def check():
+        # Every check runs inside the agreement: an error raised on one rank alone would leave
+        # the others waiting in the all_reduces that follow.
         if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
             raise TypeError("logits must be a tensor with a class dimension")
+        if logits.dtype not in DTYPE_CODES:
+            raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got "
+                            f"{logits.dtype}")
         if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:-1]:
             raise ValueError(f"labels must be a tensor of the logits' row shape "
                              f"{tuple(logits.shape[:-1])}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex:
+            raise TypeError(f"labels must hold integer class indices, got {labels.dtype}")
+        if not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         check_choice("reduction", reduction, _CROSS_ENTROPY_REDUCTIONS)
         flat = labels.reshape(-1).to(torch.int64)
-        fields = [flat.numel(), shape_code(labels.shape), 1, 0, DTYPE_CODES[logits.dtype], 0, 0,
-                  0, 0, _CROSS_ENTROPY_REDUCTIONS.index(reduction), integer_fingerprint(flat)]
+        fields = [flat.numel(), shape_code(labels.shape), DTYPE_CODES[logits.dtype],
+                  _CROSS_ENTROPY_REDUCTIONS.index(reduction), ignore_index,
+                  integer_fingerprint(flat)]
         return flat, fields, logits.shape[-1]
 
-    flat, classes = agree(comm, check)
+    flat, classes = agree(comm, check, names=_CROSS_ENTROPY_FIELDS,
+                          caller="vocab_parallel_cross_entropy")
     total = int(classes.sum())
     counted = flat != ignore_index
     if bool(((flat[counted] < 0) | (flat[counted] >= total)).any()):

@@ -307,6 +307,27 @@ def _api_worker(rank, world):
         teacher=teacher[:, :0], student=student[..., :0]), ValueError, "at least one class")
     _expect_error(failures, "student slice", call(student=student[..., :stop - start + 1]),
                   ValueError, "C=")
+    # The vocab-parallel cross-entropy: arguments bad on one rank, or an ignore_index that
+    # differs, raise on every rank (a rank raising alone would leave the others waiting).
+    labels = torch.randint(0, classes, (rows,), generator=generator)
+    local_logits = teacher[:, start:stop]
+
+    def cross_entropy(logits=local_logits, labels=labels, **options):
+        return lambda: hkd.vocab_parallel_cross_entropy(logits, labels, group=world_group,
+                                                        **options)
+
+    if rank == 1:
+        _expect_error(failures, "integer logits", cross_entropy(logits=local_logits.long()),
+                      TypeError, "logits")
+    else:
+        _expect_error(failures, "integer logits", cross_entropy(), ValueError, "rank 1")
+    if rank == 0:
+        _expect_error(failures, "float labels", cross_entropy(labels=labels.double()), TypeError,
+                      "labels")
+    else:
+        _expect_error(failures, "float labels", cross_entropy(), ValueError, "rank 0")
+    _expect_error(failures, "ignore_index differing", cross_entropy(
+        ignore_index=int(labels[0]) if rank == 2 else -100), ValueError, "ignore_index")
     # 16-bit inputs: computed in float32, loss and gradients in the inputs' dtype.
     half_student = student[..., start:stop].bfloat16().requires_grad_(True)
     half_loss = hk.hta_kl_div(half_student, teacher[:, start:stop].bfloat16(), group=world_group)
