@@ -187,7 +187,8 @@ def _special_cases(rank, world):
         student = 3 * torch.randn(2, 4, classes, generator=generator, dtype=torch.float64).to(dtype)
         sizes_list = _splits(classes, world, generator)
         for sizes, backend in itertools.product(sizes_list, BACKENDS):
-            _compare_head(tie_rows, sizes, rank, delta, failures, f"{dtype} ties {backend}", backend)
+            _compare_head(tie_rows, sizes, rank, delta, failures, f"{dtype} ties {backend}",
+                          backend)
             _compare_head(equal_rows, sizes, rank, 0.5, failures, f"{dtype} all-equal {backend}",
                           backend)
         for index, (reduction, detach, time_reduction) in enumerate(itertools.product(
@@ -390,7 +391,9 @@ def _fused_linear_case(rank, sizes, dtype, failures, what, *, steps=None, labels
     generator = torch.Generator().manual_seed(sum(sizes) * 31 + (steps or 0))
     rows, student_hidden, teacher_hidden = 6, 7, 5
     classes = sum(sizes)
-    draw = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)  # noqa: E731
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
     student_input = draw(*(() if steps is None else (steps,)), rows, student_hidden)
     whole = dict(student_input=student_input, student_weight=draw(classes, student_hidden) * 2,
                  student_bias=draw(classes), teacher_input=draw(rows, teacher_hidden),
@@ -407,7 +410,8 @@ def _fused_linear_case(rank, sizes, dtype, failures, what, *, steps=None, labels
     if labels is None:
         call = hk.fused_linear_hta_kl_div
     else:
-        call = lambda *args, **kwargs: hk.fused_linear_spiking_kd_loss(*args[:4], labels, **kwargs)  # noqa: E731
+        def call(*args, **kwargs):
+            return hk.fused_linear_spiking_kd_loss(*args[:4], labels, **kwargs)
 
     def run(tensors, **more):
         loss = call(tensors["student_input"], tensors["student_weight"], tensors["teacher_input"],
@@ -450,8 +454,8 @@ def _fused_linear_worker(rank, world):
          dict(steps=3, time_reduction="logit_mean", row_mask=row_mask, chunk_rows=3)),
         (splits[0], torch.float64, "spiking KD", dict(steps=2, labels=labels, alpha=0.3,
                                                       row_mask=row_mask, chunk_rows=2)),
-        (splits[1], torch.float64, "spiking KD none", dict(labels=labels.clamp(min=0), alpha=0.6, reduction="none",
-                                                           upstream=upstream)),
+        (splits[1], torch.float64, "spiking KD none",
+         dict(labels=labels.clamp(min=0), alpha=0.6, reduction="none", upstream=upstream)),
         (splits[1], torch.float32, "T=3", dict(steps=3, chunk_rows=4)),
     ]
     for sizes, dtype, what, options in cases:

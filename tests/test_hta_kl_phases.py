@@ -1,6 +1,7 @@
-"""The CPU kernel's vocab-parallel phase ops (csrc/cpu/hta_kl_cpu_phases.cpp) against the
-PyTorch-op phases (htakl_kernels/_ops/hta_kl_phases.py): integers exactly, floats to rounding, on
-slices with no class, one class, ties, -inf classes and NaN rows."""
+"""The vocab-parallel phase ops of the CPU kernel (csrc/cpu/hta_kl_cpu_phases.cpp) and of Triton
+(triton_kernels/hta_kl_phases.py) against the PyTorch-op phases (htakl_kernels/_ops/
+hta_kl_phases.py): integers exactly, floats to rounding, on slices with no class, one class,
+ties, -inf classes and NaN rows."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def _slices(dtype, steps):
     a NaN row; one class; no class."""
     generator = torch.Generator().manual_seed(11 + steps)
     rows, classes = 6, 37
-    draw = lambda *shape: (3 * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(dtype)  # noqa: E731
+    def draw(*shape):
+        return (3 * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(dtype)
+
     teacher, student = draw(rows, classes), draw(steps, rows, classes)
     teacher[0, 3:9] = 1.25  # ties
     teacher[1] = 0.0  # a whole row tied
@@ -41,7 +44,8 @@ def _slices(dtype, steps):
     student[:, 4, 7] = -math.inf  # masked in the student only
     teacher[5, 10] = math.nan  # a NaN row
     student[:, 0, 11] = -250.0  # q_t underflows in float32 while log q_t stays finite
-    return [("random", teacher, student), ("C=1", teacher[:, :1].contiguous(), student[..., :1].contiguous()),
+    return [("random", teacher, student),
+            ("C=1", teacher[:, :1].contiguous(), student[..., :1].contiguous()),
             ("C=0", teacher[:, :0].contiguous(), student[..., :0].contiguous())]
 
 
@@ -65,6 +69,10 @@ def _softmax_inputs(teacher, student, prob_mean):
 def test_backends_phase_ops():
     assert phase_ops("cpu") is KernelPhases
     assert phase_ops("reference") is None and phase_ops("cuda") is None
+    if unavailable_reason("triton", "cpu") is None:
+        from htakl_kernels.triton_kernels.hta_kl_phases import TritonPhases
+
+        assert phase_ops("triton") is TritonPhases
 
 
 @pytest.mark.parametrize("backend", IMPLEMENTATIONS)
@@ -99,16 +107,19 @@ def test_phase_ops_match_the_torch_phases(backend, dtype, steps):
             for prefix in (top >> (remaining + width), top.new_full(top.shape, 3)):
                 expected = TorchPhases.slice_histogram(p, prefix, remaining, width)
                 got = phases.slice_histogram(p, prefix, remaining, width)
-                assert all(torch.equal(g, e) for g, e in zip(got, expected)), f"{what} shift {remaining}"
+                assert all(torch.equal(g, e) for g, e in zip(got, expected)), \
+                    f"{what} shift {remaining}"
         # Membership: a tied boundary with each number of its ties in the head, the whole row,
         # none of it.
-        boundary = keys[:, min(5, p.shape[1] - 1)].contiguous() if p.shape[1] else keys.new_zeros(p.shape[0])
+        boundary = (keys[:, min(5, p.shape[1] - 1)].contiguous() if p.shape[1]
+                    else keys.new_zeros(p.shape[0]))
         for tied in (0, 1, 3, 40):
             tied_in_head = torch.full_like(boundary, tied)
             for bound in (boundary, torch.full_like(boundary, -1),
                           torch.full_like(boundary, torch.iinfo(torch.int64).max)):
                 assert torch.equal(phases.slice_head(p, bound, tied_in_head),
-                                   TorchPhases.slice_head(p, bound, tied_in_head)), f"{what} tied={tied}"
+                                   TorchPhases.slice_head(p, bound, tied_in_head)), \
+                    f"{what} tied={tied}"
         # Phases 3-4 with a head at the tied boundary, the slice's sums as the whole rows'.
         head = TorchPhases.slice_head(p, boundary, torch.full_like(boundary, 2))
         sums = TorchPhases.slice_sums(*tensors, head)
@@ -181,7 +192,8 @@ for ty, key in (("fp32", tl.int32), ("fp64", tl.int64)):
         print(*resource_usage(compile_for_target(kernel, signature, constants, num_warps=4)))
 """
     usage = parse_usage(run_compiler_script(script))
-    assert len(usage) == 12 and all(0 < registers <= 255 and spills == 0 for registers, spills in usage)
+    assert len(usage) == 12
+    assert all(0 < registers <= 255 and spills == 0 for registers, spills in usage)
 
 
 @IMPLEMENTATIONS[0].marks[0]
