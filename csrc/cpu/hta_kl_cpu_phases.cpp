@@ -39,7 +39,8 @@ void check_slice_tensor(const at::Tensor& x, const char* name, int64_t dim) {
   TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
 }
 
-void check_same(const at::Tensor& x, const at::Tensor& like, const char* name, const char* other) {
+void check_same(const at::Tensor& x, const at::Tensor& like, const char* name,
+                const char* other) {
   TORCH_CHECK(x.sizes() == like.sizes(), name, " must have ", other, "'s shape ", like.sizes(),
               ", got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == like.scalar_type(), name, " must have ", other, "'s dtype");
@@ -70,10 +71,11 @@ int64_t key_of(acc_t p) {
   return static_cast<int64_t>(bits);
 }
 
-// p * 2**62 truncated, exact (a power-of-two scaling, then floor).
+// p * 2**62 truncated, exact (a power-of-two scaling, then floor); p is not NaN (the histogram
+// leaves NaN out).
 template <typename acc_t>
 int64_t fixed_mass(acc_t p) {
-  return std::isnan(p) ? 0 : static_cast<int64_t>(std::floor(static_cast<double>(p) * std::ldexp(1.0, kMassBits)));
+  return static_cast<int64_t>(std::floor(static_cast<double>(p) * std::ldexp(1.0, kMassBits)));
 }
 
 // x [K, R, c] -> [K, R]: the maximum over the slice, NaN left out, -inf for an empty slice.
@@ -227,14 +229,17 @@ void check_phase_tensors(const at::Tensor& p, const at::Tensor& log_p, const at:
   check_same(log_p, p, "log_p", "p");
   check_same(q, p, "q", "p");
   check_same(log_q, p, "log_q", "p");
-  for (const at::Tensor* x : {&log_p, &q, &log_q}) TORCH_CHECK(x->is_contiguous(), "p, log_p, q, log_q must be contiguous");
-  TORCH_CHECK(q_steps.size(0) >= 1 && q_steps.size(1) == p.size(0) && q_steps.size(2) == p.size(1) &&
-                  q_steps.scalar_type() == p.scalar_type(),
+  for (const at::Tensor* x : {&log_p, &q, &log_q}) {
+    TORCH_CHECK(x->is_contiguous(), "p, log_p, q, log_q must be contiguous");
+  }
+  TORCH_CHECK(q_steps.size(0) >= 1 && q_steps.size(1) == p.size(0) &&
+                  q_steps.size(2) == p.size(1) && q_steps.scalar_type() == p.scalar_type(),
               "q_steps must be [S, R, c] with p's R, c and dtype, got ", q_steps.sizes());
   check_same(log_q_steps, q_steps, "log_q_steps", "q_steps");
   TORCH_CHECK(log_q_steps.is_contiguous(), "log_q_steps must be contiguous");
-  TORCH_CHECK(head.scalar_type() == at::kBool && head.sizes() == p.sizes() && head.is_contiguous(),
-              "head must be a contiguous bool tensor of p's shape");
+  TORCH_CHECK(
+      head.scalar_type() == at::kBool && head.sizes() == p.sizes() && head.is_contiguous(),
+      "head must be a contiguous bool tensor of p's shape");
 }
 
 template <typename acc_t>
@@ -257,7 +262,8 @@ at::Tensor slice_sums_cpu(const at::Tensor& p, const at::Tensor& log_p, const at
   check_phase_tensors(p, log_p, q, log_q, q_steps, log_q_steps, head);
   at::Tensor sums;
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "hta_kl_slice_sums", [&] {
-    const SliceView<scalar_t> v = view_of<scalar_t>(p, log_p, q, log_q, q_steps, log_q_steps, head);
+    const SliceView<scalar_t> v =
+        view_of<scalar_t>(p, log_p, q, log_q, q_steps, log_q_steps, head);
     const int64_t n = v.sums_per_row(), steps = v.softmaxes;
     sums = at::empty({v.rows, n}, p.options());
     scalar_t* out = sums.mutable_data_ptr<scalar_t>();
@@ -285,7 +291,9 @@ at::Tensor slice_sums_cpu(const at::Tensor& p, const at::Tensor& log_p, const at
           step_total[1] += static_cast<double>(q_t_log_ratio(q_t, v.log_q[k], v.log_p[k]));
           step_total[v.head[k] ? 2 : 3] += static_cast<double>(q_t * sign);
         }
-        for (int i = 0; i < 4; ++i) row_out[8 + i * steps + t] = static_cast<scalar_t>(step_total[i]);
+        for (int i = 0; i < 4; ++i) {
+          row_out[8 + i * steps + t] = static_cast<scalar_t>(step_total[i]);
+        }
       }
     });
   });
@@ -305,13 +313,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_grads_cpu(
   check_slice_tensor(totals, "totals", 2);
   TORCH_CHECK(steps >= 1, "steps must be >= 1, got ", steps);
   at::Tensor loss = at::empty({p.size(0)}, p.options());
-  at::Tensor d_student = at::empty(want_student ? q_steps.sizes() : at::IntArrayRef{0}, p.options());
+  at::Tensor d_student =
+      at::empty(want_student ? q_steps.sizes() : at::IntArrayRef{0}, p.options());
   at::Tensor d_teacher = at::empty(want_teacher ? p.sizes() : at::IntArrayRef{0}, p.options());
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "hta_kl_slice_grads", [&] {
     using acc_t = scalar_t;
     const SliceView<acc_t> v = view_of<acc_t>(p, log_p, q, log_q, q_steps, log_q_steps, head);
     const int64_t n = v.sums_per_row(), softmaxes = v.softmaxes;
-    TORCH_CHECK(totals.size(0) == v.rows && totals.size(1) == n && totals.scalar_type() == p.scalar_type(),
+    TORCH_CHECK(totals.size(0) == v.rows && totals.size(1) == n &&
+                    totals.scalar_type() == p.scalar_type(),
                 "totals must be [R, ", n, "] in p's dtype, got ", totals.sizes());
     const acc_t* sums = totals.const_data_ptr<acc_t>();
     acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
@@ -330,9 +340,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_grads_cpu(
         return dlam_h_dq(st, sign_of_difference(v.q[k], v.p[k]), v.head[k]);
       };
       for (int64_t k = row * v.classes; k < (row + 1) * v.classes; ++k) {
-        if (teacher_out) teacher_out[k] = grad_teacher(st, v.p[k], v.log_p[k], v.q[k], v.log_q[k], dl_of(k), sum_p_dl);
+        if (teacher_out) {
+          teacher_out[k] =
+              grad_teacher(st, v.p[k], v.log_p[k], v.q[k], v.log_q[k], dl_of(k), sum_p_dl);
+        }
         if (student_out && !v.prob_mean()) {
-          student_out[k] = inv_steps * grad_student_softmax(st, v.p[k], v.log_p[k], v.q[k], v.log_q[k], dl_of(k), sum_q_dl);
+          student_out[k] = inv_steps * grad_student_softmax(st, v.p[k], v.log_p[k], v.q[k],
+                                                            v.log_q[k], dl_of(k), sum_q_dl);
         }
       }
       if (!student_out || !v.prob_mean()) return;
