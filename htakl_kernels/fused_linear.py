@@ -197,7 +197,7 @@ def _chunk_loss(plan: _Plan, student: torch.Tensor, teacher: torch.Tensor,
             detach_weights=plan.detach_weights, row_scale=weight * row_scale,
             grad_student=want_student, grad_teacher=want_teacher)
         if d_student is not None:
-            d_student = d_student.contiguous()  # a 2-D student's is one step expanded over T
+            d_student = d_student.contiguous()  # logit_mean's: one softmax's, expanded over T
     elif plan.backend == "reference":
         with torch.enable_grad():
             leaves = (student.detach().requires_grad_(want_student),

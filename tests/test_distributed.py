@@ -384,7 +384,7 @@ def test_api_errors_and_traffic(tmp_path):
 
 
 def _fused_linear_case(rank, sizes, dtype, failures, what, *, steps=None, labels=None,
-                       row_mask=None, upstream=None, **options):
+                       row_mask=None, upstream=None, frozen_teacher=False, **options):
     """One fused-linear case: this rank's rows of the heads' weights and biases through the
     vocab-parallel call against the single-process call on the whole heads (CPU kernel): the
     loss, the weight and bias gradients of the rank's slice, the whole input gradients."""
@@ -402,9 +402,10 @@ def _fused_linear_case(rank, sizes, dtype, failures, what, *, steps=None, labels
     local = {name: (tensor if name.endswith("input") else tensor[start:stop]).clone()
              for name, tensor in whole.items()}
     whole = {name: tensor.clone() for name, tensor in whole.items()}
+    trained = [name for name in whole if not (frozen_teacher and name.startswith("teacher"))]
     for tensors in (local, whole):
-        for tensor in tensors.values():
-            tensor.requires_grad_(True)
+        for name in trained:
+            tensors[name].requires_grad_(True)
     extra = dict(row_mask=row_mask, **options)
     extra_options = dict(backend=extra.pop("backend", "auto"))
     if labels is None:
@@ -425,7 +426,7 @@ def _fused_linear_case(rank, sizes, dtype, failures, what, *, steps=None, labels
     grad_tolerance = dict(GRAD_TOLERANCES[dtype], atol=1e-13 if dtype == torch.float64 else 1e-6)
     try:
         torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
-        for name in whole:
+        for name in trained:
             want = whole[name].grad if name.endswith("input") else whole[name].grad[start:stop]
             torch.testing.assert_close(local[name].grad, want, **grad_tolerance,
                                        msg=lambda message, name=name: f"{name}: {message}")
@@ -457,6 +458,9 @@ def _fused_linear_worker(rank, world):
         (splits[1], torch.float64, "spiking KD none",
          dict(labels=labels.clamp(min=0), alpha=0.6, reduction="none", upstream=upstream)),
         (splits[1], torch.float32, "T=3", dict(steps=3, chunk_rows=4)),
+        # A frozen teacher: only the student's input gradient is summed over the ranks.
+        (splits[0], torch.float64, "frozen teacher", dict(steps=2, labels=labels.clamp(min=0),
+                                                          alpha=0.4, frozen_teacher=True)),
     ]
     for sizes, dtype, what, options in cases:
         _fused_linear_case(rank, sizes, dtype, failures, what, **options)
