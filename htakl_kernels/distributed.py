@@ -424,6 +424,8 @@ def vocab_parallel_head_mask(teacher: torch.Tensor, *, temperature: float, delta
     with group=None or a group of one rank, the single device's membership. `backend` picks the
     phase ops (phases_for)."""
     if not is_parallel(group):
+        # The same checks as on a group (temperature, delta, backend), then the reference's sort.
+        _check_slice(teacher, teacher, temperature, delta, "prob_mean", False, "sum", backend)
         logits = teacher.to(accumulation_dtype(teacher.dtype))
         probabilities = torch.softmax(logits / temperature, -1)
         return head_mask(probabilities, delta)

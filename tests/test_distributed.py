@@ -240,6 +240,18 @@ def test_cuda_tensors_through_gloo(tmp_path):
     run_group(2, _cuda_worker, tmp_path)
 
 
+def test_head_mask_without_a_group():
+    """group=None: the reference's membership, after the same argument checks as on a group."""
+    teacher = torch.randn(3, 11, generator=torch.Generator().manual_seed(3))
+    got = hkd.vocab_parallel_head_mask(teacher, temperature=TEMPERATURE, delta=0.4, group=None)
+    assert torch.equal(got, head_mask(torch.softmax(teacher / TEMPERATURE, -1), 0.4))
+    with pytest.raises(ValueError, match="delta"):
+        hkd.vocab_parallel_head_mask(teacher, temperature=TEMPERATURE, delta=1.5, group=None)
+    with pytest.raises(ValueError, match="backend"):
+        hkd.vocab_parallel_head_mask(teacher, temperature=TEMPERATURE, delta=0.4, group=None,
+                                     backend="gpu")
+
+
 def _expect_error(failures, what, call, kind, fragment):
     try:
         call()

@@ -15,7 +15,8 @@ streams (the teacher, then the student's) of R rows over the slice's c classes (
         [R, 2**width]: over the classes whose selection key (the bits of p; 0 for NaN, which is
         left out) agrees with `prefix` above bit `shift + width`, how many and how much
         fixed-point mass (floor(p * 2**62)) fall on each value of the digit
-        `(key >> shift) & (2**width - 1)`.
+        `(key >> shift) & (2**width - 1)`; 1 <= width <= 8 (distributed.py's digits are 8 bits or
+        fewer; the CPU kernel takes up to 16), shift + width within the key's bits (key_bits).
     hta_kl_slice_head(p, boundary int64 [R], tied_in_head int64 [R]) -> bool [R, c]: key >
         boundary, plus the first `tied_in_head` non-NaN classes of the slice (ascending index)
         whose key equals it (SPEC 1.3). A boundary of -1 takes every class, 2**63 - 1 none.
