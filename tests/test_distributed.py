@@ -264,6 +264,15 @@ def _expect_error(failures, what, call, kind, fragment):
         failures.append(f"{what}: no error")
 
 
+def _expect_error_from(failures, what, rank, bad_rank, bad_call, good_call, kind, fragment):
+    """`bad_rank` passes bad arguments (its own error, `kind` naming `fragment`), the others good
+    ones: they raise a ValueError naming the bad rank."""
+    if rank == bad_rank:
+        _expect_error(failures, what, bad_call, kind, fragment)
+    else:
+        _expect_error(failures, what, good_call, ValueError, f"rank {bad_rank}")
+
+
 def _selection_rounds(dtype):
     return 4 if dtype != torch.float64 else 8
 
@@ -311,11 +320,8 @@ def _api_worker(rank, world):
         teacher=torch.randn(rows + 1, stop - start), student=torch.randn(4, rows + 1, stop - start))
         if rank == 1 else call(), ValueError, "rows")
     _expect_error(failures, "delta", call(delta=0.7 if rank == 2 else 0.5), ValueError, "delta")
-    if rank == 1:
-        _expect_error(failures, "integer teacher", call(teacher=local_teacher.long()), TypeError,
-                      "teacher")
-    else:
-        _expect_error(failures, "integer teacher", call(), ValueError, "rank 1")
+    _expect_error_from(failures, "integer teacher", rank, 1, call(teacher=local_teacher.long()),
+                       call(), TypeError, "teacher")
     _expect_error(failures, "no class anywhere", call(
         teacher=teacher[:, :0], student=student[..., :0]), ValueError, "at least one class")
     _expect_error(failures, "student slice", call(student=student[..., :stop - start + 1]),
@@ -329,16 +335,11 @@ def _api_worker(rank, world):
         return lambda: hkd.vocab_parallel_cross_entropy(logits, labels, group=world_group,
                                                         **options)
 
-    if rank == 1:
-        _expect_error(failures, "integer logits", cross_entropy(logits=local_logits.long()),
-                      TypeError, "logits")
-    else:
-        _expect_error(failures, "integer logits", cross_entropy(), ValueError, "rank 1")
-    if rank == 0:
-        _expect_error(failures, "float labels", cross_entropy(labels=labels.double()), TypeError,
-                      "labels")
-    else:
-        _expect_error(failures, "float labels", cross_entropy(), ValueError, "rank 0")
+    _expect_error_from(failures, "integer logits", rank, 1,
+                       cross_entropy(logits=local_logits.long()), cross_entropy(), TypeError,
+                       "logits")
+    _expect_error_from(failures, "float labels", rank, 0, cross_entropy(labels=labels.double()),
+                       cross_entropy(), TypeError, "labels")
     _expect_error(failures, "ignore_index differing", cross_entropy(
         ignore_index=int(labels[0]) if rank == 2 else -100), ValueError, "ignore_index")
     # 16-bit inputs: computed in float32, loss and gradients in the inputs' dtype.
