@@ -302,8 +302,7 @@ def vocab_parallel_rows(student: torch.Tensor, teacher: torch.Tensor, group: Col
     every rank, and the gradients of the local slices or None), the phases those of the resolved
     `backend` (phases_for). Every rank of the group must make the same call (same R, T and
     options)."""
-    # The statistics keep the accumulation dtype: autocast would run their batched product in
-    # 16 bits.
+    # The statistics keep the accumulation dtype, whichever ops autocast would cast to 16 bits.
     with torch.autocast(student.device.type, enabled=False):
         return _rows(student, teacher, group, phases_for(backend), temperature=temperature,
                      delta=delta, logit_mean=logit_mean, detach_weights=detach_weights,

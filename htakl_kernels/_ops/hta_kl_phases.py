@@ -115,13 +115,14 @@ class TorchPhases:
         distance = (p - q).abs()
         sign = torch.sign(q - p)
         prob_mean = q_steps.shape[0] > 1
-        # Head and tail sums in one batched product with [head, tail] masks (x * 1 and x * 0 are
-        # exact, so each sum holds exactly its side's terms).
-        split = [distance, q * sign, p * sign]
-        if prob_mean:
-            split += list(q_steps * sign)
-        head_f = head.to(p.dtype)
-        sides = torch.bmm(torch.stack(split, dim=1), torch.stack([head_f, 1 - head_f], dim=2))
+        # Head and tail sums [R, n, 2] of every split term at once. Masked sums, not a batched
+        # product with the masks: a float32 matmul may run in TF32 (or bfloat16) where the
+        # matmul precision allows it, rounding every term.
+        split = torch.stack([distance, q * sign, p * sign, *(q_steps * sign if prob_mean else ())],
+                            dim=1)
+        in_head = head.unsqueeze(1)
+        sides = torch.stack([torch.where(in_head, split, 0.0).sum(-1),
+                             torch.where(in_head, 0.0, split).sum(-1)], dim=2)
         sums = [sides[:, 0, 0], sides[:, 0, 1],
                 _where_positive(p, p * (log_p - log_q)).sum(-1),
                 _where_positive(q, q * (log_q - log_p)).sum(-1),
