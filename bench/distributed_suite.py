@@ -4,9 +4,10 @@ and the bytes each rank passes to the collectives and sends under the ring algor
 
 One rank is the single-device call (the CPU kernel); two or more run the phases of
 `htakl_kernels.distributed` on each rank's slice twice: through the CPU kernel's phase ops
-(backend "cpu", what "auto" picks) and as PyTorch ops (backend "reference"). The machine's threads are shared
-out among the ranks (`threads // ranks` each, at least 1), so the table shows what splitting the
-classes costs or saves on one machine; on several machines each rank would have its own cores.
+(backend "cpu", what "auto" picks) and as PyTorch ops (backend "reference"). The machine's
+threads are shared out among the ranks (`threads // ranks` each, at least 1), so the table shows
+what splitting the classes costs or saves on one machine; on several machines each rank would
+have its own cores.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def _rank_main(rank, ranks, port, shapes, dtypes, repeats, threads, out_path) ->
         teacher = (3.0 * torch.randn(rows, classes, generator=generator))
         student = (3.0 * torch.randn(rows, classes, generator=generator))
         teacher = teacher[:, start:start + share[rank]].to(dtype).contiguous()
-        student = student[:, start:start + share[rank]].to(dtype).contiguous().requires_grad_(True)
+        student = student[:, start:start + share[rank]].to(dtype).contiguous()
+        student.requires_grad_(True)
 
         def call():
             hk.hta_kl_div(student, teacher, group=group, backend=backend).backward()
