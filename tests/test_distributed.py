@@ -96,18 +96,21 @@ GRAD_TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-15),
 
 def _compare(student, teacher, sizes, rank, options, failures, what, device="cpu"):
     """One case: the rank's slices (on `device`) through the vocab-parallel call against the CPU
-    kernel on the whole rows (loss, gradients of the rank's slices, the same loss bits on every
-    rank)."""
+    kernel on the whole rows (loss, gradients of the rank's slices under an incoming gradient
+    other than 1, the same loss bits on every rank)."""
     start, stop = _bounds(sizes, rank)
     local_student = student[..., start:stop].to(device).clone().requires_grad_(True)
     local_teacher = teacher[..., start:stop].to(device).clone().requires_grad_(True)
     loss = hk.hta_kl_div(local_student, local_teacher, group=dist.group.WORLD, **options)
-    loss.sum().backward()
+    # the same on every rank: the loss of the whole rows, each row weighted differently
+    upstream = 0.5 + torch.rand(loss.shape, generator=torch.Generator().manual_seed(1),
+                                dtype=torch.float64)
+    (loss * upstream.to(loss.dtype).to(device)).sum().backward()
     loss = loss.cpu()
     whole_student = student.clone().requires_grad_(True)
     whole_teacher = teacher.clone().requires_grad_(True)
     expected = hk.hta_kl_div(whole_student, whole_teacher, **dict(options, backend="cpu"))
-    expected.sum().backward()
+    (expected * upstream.to(expected.dtype)).sum().backward()
     dtype = student.dtype
     try:
         torch.testing.assert_close(loss, expected, equal_nan=True, **TOLERANCES[dtype])
