@@ -184,15 +184,21 @@ class TorchPhases:
         return loss_rows, d_student, d_teacher
 
 
+def _registered(name: str):
+    """A phase of KernelPhases: the op `htakl::hta_kl_<name>`, looked up when called (the
+    compiled kernel registers it when it loads)."""
+    return staticmethod(lambda *args: getattr(torch.ops.htakl, f"hta_kl_{name}")(*args))
+
+
 class KernelPhases:
     """The phase ops registered by a compiled kernel (the dispatcher picks it by device)."""
 
-    slice_max = staticmethod(lambda *args: torch.ops.htakl.hta_kl_slice_max(*args))
-    slice_exp_sums = staticmethod(lambda *args: torch.ops.htakl.hta_kl_slice_exp_sums(*args))
-    slice_histogram = staticmethod(lambda *args: torch.ops.htakl.hta_kl_slice_histogram(*args))
-    slice_head = staticmethod(lambda *args: torch.ops.htakl.hta_kl_slice_head(*args))
-    slice_sums = staticmethod(lambda *args: torch.ops.htakl.hta_kl_slice_sums(*args))
-    slice_grads = staticmethod(lambda *args: torch.ops.htakl.hta_kl_slice_grads(*args))
+    slice_max = _registered("slice_max")
+    slice_exp_sums = _registered("slice_exp_sums")
+    slice_histogram = _registered("slice_histogram")
+    slice_head = _registered("slice_head")
+    slice_sums = _registered("slice_sums")
+    slice_grads = _registered("slice_grads")
 
 
 # Fake implementations (shapes and dtypes only), so that the ops trace under torch.compile and
