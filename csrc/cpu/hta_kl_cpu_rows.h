@@ -70,6 +70,55 @@ struct HeadBoundary {
   }
 };
 
+// The first round of find_head_boundary: mass[d] = the sum of the p_i whose key has digit d in
+// bits [shift, shift + 8), for every d, exactly as the mass type adds them. Even and odd classes
+// fill separate histograms, added in a fixed order, which halves the chain of dependent
+// additions to a crowded bucket.
+template <typename acc_t, typename mass_t>
+void first_digit_masses(const acc_t* p, int64_t classes, int shift, mass_t* mass) {
+  using key_t = typename SelectTypes<acc_t>::key_t;
+  constexpr int kBuckets = 256;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // float: the first digit (shift 23) is the whole exponent field, so the values in one bucket
+    // (finite: a NaN row skips the selection) are integers below 2^24 times one power of two:
+    // their sum is the integer sum of those significands times that power, exact in uint64_t (up
+    // to 2^40 classes). A double sum of them is exact too (up to 2^29 classes), so this gives the
+    // bits the double histogram below gives, with one-cycle integer additions in the chains.
+    static_assert(sizeof(key_t) == 4);
+    uint64_t even[kBuckets] = {}, odd[kBuckets] = {};
+    auto add = [](uint64_t* histogram, key_t key) {
+      const key_t exponent = (key >> 23) & (kBuckets - 1);
+      const key_t significand = (key & 0x7fffffu) | (exponent != 0 ? 0x800000u : 0u);
+      histogram[exponent] += significand;
+    };
+    int64_t i = 0;
+    for (; i + 2 <= classes; i += 2) {
+      add(even, std::bit_cast<key_t>(p[i]));
+      add(odd, std::bit_cast<key_t>(p[i + 1]));
+    }
+    if (i < classes) add(even, std::bit_cast<key_t>(p[i]));
+    for (int exponent = 0; exponent < kBuckets; ++exponent) {
+      // One unit of the significand of a value with this exponent field: 2^(max(e, 1) - 150).
+      const uint64_t unit_exponent = std::max(exponent, 1) - 150 + 1023;
+      const double unit = std::bit_cast<double>(unit_exponent << 52);
+      mass[exponent] = mass_t(double(even[exponent] + odd[exponent]) * unit);
+    }
+  } else {
+    std::fill_n(mass, kBuckets, mass_t(0));
+    mass_t odd[kBuckets] = {};
+    auto digit_of = [&](int64_t k) {
+      return static_cast<int>((std::bit_cast<key_t>(p[k]) >> shift) & (kBuckets - 1));
+    };
+    int64_t i = 0;
+    for (; i + 2 <= classes; i += 2) {
+      mass[digit_of(i)] += mass_t(p[i]);
+      odd[digit_of(i + 1)] += mass_t(p[i + 1]);
+    }
+    if (i < classes) mass[digit_of(i)] += mass_t(p[i]);
+    for (int digit = 0; digit < kBuckets; ++digit) mass[digit] += odd[digit];
+  }
+}
+
 // SPEC 1.3 without a sort: radix select (8-bit digits, most significant first) for the boundary w,
 // the largest probability whose "mass at or above" reaches delta, with mass_above = mass of p > w;
 // then tied_head_count (hta_kl_math.h) gives how many of the n_w classes tied at w (taken in
@@ -83,7 +132,6 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
   constexpr int kKeyBits = 8 * sizeof(key_t) - 1;  // the sign bit is 0 for p >= 0
   int64_t count[1 << kDigitBits];
   mass_t mass[1 << kDigitBits];
-  mass_t odd_mass[1 << kDigitBits];
   mass_t mass_above = 0;
   key_t prefix = 0;
   int64_t n_candidates = -1;  // < 0: every class is still a candidate
@@ -93,26 +141,16 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
     const int shift = remaining - width;
     const key_t digit_mask = (key_t(1) << width) - 1;
     const bool first_round = n_candidates < 0;
-    std::fill_n(mass, digit_mask + 1, mass_t(0));
     auto digit_of = [&](int64_t i) { return static_cast<int>((key_of(i) >> shift) & digit_mask); };
     if (first_round) {
       // The pass over the whole row keeps no counts: they only serve lowest_nonempty, which the
       // first round never uses (it returns when no bucket reaches delta), and a bucket without
-      // mass is never chosen (running stays below delta). The counts' increment chains (a row's
-      // probabilities crowd into a few buckets) were the slowest part of this pass.
-      // Even and odd classes fill separate copies, added in a fixed order, which halves the chain
-      // of dependent additions to a crowded bucket.
-      std::fill_n(odd_mass, digit_mask + 1, mass_t(0));
-      int64_t i = 0;
-      for (; i + 2 <= classes; i += 2) {
-        mass[digit_of(i)] += mass_t(p[i]);
-        odd_mass[digit_of(i + 1)] += mass_t(p[i + 1]);
-      }
-      if (i < classes) mass[digit_of(i)] += mass_t(p[i]);
-      for (int digit = 0; digit <= static_cast<int>(digit_mask); ++digit) {
-        mass[digit] += odd_mass[digit];
-      }
+      // mass is never chosen (running stays below delta). The additions to a crowded bucket
+      // (a row's probabilities fall into a few) form dependency chains, the slowest part of the
+      // selection: first_digit_masses keeps them short.
+      first_digit_masses(p, classes, shift, mass);
     } else {
+      std::fill_n(mass, digit_mask + 1, mass_t(0));
       std::fill_n(count, digit_mask + 1, 0);
       for (int64_t j = 0; j < n_candidates; ++j) {
         const int digit = digit_of(candidates[j]);
