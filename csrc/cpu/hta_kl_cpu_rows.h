@@ -130,8 +130,9 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
   using mass_t = typename SelectTypes<acc_t>::mass_t;
   constexpr int kDigitBits = 8;
   constexpr int kKeyBits = 8 * sizeof(key_t) - 1;  // the sign bit is 0 for p >= 0
-  int64_t count[1 << kDigitBits];
+  // Later rounds: the masses of the buckets (zero where empty) and which buckets have candidates.
   mass_t mass[1 << kDigitBits];
+  uint64_t occupied[(1 << kDigitBits) / 64];
   mass_t mass_above = 0;
   key_t prefix = 0;
   int64_t n_candidates = -1;  // < 0: every class is still a candidate
@@ -141,43 +142,63 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
     const int shift = remaining - width;
     const key_t digit_mask = (key_t(1) << width) - 1;
     const bool first_round = n_candidates < 0;
-    auto digit_of = [&](int64_t i) { return static_cast<int>((key_of(i) >> shift) & digit_mask); };
+    // The highest digit whose bucket brings the mass at or above it to delta, visiting the
+    // nonempty buckets from the top; running stays below delta, so an empty bucket (mass 0)
+    // could not change it, and skipping it leaves the sums' bits as they are.
+    int chosen = -1, lowest_nonempty = -1;
+    mass_t running = mass_above, above_lowest = mass_above;
+    auto reaches_delta = [&](int digit, mass_t bucket) {
+      lowest_nonempty = digit;
+      if (running + bucket >= mass_t(delta)) {
+        chosen = digit;
+        return true;
+      }
+      above_lowest = running;
+      running += bucket;
+      return false;
+    };
     if (first_round) {
-      // The pass over the whole row keeps no counts: they only serve lowest_nonempty, which the
-      // first round never uses (it returns when no bucket reaches delta), and a bucket without
-      // mass is never chosen (running stays below delta). The additions to a crowded bucket
-      // (a row's probabilities fall into a few) form dependency chains, the slowest part of the
-      // selection: first_digit_masses keeps them short.
-      first_digit_masses(p, classes, shift, mass);
+      // The pass over the whole row keeps no counts: a bucket without mass is never chosen here
+      // (running stays below delta), and lowest_nonempty only serves the later rounds. The
+      // additions to a crowded bucket (a row's probabilities fall into a few) form dependency
+      // chains, the slowest part of the selection: first_digit_masses keeps them short.
+      mass_t first_mass[1 << kDigitBits];
+      first_digit_masses(p, classes, shift, first_mass);
+      for (int digit = static_cast<int>(digit_mask); digit >= 0; --digit) {
+        if (first_mass[digit] != mass_t(0) && reaches_delta(digit, first_mass[digit])) break;
+      }
+      // The whole row's mass stays below delta: every class is in the head.
+      if (chosen < 0) return {acc_t(-1), 0};
+      std::fill_n(mass, 1 << kDigitBits, mass_t(0));
     } else {
-      std::fill_n(mass, digit_mask + 1, mass_t(0));
-      std::fill_n(count, digit_mask + 1, 0);
+      std::fill_n(occupied, std::size(occupied), uint64_t(0));
       for (int64_t j = 0; j < n_candidates; ++j) {
-        const int digit = digit_of(candidates[j]);
-        ++count[digit];
+        const int digit = static_cast<int>((key_of(candidates[j]) >> shift) & digit_mask);
+        occupied[digit / 64] |= uint64_t(1) << (digit % 64);
         mass[digit] += mass_t(p[candidates[j]]);
       }
-    }
-    // Highest digit whose bucket brings the mass at or above it to delta.
-    int chosen = -1, lowest_nonempty = -1;
-    mass_t running = mass_above;
-    for (int digit = static_cast<int>(digit_mask); digit >= 0; --digit) {
-      if (!first_round && count[digit] == 0) continue;
-      lowest_nonempty = digit;
-      if (running + mass[digit] >= mass_t(delta)) {
-        chosen = digit;
-        break;
+      // Visit the occupied buckets from the top, then empty them for the next round.
+      bool found = false;
+      for (int word = static_cast<int>(std::size(occupied)) - 1; word >= 0 && !found; --word) {
+        for (uint64_t bits = occupied[word]; bits != 0 && !found;) {
+          const int top = 63 - std::countl_zero(bits);
+          bits &= ~(uint64_t(1) << top);
+          found = reaches_delta(64 * word + top, mass[64 * word + top]);
+        }
       }
-      running += mass[digit];
+      for (int word = 0; word < static_cast<int>(std::size(occupied)); ++word) {
+        for (uint64_t bits = occupied[word]; bits != 0; bits &= bits - 1)
+          mass[64 * word + std::countr_zero(bits)] = mass_t(0);
+      }
+      // No bucket reaches delta on a finer digit only through rounding of a bucket that reached
+      // it before: its smallest values are then the boundary.
+      if (chosen < 0) {
+        chosen = lowest_nonempty;
+        running = above_lowest;
+      }
     }
-    if (chosen < 0) {
-      // The whole row's mass stays below delta: every class is in the head. On a finer digit this
-      // only happens through rounding of a bucket that reached delta before: its smallest values
-      // are then the boundary.
-      if (first_round) return {acc_t(-1), 0};
-      chosen = lowest_nonempty;
-    }
-    for (int digit = static_cast<int>(digit_mask); digit > chosen; --digit) mass_above += mass[digit];
+    // running is now the mass above the chosen bucket, added bucket by bucket from the top.
+    mass_above = running;
     prefix = static_cast<key_t>((prefix << width) | key_t(chosen));
     // Keep the candidates with the chosen digit, in ascending class index (branch-free: kept never
     // passes the read position, so the writes stay in bounds).
