@@ -109,4 +109,4 @@ def weighted_hta_kl_div(student: torch.Tensor, teacher: torch.Tensor, *, weight:
         detach_weights=detach_weights, row_scale=row_scale,
     )
     loss = loss_rows.reshape(shape.rows_shape) if reduction == "none" else loss_rows.sum()
-    return loss.to(student.dtype)
+    return loss if loss.dtype == student.dtype else loss.to(student.dtype)

@@ -67,7 +67,7 @@ def _hand_on_saved_gradients(grad_loss_rows: torch.Tensor) -> bool:
         return False
     if grad_loss_rows.numel() > 1 and grad_loss_rows.stride(0) != 0:
         return False
-    return bool(grad_loss_rows.reshape(-1)[0] == 1)
+    return grad_loss_rows[0].item() == 1  # a Python scalar: no tensor for the comparison
 
 
 def _backward(ctx, grad_loss_rows, _grad_d_student, _grad_d_teacher):
