@@ -70,14 +70,45 @@ struct HeadBoundary {
   }
 };
 
-// The first round of find_head_boundary: mass[d] = the sum of the p_i whose key has digit d in
-// bits [shift, shift + 8), for every d, exactly as the mass type adds them. Even and odd classes
-// fill separate histograms, added in a fixed order, which halves the chain of dependent
-// additions to a crowded bucket.
+// Buckets of find_head_boundary's digits: their masses, and a 256-bit set of the buckets a round
+// filled. Between rounds every mass is zero, so a round adds into its buckets and resets only
+// those it marked.
+template <typename mass_t>
+struct DigitBuckets {
+  static constexpr int kCount = 256;
+  mass_t mass[kCount] = {};
+  uint64_t occupied[kCount / 64] = {};
+  void mark(int digit) { occupied[digit / 64] |= uint64_t(1) << (digit % 64); }
+  // Calls visit(digit) for the marked buckets from the highest digit down, until it returns true.
+  template <typename Visit>
+  void visit_from_top(Visit&& visit) const {
+    for (int word = kCount / 64 - 1; word >= 0; --word) {
+      for (uint64_t bits = occupied[word]; bits != 0;) {
+        const int top = 63 - std::countl_zero(bits);
+        bits &= ~(uint64_t(1) << top);
+        if (visit(64 * word + top)) return;
+      }
+    }
+  }
+  void clear() {
+    for (int word = 0; word < kCount / 64; ++word) {
+      for (uint64_t bits = occupied[word]; bits != 0; bits &= bits - 1)
+        mass[64 * word + std::countr_zero(bits)] = mass_t(0);
+      occupied[word] = 0;
+    }
+  }
+};
+
+// The first round of find_head_boundary: for every digit d in bits [shift, shift + 8) of the keys,
+// the sum of the p_i with that digit, exactly as the mass type adds them; the buckets with mass
+// are marked (one without is never chosen in this round). Even and odd classes fill separate
+// histograms, added in a fixed order, which halves the chain of dependent additions to a crowded
+// bucket (a row's probabilities fall into a few): those chains are the slowest part of the
+// selection.
 template <typename acc_t, typename mass_t>
-void first_digit_masses(const acc_t* p, int64_t classes, int shift, mass_t* mass) {
+void first_digit_masses(const acc_t* p, int64_t classes, int shift, DigitBuckets<mass_t>& buckets) {
   using key_t = typename SelectTypes<acc_t>::key_t;
-  constexpr int kBuckets = 256;
+  constexpr int kBuckets = DigitBuckets<mass_t>::kCount;
   if constexpr (std::is_same_v<acc_t, float>) {
     // float: the first digit (shift 23) is the whole exponent field, so the values in one bucket
     // (finite: a NaN row skips the selection) are integers below 2^24 times one power of two:
@@ -98,13 +129,17 @@ void first_digit_masses(const acc_t* p, int64_t classes, int shift, mass_t* mass
     }
     if (i < classes) add(even, std::bit_cast<key_t>(p[i]));
     for (int exponent = 0; exponent < kBuckets; ++exponent) {
+      const uint64_t sum = even[exponent] + odd[exponent];
+      if (sum == 0) continue;
       // One unit of the significand of a value with this exponent field: 2^(max(e, 1) - 150).
       const uint64_t unit_exponent = std::max(exponent, 1) - 150 + 1023;
       const double unit = std::bit_cast<double>(unit_exponent << 52);
-      mass[exponent] = mass_t(double(even[exponent] + odd[exponent]) * unit);
+      // The sum is below 2^63: converted as a signed integer (one instruction).
+      buckets.mass[exponent] = mass_t(double(static_cast<int64_t>(sum)) * unit);
+      buckets.mark(exponent);
     }
   } else {
-    std::fill_n(mass, kBuckets, mass_t(0));
+    mass_t* mass = buckets.mass;
     mass_t odd[kBuckets] = {};
     auto digit_of = [&](int64_t k) {
       return static_cast<int>((std::bit_cast<key_t>(p[k]) >> shift) & (kBuckets - 1));
@@ -115,7 +150,10 @@ void first_digit_masses(const acc_t* p, int64_t classes, int shift, mass_t* mass
       odd[digit_of(i + 1)] += mass_t(p[i + 1]);
     }
     if (i < classes) mass[digit_of(i)] += mass_t(p[i]);
-    for (int digit = 0; digit < kBuckets; ++digit) mass[digit] += odd[digit];
+    for (int digit = 0; digit < kBuckets; ++digit) {
+      mass[digit] += odd[digit];
+      if (mass[digit] != mass_t(0)) buckets.mark(digit);
+    }
   }
 }
 
@@ -130,9 +168,7 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
   using mass_t = typename SelectTypes<acc_t>::mass_t;
   constexpr int kDigitBits = 8;
   constexpr int kKeyBits = 8 * sizeof(key_t) - 1;  // the sign bit is 0 for p >= 0
-  // Later rounds: the masses of the buckets (zero where empty) and which buckets have candidates.
-  mass_t mass[1 << kDigitBits];
-  uint64_t occupied[(1 << kDigitBits) / 64];
+  DigitBuckets<mass_t> buckets;
   mass_t mass_above = 0;
   key_t prefix = 0;
   int64_t n_candidates = -1;  // < 0: every class is still a candidate
@@ -142,60 +178,38 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
     const int shift = remaining - width;
     const key_t digit_mask = (key_t(1) << width) - 1;
     const bool first_round = n_candidates < 0;
-    // The highest digit whose bucket brings the mass at or above it to delta, visiting the
-    // nonempty buckets from the top; running stays below delta, so an empty bucket (mass 0)
-    // could not change it, and skipping it leaves the sums' bits as they are.
-    int chosen = -1, lowest_nonempty = -1;
+    if (first_round) {
+      first_digit_masses(p, classes, shift, buckets);
+    } else {
+      for (int64_t j = 0; j < n_candidates; ++j) {
+        const int digit = static_cast<int>((key_of(candidates[j]) >> shift) & digit_mask);
+        buckets.mark(digit);
+        buckets.mass[digit] += mass_t(p[candidates[j]]);
+      }
+    }
+    // The highest digit whose bucket brings the mass at or above it to delta, visiting the marked
+    // buckets from the top. running stays below delta, so an empty bucket (mass 0) would not
+    // change it: skipping those leaves every sum's bits as they are.
+    int chosen = -1, lowest_marked = -1;
     mass_t running = mass_above, above_lowest = mass_above;
-    auto reaches_delta = [&](int digit, mass_t bucket) {
-      lowest_nonempty = digit;
-      if (running + bucket >= mass_t(delta)) {
+    buckets.visit_from_top([&](int digit) {
+      lowest_marked = digit;
+      if (running + buckets.mass[digit] >= mass_t(delta)) {
         chosen = digit;
         return true;
       }
       above_lowest = running;
-      running += bucket;
+      running += buckets.mass[digit];
       return false;
-    };
-    if (first_round) {
-      // The pass over the whole row keeps no counts: a bucket without mass is never chosen here
-      // (running stays below delta), and lowest_nonempty only serves the later rounds. The
-      // additions to a crowded bucket (a row's probabilities fall into a few) form dependency
-      // chains, the slowest part of the selection: first_digit_masses keeps them short.
-      mass_t first_mass[1 << kDigitBits];
-      first_digit_masses(p, classes, shift, first_mass);
-      for (int digit = static_cast<int>(digit_mask); digit >= 0; --digit) {
-        if (first_mass[digit] != mass_t(0) && reaches_delta(digit, first_mass[digit])) break;
-      }
-      // The whole row's mass stays below delta: every class is in the head.
-      if (chosen < 0) return {acc_t(-1), 0};
-      std::fill_n(mass, 1 << kDigitBits, mass_t(0));
-    } else {
-      std::fill_n(occupied, std::size(occupied), uint64_t(0));
-      for (int64_t j = 0; j < n_candidates; ++j) {
-        const int digit = static_cast<int>((key_of(candidates[j]) >> shift) & digit_mask);
-        occupied[digit / 64] |= uint64_t(1) << (digit % 64);
-        mass[digit] += mass_t(p[candidates[j]]);
-      }
-      // Visit the occupied buckets from the top, then empty them for the next round.
-      bool found = false;
-      for (int word = static_cast<int>(std::size(occupied)) - 1; word >= 0 && !found; --word) {
-        for (uint64_t bits = occupied[word]; bits != 0 && !found;) {
-          const int top = 63 - std::countl_zero(bits);
-          bits &= ~(uint64_t(1) << top);
-          found = reaches_delta(64 * word + top, mass[64 * word + top]);
-        }
-      }
-      for (int word = 0; word < static_cast<int>(std::size(occupied)); ++word) {
-        for (uint64_t bits = occupied[word]; bits != 0; bits &= bits - 1)
-          mass[64 * word + std::countr_zero(bits)] = mass_t(0);
-      }
-      // No bucket reaches delta on a finer digit only through rounding of a bucket that reached
-      // it before: its smallest values are then the boundary.
-      if (chosen < 0) {
-        chosen = lowest_nonempty;
-        running = above_lowest;
-      }
+    });
+    buckets.clear();
+    if (chosen < 0) {
+      // The whole row's mass stays below delta: every class is in the head. On a finer digit this
+      // only happens through rounding of a bucket that reached delta before: its smallest values
+      // are then the boundary.
+      if (first_round) return {acc_t(-1), 0};
+      chosen = lowest_marked;
+      running = above_lowest;
     }
     // running is now the mass above the chosen bucket, added bucket by bucket from the top.
     mass_above = running;
