@@ -2,7 +2,7 @@
 predictions (census.json) and print, per case of this project's kernels, the measured fraction of
 copy bandwidth, the predicted one (as one timed call) and their ratio.
 
-    python -m bench.census.compare RUN/lif.json RUN/loss.json [--census bench/results/census/census.json]
+    python -m bench.census.compare RUN/lif.json RUN/loss.json [--census bench/results/census/current/census.json]
 
 Needs neither a GPU nor the CUDA tools: it reads the two JSON files only (gpu_check.sh runs it
 after the benchmarks). Writes the table as Markdown with --out.
@@ -16,7 +16,7 @@ import os
 import sys
 
 DEFAULT_CENSUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "results", "census", "census.json")
+                              "results", "census", "current", "census.json")
 SUITE_KERNEL = {"lif": "lif", "loss": "hta_kl"}
 
 
