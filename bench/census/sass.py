@@ -237,9 +237,11 @@ def parse(text: str) -> dict[str, Function]:
         if match:
             # nvdisasm prints the full chain first, then the outer frames again on their own;
             # the first comment of a run is the complete chain.
+            # Paths normalised: a header included as "../x.h" is named "csrc/cuda/../x.h".
             if fresh_block:
-                chain = [SourceLine(match.group(1), int(match.group(2)))]
-                chain += [SourceLine(f, int(n)) for f, n in _INLINED.findall(match.group(3))]
+                chain = [SourceLine(os.path.normpath(match.group(1)), int(match.group(2)))]
+                chain += [SourceLine(os.path.normpath(f), int(n))
+                          for f, n in _INLINED.findall(match.group(3))]
                 source = tuple(chain)
             fresh_block = False
             continue

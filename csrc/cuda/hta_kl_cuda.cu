@@ -56,7 +56,7 @@
 #include <unordered_map>
 
 #include "hta_kl_cuda.h"
-#include "hta_kl_math.h"
+#include "../hta_kl_math.h"
 
 namespace htakl {
 namespace {

@@ -11,7 +11,7 @@
 
 #include <cstdint>
 
-#include "hta_kl_math.h"
+#include "../hta_kl_math.h"
 
 namespace htakl {
 

@@ -16,7 +16,7 @@
 #include <type_traits>
 
 #include "lif_cuda.h"
-#include "lif_math.h"
+#include "../lif_math.h"
 
 namespace htakl {
 namespace {

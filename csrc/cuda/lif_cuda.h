@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "lif_math.h"
+#include "../lif_math.h"
 
 namespace htakl {
 
