@@ -41,6 +41,8 @@ SUITES = {
     )),
     "linear": (linear_suite, "rows", "rows N", linear_suite.DESCRIPTION),
 }
+# The suites whose shapes --shapes can choose.
+SHAPED_SUITES = ("loss", "lif")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
@@ -55,6 +57,12 @@ def parse_arguments(argv):
     parser.add_argument("--dtype", default=None,
                         help="comma-separated, from " + ", ".join(DTYPES)
                         + " (default: float32 on CPU, bfloat16,float32 on CUDA)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated case labels instead of the suite's shapes (--suite loss: "
+                             + loss_suite.SHAPE_FORMAT + "; --suite lif: " + lif_suite.SHAPE_FORMAT + ")")
+    parser.add_argument("--implementations", default=None,
+                        help="comma-separated, case-insensitive parts of implementation names: only "
+                             "those run (e.g. 'htakl,F.kl_div,liger'; default: all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--out", default=None,
@@ -72,7 +80,32 @@ def parse_arguments(argv):
     arguments.dtypes = [DTYPES[name] for name in names]
     if arguments.threads is not None and arguments.threads < 1:
         parser.error("--threads must be at least 1")
+    arguments.chosen_shapes = None
+    if arguments.shapes is not None:
+        if arguments.suite not in SHAPED_SUITES:
+            parser.error("--shapes: name one suite of " + ", ".join(SHAPED_SUITES) + " with --suite")
+        module = SUITES[arguments.suite][0]
+        labels = [label.strip() for label in arguments.shapes.split(",") if label.strip()]
+        parsed = [module.parse_shape(label) for label in labels]
+        bad = [label for label, shape in zip(labels, parsed) if shape is None or 0 in shape]
+        if bad or not labels:
+            parser.error(f"--shapes: {', '.join(bad) or 'none given'}: write {module.SHAPE_FORMAT}")
+        arguments.chosen_shapes = parsed
+    arguments.implementation_parts = None
+    if arguments.implementations is not None:
+        parts = [part.strip().lower() for part in arguments.implementations.split(",") if part.strip()]
+        if not parts:
+            parser.error("--implementations: none given")
+        arguments.implementation_parts = parts
     return arguments
+
+
+def chosen_implementations(found, parts):
+    """The implementations whose names contain one of `parts` (all when parts is None)."""
+    if parts is None:
+        return found
+    return [implementation for implementation in found
+            if any(part in implementation.name.lower() for part in parts)]
 
 
 def output_folder(out: str | None, device: torch.device) -> str:
@@ -146,12 +179,18 @@ def main(argv=None) -> int:
     failed = interrupted = False
     for suite in tuple(SUITES) if arguments.suite == "all" else (arguments.suite,):
         module, x_key, x_label, byte_model = SUITES[suite]
-        implementations = module.implementations(device, arguments.quick)
+        implementations = chosen_implementations(module.implementations(device, arguments.quick),
+                                                 arguments.implementation_parts)
+        if not implementations:
+            print(f"--implementations: no {suite} implementation's name contains "
+                  + " or ".join(arguments.implementation_parts), file=sys.stderr)
+            return 2
         # A suite may run its cases its own way (linear: its own timer, memory in a child).
         case_runner = getattr(module, "run_case", run_case)
         rows = []
         try:
-            for case in module.cases(device, arguments.dtypes, arguments.quick):
+            chosen = () if arguments.chosen_shapes is None else (arguments.chosen_shapes,)
+            for case in module.cases(device, arguments.dtypes, arguments.quick, *chosen):
                 rows += case_runner(case, implementations, suite=suite, device=device,
                                     timer=timer, copy_bps=copy["bytes_per_s"], cache=cache, log=_log)
         except KeyboardInterrupt:

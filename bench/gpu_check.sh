@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One command for a GPU machine, its steps in order of value: build for sm_90, the quick
-# benchmarks of every fused kernel against its baselines (with the cost census's predictions
+# One command for a GPU machine, its steps in order of value: build for sm_90, the benchmarks of
+# every fused kernel at the shapes its performance targets name (with the cost census's predictions
 # beside the measured figures), the GPU tests, compute-sanitizer memcheck and racecheck, the
 # binding-crash diagnosis, then the full benchmarks with whatever time is left. Run from the
 # repository root:
 #
 #     bash bench/gpu_check.sh
 #
+# A second call on a fresh machine can skip the build: the first leaves the extension it built in
+# $OUT (_C.so, with the hash of its sources in _C.sha256); put both in .gpu-build/ (git-ignored)
+# and carry that folder. It is used only while the sources hash alike.
 # Every step runs under its own `timeout -s INT -k 10` inside one deadline (GPU_CHECK_SECONDS,
 # default 450 s): SIGINT first, so pytest still writes its summary and junit file and the
 # benchmarks write the cases they finished. A failing or cut step is recorded and the next one
@@ -14,8 +17,8 @@
 # in flight.
 #
 # Output: $OUT when set (a remote device machine that returns only a few files gets: summary.txt,
-# gpu-check.tar.gz with every log and result, and the census-against-measured tables; the
-# working files live in a scratch folder), else bench/results/gpu-check-<date>/ with everything.
+# gpu-check.tar.gz with every log and result, the census-against-measured tables and the built
+# extension; the working files live in a scratch folder), else bench/results/gpu-check-<date>/ with everything.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -42,7 +45,7 @@ SUMMARY=$WORK/summary.txt
 # pack: the tarball of everything so far, the summary and the tables beside it in $FINAL.
 pack() {
   local items=(logs summary.txt) tables=() name
-  for name in bench bench-quick; do
+  for name in bench bench-targets; do
     [ -d "$WORK/$name" ] && items+=("$name")
   done
   for name in "$WORK"/*.md; do
@@ -101,6 +104,12 @@ compare() {
   step "$name" 30 "$PYTHON" -m bench.census.compare "$@" --out "$WORK/$name.md"
 }
 
+# The extension's inputs: a carried build is reused only while these hash alike.
+sources_hash() {
+  find csrc setup.py pyproject.toml scripts/gpu_flags.py -type f | LC_ALL=C sort \
+    | xargs sha256sum | sha256sum | cut -d' ' -f1
+}
+
 # 1. Peer wheels (Liger-Kernel, SpikingJelly, ...) carried in .whl/: no network on the machine.
 if compgen -G ".whl/*.whl" >/dev/null; then
   step wheels 90 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -113,46 +122,54 @@ fi
 # 2. What the machine is.
 step environment 30 bash -c "nvidia-smi; nvcc --version; $PYTHON -c 'import torch, triton; \
 print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'; \
-$PYTHON -m pip list 2>/dev/null | grep -i -E 'torch|triton|liger|spikingjelly|ninja'; true"
+$PYTHON -m pip list 2>/dev/null | grep -i -E 'torch|triton|liger|spikingjelly|ninja|xdist'; true"
 
-# 3. Build the extension with its CUDA kernels: sm_90 only (scripts/gpu_flags.py reads
-# HTAKL_GPU_ARCHS), nvcc splitting its work over threads, ninja over the files.
-export HTAKL_GPU_ARCHS=90 NVCC_APPEND_FLAGS="--threads 4" MAX_JOBS=${MAX_JOBS:-$(nproc)}
-step build 210 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v -e .
-if ! "$PYTHON" -c "import htakl_kernels._C, htakl_kernels.triton_kernels" 2>/dev/null; then
-  # An offline pip could not install editable on the first H100 run. An in-place build puts _C
-  # beside the sources; the Triton kernels, which setup.py maps into the package from the
-  # top-level triton_kernels/ (package_dir), then need a link there to import as
-  # htakl_kernels.triton_kernels.
-  [ -e htakl_kernels/triton_kernels ] || ln -s ../triton_kernels htakl_kernels/triton_kernels
-  step build-inplace 210 "$PYTHON" setup.py build_ext --inplace
+# 3. The extension with its CUDA kernels, built in place for sm_90 only (scripts/gpu_flags.py reads
+# HTAKL_GPU_ARCHS), ninja over the files; or the one a previous call built from the same sources.
+# In place: an offline pip could not install editable on the first H100 run. The Triton kernels,
+# which setup.py maps into the package from the top-level triton_kernels/ (package_dir), then need
+# a link there to import as htakl_kernels.triton_kernels.
+[ -e htakl_kernels/triton_kernels ] || ln -s ../triton_kernels htakl_kernels/triton_kernels
+HASH=$(sources_hash)
+EXTENSION_SUFFIX=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+if [ -f .gpu-build/_C.so ] && [ "$(cat .gpu-build/_C.sha256 2>/dev/null)" = "$HASH" ]; then
+  cp -f .gpu-build/_C.so "htakl_kernels/_C$EXTENSION_SUFFIX"
+  note build "reused .gpu-build/_C.so (sources hash $HASH)"
+else
+  export HTAKL_GPU_ARCHS=90 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  step build 240 "$PYTHON" setup.py build_ext --inplace
+  if [ -f "htakl_kernels/_C$EXTENSION_SUFFIX" ] && [ "$FINAL" != "$WORK" ]; then
+    cp -f "htakl_kernels/_C$EXTENSION_SUFFIX" "$FINAL/_C.so"
+    echo "$HASH" >"$FINAL/_C.sha256"
+  fi
 fi
 step extension-has-cuda 30 "$PYTHON" -c "import htakl_kernels, htakl_kernels.triton_kernels, sys; \
 from htakl_kernels._backends import extension_built_with_cuda as cuda; \
 print('backends on cuda:', htakl_kernels.available_backends('cuda')); sys.exit(0 if cuda() else 1)"
 
-# 4. Quick benchmarks: every fused kernel against the eager reference, F.kl_div and the peers
-# present (--quick leaves torch.compile to the full suites of step 8), then measured against
-# the census's predictions.
-step bench-quick 120 "$PYTHON" -m bench --quick --device cuda --out "$WORK/bench-quick"
-compare census-vs-quick "$WORK/bench-quick/lif-quick.json" "$WORK/bench-quick/loss-quick.json"
+# 4. The performance targets' shapes: every fused kernel against F.kl_div (the floor of any KL
+# loss) and the peers present, bfloat16 and float32 (torch.compile and the eager reference are in
+# the full suites of step 8), then measured against the census's predictions.
+step bench-loss-targets 150 "$PYTHON" -m bench --suite loss --device cuda \
+  --shapes 4096x1000,4096x32000,1024x131072,T4x4096x32000,T4x8x131072 \
+  --implementations htakl,f.kl_div,liger --out "$WORK/bench-targets"
+step bench-lif-targets 90 "$PYTHON" -m bench --suite lif --device cuda \
+  --implementations htakl,spikingjelly --out "$WORK/bench-targets"
+compare census-vs-targets "$WORK/bench-targets/lif.json" "$WORK/bench-targets/loss.json"
 
-# 5. GPU tests (the CPU suite runs in CI).
-step gpu-tests 150 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests -k "cuda or triton" \
-  --junitxml="$LOGS/gpu-tests.xml"
+# 5. GPU tests (the CPU suite runs in CI), over several processes when pytest-xdist is there: most
+# of their time is compiling Triton kernels.
+PARALLEL=()
+"$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
+step gpu-tests 180 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} \
+  tests -k "cuda or triton" --junitxml="$LOGS/gpu-tests.xml"
 
-# 6. compute-sanitizer on the CUDA helper's small case. No caching allocator: memcheck then sees
+# 6. compute-sanitizer on the CUDA kernels' small cases. No caching allocator: memcheck then sees
 # each tensor's exact bounds instead of a pooled block.
-SANITIZER_CASE=$(ls tests/cuda/sanitizer*.py 2>/dev/null | head -n 1)
-if [ -n "$SANITIZER_CASE" ]; then
-  for tool in memcheck racecheck; do
-    step "sanitizer-$tool" 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
-      --tool "$tool" --error-exitcode 1 "$PYTHON" "$SANITIZER_CASE"
-  done
-else
-  note sanitizer "no tests/cuda/sanitizer*.py"
-fi
-
+for tool in memcheck racecheck; do
+  step "sanitizer-$tool" 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
+    --tool "$tool" --error-exitcode 1 "$PYTHON" tests/cuda/sanitizer_case.py
+done
 # 7. The CUDA binding's own errors crashed the interpreter on the first H100 run: a backtrace of
 # one (where the image has cuda-gdb but no gdb; cuda-gdb debugs host-only crashes too), what the
 # extension links and which compiler built it, and the case rerun with that compiler's C++

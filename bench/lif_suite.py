@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 
 import torch
 
@@ -133,6 +134,19 @@ def implementations(device: torch.device, quick: bool) -> list[Implementation]:
     return found
 
 
-def cases(device: torch.device, dtypes, quick: bool) -> list[Case]:
-    steps, neurons = (QUICK_STEPS, QUICK_NEURONS[device.type]) if quick else (STEPS, NEURONS)
-    return [make_case(t, neurons, dtype, device) for dtype in dtypes for t in steps]
+SHAPE_LABEL = re.compile(r"T(\d+)xN(\d+)")
+SHAPE_FORMAT = "TxNNEURONS, e.g. T8xN1048576"
+
+
+def parse_shape(label: str):
+    """(steps, neurons) of a case label as make_case writes it; None if it is not one."""
+    match = SHAPE_LABEL.fullmatch(label)
+    return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
+def cases(device: torch.device, dtypes, quick: bool, chosen=None) -> list[Case]:
+    """Every dtype of every shape: `chosen` (parsed by parse_shape) or the suite's own."""
+    if chosen is None:
+        steps, neurons = (QUICK_STEPS, QUICK_NEURONS[device.type]) if quick else (STEPS, NEURONS)
+        chosen = [(t, neurons) for t in steps]
+    return [make_case(t, neurons, dtype, device) for dtype in dtypes for t, neurons in chosen]

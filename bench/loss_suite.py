@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,19 @@ def shapes(device: torch.device, quick: bool):
     if quick:
         return QUICK_SHAPES[device.type]
     return GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+
+
+SHAPE_LABEL = re.compile(r"(?:T(\d+)x)?(\d+)x(\d+)")
+SHAPE_FORMAT = "ROWSxC (a 2-D student) or TxROWSxC (a [T, ROWS, C] prob_mean student), e.g. T4x8x131072"
+
+
+def parse_shape(label: str):
+    """(steps, rows, classes) of a case label as _label writes it; None if it is not one."""
+    match = SHAPE_LABEL.fullmatch(label)
+    if match is None:
+        return None
+    steps, rows, classes = match.groups()
+    return (None if steps is None else int(steps)), int(rows), int(classes)
 
 
 def _label(steps, rows, classes) -> str:
@@ -138,9 +152,10 @@ def implementations(device: torch.device, quick: bool) -> list[Implementation]:
     return found
 
 
-def cases(device: torch.device, dtypes, quick: bool) -> list[Case]:
+def cases(device: torch.device, dtypes, quick: bool, chosen=None) -> list[Case]:
+    """Every dtype of every shape: `chosen` (parsed by parse_shape) or the suite's own."""
     return [
         make_case(steps, rows, classes, dtype, device)
         for dtype in dtypes
-        for steps, rows, classes in shapes(device, quick)
+        for steps, rows, classes in (chosen or shapes(device, quick))
     ]

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `bench` is run from the repository root, not installed
     sys.path.insert(0, ROOT)
 from bench import measure  # noqa: E402
-from bench.__main__ import output_folder, parse_arguments  # noqa: E402
+from bench import lif_suite, loss_suite  # noqa: E402
+from bench.__main__ import chosen_implementations, output_folder, parse_arguments  # noqa: E402
 STATUSES = {"ok", "skipped", "not implemented", "out of memory"}
 
 
@@ -164,3 +165,37 @@ def test_default_output_is_git_ignored_and_never_the_committed_results():
     # Committed results are written only when --out names their folder.
     committed = os.path.join("bench", "results", measure.device_folder_name(cpu))
     assert output_folder(parse_arguments(["--device", "cpu", "--out", committed]).out, cpu) == committed
+
+
+def test_shapes_choose_the_cases_of_a_suite():
+    cpu = torch.device("cpu")
+    arguments = parse_arguments(["--device", "cpu", "--suite", "loss", "--shapes", "8x1025,T4x3x7"])
+    assert arguments.chosen_shapes == [(None, 8, 1025), (4, 3, 7)]
+    chosen = loss_suite.cases(cpu, [torch.float32], False, arguments.chosen_shapes)
+    assert [case.label for case in chosen] == ["8x1025", "T4x3x7"]
+    assert chosen[1].model_bytes == (2 * 4 + 1) * 3 * 7 * 4  # SPEC 4: (2T + 1) E b
+    arguments = parse_arguments(["--device", "cpu", "--suite", "lif", "--shapes", "T8xN4096"])
+    assert [case.label for case in lif_suite.cases(cpu, [torch.float32], False,
+                                                   arguments.chosen_shapes)] == ["T8xN4096"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--suite", "loss", "--shapes", "T8xN4096"],   # a LIF label for the loss suite
+    ["--suite", "lif", "--shapes", "8x1000"],
+    ["--suite", "loss", "--shapes", "0x1000"],
+    ["--suite", "all", "--shapes", "8x1000"],       # shapes belong to one suite
+    ["--suite", "loss", "--implementations", " , "],
+])
+def test_bad_shapes_or_implementations_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_arguments(["--device", "cpu", *argv])
+    assert "--shapes" in capsys.readouterr().err or "--implementations" in argv
+
+
+def test_implementations_filter_by_name_part():
+    cpu = torch.device("cpu")
+    found = loss_suite.implementations(cpu, quick=True)
+    parts = parse_arguments(["--device", "cpu", "--implementations", "HTAKL,f.kl_div"]).implementation_parts
+    kept = [implementation.name for implementation in chosen_implementations(found, parts)]
+    assert "F.kl_div (floor)" in kept and "reference (eager)" not in kept
+    assert kept and all(name.startswith("htakl ") or name == "F.kl_div (floor)" for name in kept)

@@ -1,4 +1,4 @@
-"""Small cases through the CUDA HTA-KL op, for compute-sanitizer on a GPU machine.
+"""Small cases through the CUDA HTA-KL and LIF ops, for compute-sanitizer on a GPU machine.
 
     compute-sanitizer --tool memcheck  .venv/bin/python tests/cuda/sanitizer_case.py
     compute-sanitizer --tool racecheck .venv/bin/python tests/cuda/sanitizer_case.py
@@ -9,6 +9,10 @@ groups of per-step sums) and logit_mean students; rows kept in shared memory and
 global memory; unaligned rows (odd C); a tie split inside the boundary group (the ordered tie
 search) and a uniform teacher; an empty head. Exits non-zero if the op raises or a result is not
 finite where it must be (the tests in tests/test_hta_kl_cuda.py check the values).
+
+The LIF kernels run forward and backward in every dtype with 16-byte-aligned rows (the vector
+kernels) and odd neuron counts (one neuron per thread), sequences within one backward segment and
+longer ones (checkpoints), and every returned membrane.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 
 import torch
 
-import htakl_kernels  # noqa: F401  (registers the htakl ops)
+import htakl_kernels
 from htakl_kernels._backends import extension_built_with_cuda
 
 
@@ -33,6 +37,20 @@ def run(steps: int, rows: int, classes: int, dtype: torch.dtype, *, logit_mean: 
     for name, value in (("loss", loss), ("d student", d_student), ("d teacher", d_teacher)):
         if not torch.isfinite(value).all():
             raise AssertionError(f"{name} not finite: T={steps} R={rows} C={classes} {dtype}")
+
+
+def run_lif(steps: int, neurons: int, dtype: torch.dtype, return_v: str | None) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(steps * neurons)
+    x = (1.0 + torch.randn(steps, neurons, generator=generator, device="cuda")).to(dtype)
+    v_init = torch.rand(neurons, generator=generator, device="cuda").to(dtype).requires_grad_(True)
+    x.requires_grad_(True)
+    out = htakl_kernels.lif_multistep(x, v_init=v_init, return_v=return_v, backend="cuda")
+    outputs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+    torch.cuda.synchronize()
+    for name, value in (("x grad", x.grad), ("v_init grad", v_init.grad)):
+        if not torch.isfinite(value).all():
+            raise AssertionError(f"LIF {name} not finite: T={steps} N={neurons} {dtype}")
 
 
 def main() -> int:
@@ -58,6 +76,10 @@ def main() -> int:
     peaked = torch.randn(2, 500, device="cuda")
     peaked[:, 3] = 50.0
     run(1, 2, 500, torch.float32, teacher=peaked)  # empty head
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for steps, return_v in ((3, None), (8, "last"), (37, "seq")):  # one segment, checkpoints
+            run_lif(steps, 4096, dtype, return_v)   # aligned rows: the vector kernels
+            run_lif(steps, 1001, dtype, return_v)   # odd N: one neuron per thread
     print("sanitizer cases ran")
     return 0
 
