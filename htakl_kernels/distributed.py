@@ -165,7 +165,7 @@ class CollectiveGroup:
         moved = tensor.to(self.device).contiguous()
         Traffic.record(moved, gathered=True)
         gathered = moved.new_empty(self.size * moved.numel())
-        dist.all_gather_single(gathered, moved.reshape(-1), group=self.group)
+        dist.all_gather_into_tensor(gathered, moved.reshape(-1), group=self.group)
         return gathered.reshape(self.size, *moved.shape).to(tensor.device)
 
 
