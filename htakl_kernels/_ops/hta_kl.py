@@ -30,6 +30,7 @@ import torch
 
 from .._library import accumulation_dtype
 from .._validation import check_first_order_backward
+from .autograd import call, register_autograd
 
 
 def _fake_hta_kl_fused(student, teacher, temperature, delta, logit_mean, detach_weights,
@@ -89,7 +90,7 @@ def register_hta_kl_op(op) -> None:
     """Give one backend's fused op its fake implementation and autograd formula. Each kernel
     module calls this for its op when it is imported, so an op is never used unregistered."""
     torch.library.register_fake(op, _fake_hta_kl_fused)
-    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+    register_autograd(op, _backward, _setup_context)
 
 
 # The compiled kernels' op (CPU and CUDA register their implementations under it in C++).
@@ -102,8 +103,8 @@ def hta_kl_rows(op, student_rows: torch.Tensor, teacher_rows: torch.Tensor, *,
     """`row_scale` x each row's loss through a backend's fused `op`: `[R]` in the accumulation
     dtype, differentiable to both inputs. `student_rows` is `[T, R, C]` (T = 1 for a 2-D
     student), `teacher_rows` `[R, C]`, both validated."""
-    loss_rows, _, _ = op(
-        student_rows.contiguous(), teacher_rows.contiguous(), float(temperature), float(delta),
+    loss_rows, _, _ = call(
+        op, student_rows.contiguous(), teacher_rows.contiguous(), float(temperature), float(delta),
         bool(logit_mean), bool(detach_weights),
         student_rows.requires_grad and torch.is_grad_enabled(),
         teacher_rows.requires_grad and torch.is_grad_enabled(),

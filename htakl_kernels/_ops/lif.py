@@ -40,6 +40,7 @@ import torch
 
 from .._lif_args import LifConfig
 from .._validation import check_first_order_backward
+from .autograd import call, register_autograd
 
 
 def _fake_lif_forward(x, v_init, tau, v_threshold, v_reset, soft_reset, decay_input,
@@ -85,7 +86,7 @@ def register_lif_ops(forward_op, backward_op) -> None:
         )
         return (grad_x, grad_v_init) + (None,) * 9
 
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    register_autograd(forward_op, backward, setup_context)
 
 
 
@@ -97,8 +98,8 @@ register_lif_ops(torch.ops.htakl.lif_forward.default, torch.ops.htakl.lif_backwa
 def run_lif_kernel(forward_op, x: torch.Tensor, v_init: torch.Tensor | None, cfg: LifConfig):
     if v_init is None:
         v_init = torch.full(x.shape[1:], cfg.reset_value, dtype=x.dtype, device=x.device)
-    spikes, v_last, v_seq = forward_op(
-        x.contiguous(), v_init.contiguous(), cfg.tau, cfg.v_threshold, cfg.reset_value,
+    spikes, v_last, v_seq = call(
+        forward_op, x.contiguous(), v_init.contiguous(), cfg.tau, cfg.v_threshold, cfg.reset_value,
         cfg.soft_reset, cfg.decay_input, cfg.detach_reset, cfg.surrogate, cfg.alpha,
         cfg.return_v == "seq",
     )
