@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "check_text.h"
 #include "hta_kl_math.h"
 #include "torch_storage.h"
 
@@ -33,11 +34,13 @@ inline HtaKlLayout check_hta_kl_tensors(const at::Tensor& student, const at::Ten
   TORCH_CHECK(student.device() == teacher.device(),
               "hta_kl_fused: student and teacher must be on the same device, got ",
               student.device(), " and ", teacher.device());
-  TORCH_CHECK(student.dim() == 3, "hta_kl_fused: student must be [T, R, C], got ", student.sizes());
-  TORCH_CHECK(teacher.dim() == 2, "hta_kl_fused: teacher must be [R, C], got ", teacher.sizes());
+  TORCH_CHECK(student.dim() == 3, "hta_kl_fused: student must be [T, R, C], got ",
+              shape_text(student.sizes()));
+  TORCH_CHECK(teacher.dim() == 2, "hta_kl_fused: teacher must be [R, C], got ",
+              shape_text(teacher.sizes()));
   TORCH_CHECK(student.size(1) == teacher.size(0) && student.size(2) == teacher.size(1),
-              "hta_kl_fused: student ", student.sizes(), " does not match teacher ",
-              teacher.sizes());
+              "hta_kl_fused: student ", shape_text(student.sizes()), " does not match teacher ",
+              shape_text(teacher.sizes()));
   TORCH_CHECK(student.size(0) >= 1, "hta_kl_fused: student needs T >= 1 time steps");
   TORCH_CHECK(teacher.size(1) >= 1, "hta_kl_fused: C must be >= 1");
   TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
@@ -53,10 +56,11 @@ inline HtaKlLayout check_hta_kl_tensors(const at::Tensor& student, const at::Ten
 inline HtaKlOptions make_hta_kl_options(double temperature, double delta, bool logit_mean,
                                         bool detach_weights, double row_scale) {
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "hta_kl_fused: temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK(delta > 0 && delta <= 1, "hta_kl_fused: delta must be in (0, 1], got ", delta);
+              "hta_kl_fused: temperature must be finite and > 0, got ", real_text(temperature));
+  TORCH_CHECK(delta > 0 && delta <= 1, "hta_kl_fused: delta must be in (0, 1], got ",
+              real_text(delta));
   TORCH_CHECK(std::isfinite(row_scale) && row_scale > 0,
-              "hta_kl_fused: row_scale must be finite and > 0, got ", row_scale);
+              "hta_kl_fused: row_scale must be finite and > 0, got ", real_text(row_scale));
   return {temperature, delta, logit_mean, detach_weights, row_scale};
 }
 

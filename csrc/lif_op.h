@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 
+#include "check_text.h"
 #include "lif_math.h"
 
 namespace htakl {
@@ -23,7 +24,7 @@ struct LifLayout {
 inline LifLayout check_lif_layout(const at::Tensor& x, const at::Tensor& v_init) {
   TORCH_CHECK(x.dim() >= 1, "lif: x must have at least one dimension [T, ...], got a 0-d tensor");
   TORCH_CHECK(v_init.sizes() == x.sizes().slice(1), "lif: v_init must have the shape x.shape[1:] = ",
-              x.sizes().slice(1), ", got ", v_init.sizes());
+              shape_text(x.sizes().slice(1)), ", got ", shape_text(v_init.sizes()));
   TORCH_CHECK(v_init.scalar_type() == x.scalar_type(), "lif: v_init must have x's dtype ",
               x.scalar_type(), ", got ", v_init.scalar_type());
   TORCH_CHECK(v_init.device() == x.device(), "lif: v_init must be on x's device ", x.device(),
@@ -35,7 +36,7 @@ inline LifLayout check_lif_layout(const at::Tensor& x, const at::Tensor& v_init)
 inline void check_lif_gradient(const char* name, const at::Tensor& grad, const at::Tensor& like) {
   if (grad.numel() == 0) return;
   TORCH_CHECK(grad.sizes() == like.sizes(), "lif_backward: ", name, " must be empty or have shape ",
-              like.sizes(), ", got ", grad.sizes());
+              shape_text(like.sizes()), ", got ", shape_text(grad.sizes()));
   TORCH_CHECK(grad.scalar_type() == like.scalar_type() && grad.device() == like.device(),
               "lif_backward: ", name, " must have x's dtype and device");
 }
@@ -88,12 +89,14 @@ template <typename acc_t>
 LifParams<acc_t> make_lif_params(double tau, double v_threshold, double v_reset, bool soft_reset,
                                  bool decay_input, bool detach_reset, c10::string_view surrogate,
                                  double alpha) {
-  TORCH_CHECK(std::isfinite(tau) && tau > 1, "lif: tau must be a finite number > 1, got ", tau);
-  TORCH_CHECK(std::isfinite(v_threshold), "lif: v_threshold must be finite, got ", v_threshold);
-  TORCH_CHECK(std::isfinite(v_reset), "lif: v_reset must be finite, got ", v_reset);
+  TORCH_CHECK(std::isfinite(tau) && tau > 1, "lif: tau must be a finite number > 1, got ",
+              real_text(tau));
+  TORCH_CHECK(std::isfinite(v_threshold), "lif: v_threshold must be finite, got ",
+              real_text(v_threshold));
+  TORCH_CHECK(std::isfinite(v_reset), "lif: v_reset must be finite, got ", real_text(v_reset));
   const LifSurrogate surrogate_id = parse_lif_surrogate(surrogate);
   TORCH_CHECK(std::isfinite(alpha) && alpha > 0, "lif: alpha must be a finite number > 0, got ",
-              alpha);
+              real_text(alpha));
   LifParams<acc_t> p{};
   p.tau = acc_t(tau);
   p.v_threshold = acc_t(v_threshold);

@@ -24,6 +24,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "check_text.h"
 #include "hta_kl_math.h"
 
 namespace htakl {
@@ -33,7 +34,8 @@ constexpr int kMassBits = 62;  // fixed-point scale of the selection's masses (d
 
 void check_slice_tensor(const at::Tensor& x, const char* name, int64_t dim) {
   TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(x.dim() == dim, name, " must have ", dim, " dimensions, got ", x.sizes());
+  TORCH_CHECK(x.dim() == dim, name, " must have ", integer_text(dim), " dimensions, got ",
+              shape_text(x.sizes()));
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
               " must be float32 or float64 (the accumulation dtype), got ", x.scalar_type());
   TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
@@ -41,15 +43,15 @@ void check_slice_tensor(const at::Tensor& x, const char* name, int64_t dim) {
 
 void check_same(const at::Tensor& x, const at::Tensor& like, const char* name,
                 const char* other) {
-  TORCH_CHECK(x.sizes() == like.sizes(), name, " must have ", other, "'s shape ", like.sizes(),
-              ", got ", x.sizes());
+  TORCH_CHECK(x.sizes() == like.sizes(), name, " must have ", other, "'s shape ",
+              shape_text(like.sizes()), ", got ", shape_text(x.sizes()));
   TORCH_CHECK(x.scalar_type() == like.scalar_type(), name, " must have ", other, "'s dtype");
 }
 
 void check_row_vector(const at::Tensor& x, const char* name, int64_t rows) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kLong && x.is_contiguous() &&
                   x.dim() == 1 && x.size(0) == rows,
-              name, " must be a contiguous CPU int64 tensor of shape [", rows, "]");
+              name, " must be a contiguous CPU int64 tensor of shape [", integer_text(rows), "]");
 }
 
 template <typename F>
@@ -107,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_exp_sums_cpu(const at::Tens
   check_slice_tensor(row_max, "row_max", 2);
   TORCH_CHECK(row_max.size(0) == x.size(0) && row_max.size(1) == x.size(1) &&
                   row_max.scalar_type() == x.scalar_type(),
-              "row_max must be [K, R] = ", x.sizes().slice(0, 2), " in x's dtype");
+              "row_max must be [K, R] = ", shape_text(x.sizes().slice(0, 2)), " in x's dtype");
   const int64_t rows = x.size(0) * x.size(1), classes = x.size(2);
   at::Tensor shifted = at::empty_like(x), exponentials = at::empty_like(x);
   at::Tensor sums = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kDouble));
@@ -144,8 +146,8 @@ std::tuple<at::Tensor, at::Tensor> slice_histogram_cpu(const at::Tensor& p,
   check_row_vector(prefix, "prefix", rows);
   const int64_t key_bits = p.scalar_type() == at::kDouble ? 63 : 31;
   TORCH_CHECK(width >= 1 && width <= 16 && shift >= 0 && shift + width <= key_bits,
-              "the digit (shift ", shift, ", width ", width, ") must lie within the ", key_bits,
-              " key bits, at most 16 bits wide");
+              "the digit (shift ", integer_text(shift), ", width ", integer_text(width),
+              ") must lie within the ", integer_text(key_bits), " key bits, at most 16 bits wide");
   const int64_t buckets = int64_t{1} << width;
   at::Tensor counts = at::zeros({rows, buckets}, prefix.options());
   at::Tensor masses = at::zeros({rows, buckets}, prefix.options());
@@ -234,7 +236,8 @@ void check_phase_tensors(const at::Tensor& p, const at::Tensor& log_p, const at:
   }
   TORCH_CHECK(q_steps.size(0) >= 1 && q_steps.size(1) == p.size(0) &&
                   q_steps.size(2) == p.size(1) && q_steps.scalar_type() == p.scalar_type(),
-              "q_steps must be [S, R, c] with p's R, c and dtype, got ", q_steps.sizes());
+              "q_steps must be [S, R, c] with p's R, c and dtype, got ",
+              shape_text(q_steps.sizes()));
   check_same(log_q_steps, q_steps, "log_q_steps", "q_steps");
   TORCH_CHECK(log_q_steps.is_contiguous(), "log_q_steps must be contiguous");
   TORCH_CHECK(
@@ -311,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_grads_cpu(
     bool want_student, bool want_teacher) {
   check_phase_tensors(p, log_p, q, log_q, q_steps, log_q_steps, head);
   check_slice_tensor(totals, "totals", 2);
-  TORCH_CHECK(steps >= 1, "steps must be >= 1, got ", steps);
+  TORCH_CHECK(steps >= 1, "steps must be >= 1, got ", integer_text(steps));
   at::Tensor loss = at::empty({p.size(0)}, p.options());
   at::Tensor d_student =
       at::empty(want_student ? q_steps.sizes() : at::IntArrayRef{0}, p.options());
@@ -322,7 +325,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slice_grads_cpu(
     const int64_t n = v.sums_per_row(), softmaxes = v.softmaxes;
     TORCH_CHECK(totals.size(0) == v.rows && totals.size(1) == n &&
                     totals.scalar_type() == p.scalar_type(),
-                "totals must be [R, ", n, "] in p's dtype, got ", totals.sizes());
+                "totals must be [R, ", integer_text(n), "] in p's dtype, got ",
+                shape_text(totals.sizes()));
     const acc_t* sums = totals.const_data_ptr<acc_t>();
     acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
     acc_t* student_out = want_student ? d_student.mutable_data_ptr<acc_t>() : nullptr;

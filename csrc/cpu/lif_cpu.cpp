@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "check_text.h"
 #include "cpu_isa.h"
 #include "huge_pages.h"
 #include "lif_math.h"
@@ -129,7 +130,8 @@ std::tuple<at::Tensor, at::Tensor> lif_backward_cpu_segments(
     const at::Tensor& grad_v_seq_in, const at::Tensor& x_in, const at::Tensor& v_init_in,
     double tau, double v_threshold, double v_reset, bool soft_reset, bool decay_input,
     bool detach_reset, c10::string_view surrogate, double alpha, int64_t segment) {
-  TORCH_CHECK(segment >= 1, "lif_backward: segment must be >= 1, got ", segment);
+  TORCH_CHECK(segment >= 1, "lif_backward: segment must be >= 1, got ",
+              integer_text(segment));
   const LifBackwardInputs in =
       prepare_lif_backward(grad_spikes_in, grad_v_last_in, grad_v_seq_in, x_in, v_init_in);
   at::Tensor grad_x = empty_like_huge_pages(in.x);
@@ -169,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> lif_backward_cpu(
 // element of a float32 or float64 tensor, for tests/test_lif_division.py to compare with a / tau.
 at::Tensor lif_divide_by_tau_cpu(const at::Tensor& a_in, double tau) {
   TORCH_CHECK(std::isfinite(tau) && tau > 1, "_lif_divide_by_tau: tau must be a finite number > 1, "
-              "got ", tau);
+              "got ", real_text(tau));
   TORCH_CHECK(a_in.scalar_type() == at::kFloat || a_in.scalar_type() == at::kDouble,
               "_lif_divide_by_tau: a must be float32 or float64, got ", a_in.scalar_type());
   const at::Tensor a = a_in.contiguous();

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "cuda/hta_kl_cuda.h"
+#include "check_text.h"
 #include "hta_kl_op.h"
 
 namespace {
@@ -23,9 +24,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cuda(
   const htakl::HtaKlOptions options =
       htakl::make_hta_kl_options(temperature, delta, logit_mean, detach_weights, row_scale);
   TORCH_CHECK(layout.classes <= htakl::kHtaKlCudaMaxClasses,
-              "hta_kl_fused (CUDA): teacher has C = ", layout.classes,
+              "hta_kl_fused (CUDA): teacher has C = ", htakl::integer_text(layout.classes),
               " classes; the kernel counts a row's classes in 32 bits and takes at most ",
-              htakl::kHtaKlCudaMaxClasses);
+              htakl::integer_text(htakl::kHtaKlCudaMaxClasses));
   const c10::cuda::CUDAGuard device_guard(teacher.device());
   at::Tensor loss_rows =
       at::empty({layout.rows}, teacher.options().dtype(htakl::acc_dtype(teacher.scalar_type())));
@@ -51,8 +52,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hta_kl_fused_cuda(
     cudaError_t query_error = cudaSuccess;
     const int64_t max_steps = htakl::hta_kl_cuda_max_steps(layout.storage, &query_error);
     TORCH_CHECK(query_error != cudaSuccess || problem.steps <= max_steps,
-                "hta_kl_fused (CUDA): student's time dimension T = ", problem.steps,
-                " exceeds the kernel's limit of ", max_steps,
+                "hta_kl_fused (CUDA): student's time dimension T = ",
+                htakl::integer_text(problem.steps),
+                " exceeds the kernel's limit of ", htakl::integer_text(max_steps),
                 " steps on this device (per-step values are kept in shared memory)");
   }
   TORCH_CHECK(error == cudaSuccess, "hta_kl_fused (CUDA): kernel launch failed: ",
