@@ -184,10 +184,10 @@ done
 # runtime preloaded.
 DEBUGGER=$(command -v gdb || command -v cuda-gdb || true)
 if [ -n "$DEBUGGER" ]; then
-  step binding-error-gdb 60 "$DEBUGGER" -q -batch -ex run -ex bt -ex "info sharedlibrary" \
+  step binding-error-gdb 120 "$DEBUGGER" -q -batch -ex run -ex bt -ex "info sharedlibrary" \
     --args "$PYTHON" tests/cuda/binding_error_case.py
 else
-  step binding-error 60 "$PYTHON" tests/cuda/binding_error_case.py
+  step binding-error 120 "$PYTHON" tests/cuda/binding_error_case.py
 fi
 step extension-runtime 30 bash -c 'so=$(ls htakl_kernels/_C*.so | head -n 1); \
 readelf -d "$so" | grep -E "NEEDED|RUNPATH|RPATH"; \
@@ -195,7 +195,7 @@ echo "runtime symbols defined inside (none expected):"; \
 nm -D --defined-only "$so" | grep -E "__cxa_throw|_Unwind_|__gxx_personality"; \
 echo "newest GLIBCXX needed: $(objdump -T "$so" | grep -o "GLIBCXX_[0-9.]*" | sort -uV | tail -n 1)"; \
 command -v c++ g++ gcc; g++ --version | head -n 1; g++ -print-file-name=libstdc++.so.6; true'
-step binding-error-preload 60 env \
+step binding-error-preload 120 env \
   LD_PRELOAD="$(g++ -print-file-name=libstdc++.so.6):$(g++ -print-file-name=libgcc_s.so.1)" \
   "$PYTHON" tests/cuda/binding_error_case.py
 
