@@ -13,6 +13,14 @@
 # all (-warn-spills, -warn-lmem-usage; an error under --Werror): the kernels are designed to keep
 # their state in registers, so a spill fails the check.
 #
+# Compile time: each file is compiled once per architecture, and each compile's CPU time (user +
+# system, of nvcc and every tool it runs) is printed; one over NVCC_CHECK_MAX_SECONDS (default 40;
+# 0: no limit) fails the check. CPU time rather than wall time: a shared, loaded machine stretches
+# the wall time of the same compile up to twofold, its CPU time much less. The slow kernels are
+# the fully unrolled LIF long-segment backwards (hence one .cu per storage type): the slowest
+# file, lif_cuda_float32.cu, took 25-30 s for sm_90 (15 s for sm_80) on a 2-core x86 machine, so
+# the default leaves room for a slower machine and fails a file that gathers two such kernels.
+#
 # Usage: scripts/nvcc_check.sh [files...]   (default: every .cu under csrc). NVCC overrides nvcc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,23 +43,49 @@ if [ "${#flags[@]}" -eq 0 ]; then
   echo "nvcc_check: scripts/gpu_flags.py printed no flags" >&2
   exit 1
 fi
+max_seconds=${NVCC_CHECK_MAX_SECONDS:-40}
+# One compile per -gencode flag, so that each time is one architecture's.
+common=()
+gencodes=()
+for flag in "${flags[@]}"; do
+  case "$flag" in
+    -gencode=*) gencodes+=("$flag") ;;
+    *) common+=("$flag") ;;
+  esac
+done
 workdir=$(mktemp -d)
 trap 'rm -rf "$workdir"' EXIT
+TIMEFORMAT='%R %U %S'
 status=0
 for source in "${files[@]}"; do
-  object="$workdir/$(echo "$source" | tr '/' '_').o"
-  log="$workdir/log"
-  echo "nvcc_check: $source"
-  if ! "$NVCC" -c "${flags[@]}" -Xptxas=-warn-spills,-warn-lmem-usage -Icsrc "$source" \
-      -o "$object" >"$log" 2>&1; then
-    cat "$log"
-    echo "nvcc_check: FAILED to compile $source" >&2
-    status=1
-  elif grep -qi 'warning' "$log"; then
-    cat "$log"
-    echo "nvcc_check: warnings in $source" >&2
-    status=1
-  fi
+  for gencode in "${gencodes[@]}"; do
+    arch=${gencode##*code=}
+    object="$workdir/$(echo "$source" | tr '/' '_').$arch.o"
+    log="$workdir/log"
+    if ! { time "$NVCC" -c "${common[@]}" "$gencode" -Xptxas=-warn-spills,-warn-lmem-usage \
+        -Icsrc "$source" -o "$object" >"$log" 2>&1; } 2>"$workdir/time"; then
+      cat "$log"
+      echo "nvcc_check: FAILED to compile $source for $arch" >&2
+      status=1
+      continue
+    fi
+    read -r wall user system <"$workdir/time"
+    cpu=$(awk -v u="$user" -v s="$system" 'BEGIN { printf "%.1f", u + s }')
+    echo "nvcc_check: $source $arch: ${cpu} s CPU (${wall} s wall)"
+    if grep -qi 'warning' "$log"; then
+      cat "$log"
+      echo "nvcc_check: warnings in $source ($arch)" >&2
+      status=1
+    fi
+    if awk -v cpu="$cpu" -v max="$max_seconds" 'BEGIN { exit !(max > 0 && cpu > max) }'; then
+      echo "nvcc_check: $source took ${cpu} s of CPU for $arch, over" \
+        "NVCC_CHECK_MAX_SECONDS=$max_seconds: split it (a translation unit per storage type" \
+        "or kernel)" >&2
+      status=1
+    fi
+  done
 done
-if [ "$status" -eq 0 ]; then echo "nvcc_check: ${#files[@]} file(s) compiled cleanly"; fi
+if [ "$status" -eq 0 ]; then
+  echo "nvcc_check: ${#files[@]} file(s) compiled cleanly for ${#gencodes[@]} architecture(s)"
+fi
 exit "$status"

@@ -259,12 +259,12 @@ def test_triton_split_mirrors_the_launcher():
 
 
 def test_launch_constants_are_read_from_the_sources():
-    lif_text = open(os.path.join(ROOT, "csrc", "cuda", "lif_cuda.cu")).read()
+    lif_text = open(os.path.join(ROOT, "csrc", "cuda", "lif_cuda_kernels.cuh")).read()
     assert lif.cuda_constant(lif_text, "kThreads") == int(
         re.search(r"constexpr int kThreads = (\d+);", lif_text).group(1))
     with pytest.raises(ValueError, match="kThreads"):
         lif.cuda_constant(lif_text.replace("kThreads", "kThreadsPerBlock"), "kThreads")
-    hta_text = open(os.path.join(ROOT, "csrc", "cuda", "hta_kl_cuda.cu")).read()
+    hta_text = open(os.path.join(ROOT, "csrc", "cuda", "hta_kl_cuda_kernels.cuh")).read()
     constants = hta_kl.cuda_constants(hta_text)
     assert constants["kMaxThreads"] == int(
         re.search(r"constexpr int kMaxThreads = (\d+);", hta_text).group(1))
@@ -275,10 +275,11 @@ def test_launch_constants_are_read_from_the_sources():
 
 
 def test_pass_anchors_still_match_the_kernels():
-    source.anchor_lines(os.path.join(ROOT, "csrc", "cuda", "hta_kl_cuda.cu"), hta_kl.CUDA_ANCHORS)
+    source.anchor_lines(os.path.join(ROOT, "csrc", "cuda", "hta_kl_cuda_kernels.cuh"),
+                        hta_kl.CUDA_ANCHORS)
     source.anchor_lines(os.path.join(ROOT, "triton_kernels", "hta_kl.py"), hta_kl.TRITON_ANCHORS)
     with pytest.raises(ValueError, match="not found"):
-        source.anchor_lines(os.path.join(ROOT, "csrc", "cuda", "lif_cuda.cu"),
+        source.anchor_lines(os.path.join(ROOT, "csrc", "cuda", "lif_cuda_kernels.cuh"),
                             [("gone", r"no such line in the kernel")])
 
 

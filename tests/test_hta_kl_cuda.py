@@ -1,6 +1,6 @@
-"""What only the CUDA HTA-KL kernel (csrc/cuda/hta_kl_cuda.cu) has: its shared-memory and
-global-memory row paths, its vector loads (and the scalar path for unaligned storage), its binding's
-errors and 64-bit offsets. The contract it shares with the other backends is
+"""What only the CUDA HTA-KL kernel (csrc/cuda/hta_kl_cuda_kernels.cuh) has: its shared-memory
+and global-memory row paths, its vector loads (and the scalar path for unaligned storage), its
+binding's errors and 64-bit offsets. The contract it shares with the other backends is
 tests/test_hta_kl_contract.py.
 
 Runs only where CUDA is available and the extension was built with CUDA.
@@ -71,8 +71,8 @@ def test_unaligned_storage_uses_the_scalar_path(dtype):
 
 
 # The head selection sweeps the row until the classes left in it fit its shared-memory list of
-# kCandidates = 2048 keys (hta_kl_cuda.cu), then reads only the list: rows listed in the first
-# sweep and after the first digit, each for the three kernels (one softmax, prob_mean,
+# kCandidates = 2048 keys (hta_kl_cuda_kernels.cuh), then reads only the list: rows listed in the
+# first sweep and after the first digit, each for the three kernels (one softmax, prob_mean,
 # logit_mean).
 SELECTION_ROWS = {
     "listed at once": (2047, 8.0),
@@ -99,11 +99,11 @@ def test_head_selection_paths_agree_with_the_oracle(row_kind, student_kind):
 
 
 # Each pass walks a row's whole 16-byte chunks (every pointer it touches aligned), then its edge
-# element by element (hta_kl_cuda.cu's for_each_span): a row length that is not a multiple of the
-# chunk leaves row 0 a partial last chunk and puts the other rows off the vector path; steps whose
-# distance is not a multiple of 16 bytes put a prob_mean or logit_mean row off it although its
-# first step is aligned. Rows held in shared memory (C about 1000) and rows re-read from global
-# memory (C = 65539), for every kind of student.
+# element by element (hta_kl_cuda_kernels.cuh's for_each_span): a row length that is not a
+# multiple of the chunk leaves row 0 a partial last chunk and puts the other rows off the vector
+# path; steps whose distance is not a multiple of 16 bytes put a prob_mean or logit_mean row off it
+# although its first step is aligned. Rows held in shared memory (C about 1000) and rows re-read
+# from global memory (C = 65539), for every kind of student.
 CHUNK_EDGES = {"partial last chunk": (4, 1003, 3), "steps off the vector path": (3, 1002, 2),
                "long rows with an edge": (4, 65539, 3)}
 

@@ -1,5 +1,5 @@
 """What only the CUDA LIF kernels have: "auto" picks them for CUDA tensors. The contract they
-share with the other backends is tests/test_lif_contract.py (the .cu file is compile-checked
+share with the other backends is tests/test_lif_contract.py (the .cu files are compile-checked
 without a GPU by the nvcc check)."""
 
 from __future__ import annotations

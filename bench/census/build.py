@@ -59,7 +59,8 @@ def cuda_cubin(source_root: str, kernel_file: str) -> str:
     """Path of the sm_90 cubin of csrc/cuda/<kernel_file> in `source_root`, compiled if needed."""
     source = os.path.join(source_root, "csrc", "cuda", kernel_file)
     inputs = [source] + glob.glob(os.path.join(source_root, "csrc", "*.h")) + glob.glob(
-        os.path.join(source_root, "csrc", "cuda", "*.h"))
+        os.path.join(source_root, "csrc", "cuda", "*.h")) + glob.glob(
+        os.path.join(source_root, "csrc", "cuda", "*.cuh"))
     command = nvcc_command(source, "OUT", os.path.join(source_root, "csrc"))
     key = _digest(inputs, " ".join(command), _tool_version(["nvcc", "--version"]))
     output = os.path.join(CACHE, f"{os.path.splitext(kernel_file)[0]}-{key}.cubin")
@@ -72,6 +73,18 @@ def cuda_cubin(source_root: str, kernel_file: str) -> str:
             raise RuntimeError(f"nvcc failed on {source}:\n{result.stderr}")
         os.replace(partial, output)
     return output
+
+
+def cuda_kernel_cubins(source_root: str, family: str, dtypes) -> tuple[str, list[str]]:
+    """(the file holding the CUDA kernels of `family` ("lif" or "hta_kl") in `source_root`, the
+    sm_90 cubins of their storage types `dtypes`): the kernels live in
+    csrc/cuda/<family>_cuda_kernels.cuh and compile from one <family>_cuda_<dtype>.cu per storage
+    type; in trees before that split, <family>_cuda.cu holds and compiles them all."""
+    folder = os.path.join(source_root, "csrc", "cuda")
+    header = os.path.join(folder, f"{family}_cuda_kernels.cuh")
+    if os.path.exists(header):
+        return header, [cuda_cubin(source_root, f"{family}_cuda_{dtype}.cu") for dtype in dtypes]
+    return os.path.join(folder, f"{family}_cuda.cu"), [cuda_cubin(source_root, f"{family}_cuda.cu")]
 
 
 def harness_at(revision: str) -> str:

@@ -1,4 +1,4 @@
-"""Census of the fused HTA-KL kernels (CUDA csrc/cuda/hta_kl_cuda.cu, Triton
+"""Census of the fused HTA-KL kernels (CUDA csrc/cuda/hta_kl_cuda_kernels.cuh, Triton
 triton_kernels/hta_kl.py): one block (program) per row sweeping the row in passes.
 
 Per class, from the SASS: each loop's heaviest path times its trip count per class (a chunk
@@ -28,8 +28,8 @@ L2_SHARE_FOR_ROWS = 0.5
 # 227 KiB); the launcher raises the kernel's ceiling to it minus the static shared memory.
 SHARED_OPTIN = 232448
 
-# Regions of hta_kl_cuda.cu: each pass's functions, then the kernel's body (the row copy, and the
-# call of each pass, for code whose line info names the call site only).
+# Regions of hta_kl_cuda_kernels.cuh: each pass's functions, then the kernel's body (the row copy,
+# and the call of each pass, for code whose line info names the call site only).
 CUDA_ANCHORS = [
     ("1-2 log-sum-exps", r"^// Passes 1 and 2"),
     ("3 head boundary", r"^// Pass 3"),
@@ -80,8 +80,9 @@ def _python_function_of(loop) -> str | None:
             return match.group(1)
     return None
 
-# The CUDA launcher's choices, as hta_kl_cuda.cu's launch() writes them; census_launch mirrors
-# them and checks that these lines are still there (a changed launcher must change the census).
+# The CUDA launcher's choices, as hta_kl_cuda_kernels.cuh's launcher writes them; census_launch
+# mirrors them and checks that these lines are still there (a changed launcher must change the
+# census).
 CUDA_LAUNCHER_LINES = (
     "thread_chunks >= kMaxThreads ? kMaxThreads : round_up(thread_chunks, kWarpSize));",
     "params.list_capacity = problem.classes < kCandidates ? problem.classes : kCandidates;",
@@ -98,22 +99,23 @@ def cuda_constants(text: str) -> dict[str, int]:
                  "kStepGroup", "kVectorBytes"):
         match = re.search(rf"constexpr int {name} = ([^;]+);", text)
         if match is None:
-            raise ValueError(f"hta_kl_cuda.cu: `constexpr int {name}` not found; the census reads "
-                             f"the launch configuration from it")
+            raise ValueError(f"HTA-KL CUDA kernel: `constexpr int {name}` not found; the census "
+                             f"reads the launch configuration from it")
         values[name] = int(eval(match.group(1), {}, values))  # e.g. "kMaxThreads / kWarpSize"
     for line in CUDA_LAUNCHER_LINES:
         if line not in " ".join(text.split()):
-            raise ValueError(f"hta_kl_cuda.cu's launcher changed (no longer has {line!r}): "
+            raise ValueError(f"the HTA-KL CUDA launcher changed (no longer has {line!r}): "
                              f"update bench/census/hta_kl.py's mirror of it")
     return values
 
 
 class CudaKernels:
     def __init__(self, source_root: str):
-        self.path = os.path.join(source_root, "csrc", "cuda", "hta_kl_cuda.cu")
-        self.constants = cuda_constants(open(self.path).read())
-        functions = disassemble(build.cuda_cubin(source_root, "hta_kl_cuda.cu"))
         tags = {"float32": "f", "bfloat16": "13__nv_bfloat16", "float16": "6__half"}
+        self.path, cubins = build.cuda_kernel_cubins(source_root, "hta_kl", tags)
+        self.constants = cuda_constants(open(self.path).read())
+        functions = {name: function for cubin in cubins
+                     for name, function in disassemble(cubin).items()}
         # One kernel per dtype and student (the launcher's Student: 0 one softmax, 2 prob_mean).
         self.functions = {(dtype, student): next(
             f for n, f in functions.items()

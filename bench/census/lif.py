@@ -1,4 +1,5 @@
-"""Census of the multi-step LIF kernels (CUDA csrc/cuda/lif_cuda.cu, Triton triton_kernels/lif.py).
+"""Census of the multi-step LIF kernels (CUDA csrc/cuda/lif_cuda_kernels.cuh, Triton
+triton_kernels/lif.py).
 
 Both loop over time for a few neurons per thread: the forward reads x and writes the spikes. Two
 backward schedules:
@@ -32,8 +33,8 @@ L2_SHARE_FOR_SCRATCH = 0.5
 def cuda_constant(text: str, name: str) -> int:
     match = re.search(rf"constexpr int {name} = (\d+);", text)
     if match is None:
-        raise ValueError(f"lif_cuda.cu: `constexpr int {name} = ...;` not found; the census reads "
-                         f"the launch configuration from it")
+        raise ValueError(f"LIF CUDA kernels: `constexpr int {name} = ...;` not found; the census "
+                         f"reads the launch configuration from them")
     return int(match.group(1))
 
 
@@ -47,11 +48,12 @@ def cuda_kernels(source_root: str) -> dict:
     """{(direction, dtype): (function, counts, threads, neurons per thread, steps per loop
     iteration, schedule)} of the CUDA kernels, with the launch constants read from the source. A
     segments schedule adds ("backward-segments", dtype): {segment: entry} of every backward."""
-    path = os.path.join(source_root, "csrc", "cuda", "lif_cuda.cu")
+    path, cubins = build.cuda_kernel_cubins(source_root, "lif", _CUDA_TYPES)
     text = open(path).read()
     threads = cuda_constant(text, "kThreads")
     chunk = cuda_constant(text, "kChunk")  # time steps whose loads a thread issues together
-    functions = disassemble(build.cuda_cubin(source_root, "lif_cuda.cu"))
+    functions = {name: function for cubin in cubins
+                 for name, function in disassemble(cubin).items()}
     if any(re.search(r"lif_backward_kernelI\w+Li\d+ELi\d+EE", n) for n in functions):
         return _segment_kernels(source_root, path, functions, threads, chunk)
     # the first template argument of each kernel's mangled name: its storage type
@@ -140,7 +142,7 @@ def _one_instantiation(functions: dict, prefix: str):
     census models one launch configuration per dtype and says so when the source has more."""
     found = [f for name, f in functions.items() if prefix in name]
     if len(found) != 1:
-        raise ValueError(f"lif_cuda.cu: {len(found)} instantiations of {prefix!r} "
+        raise ValueError(f"LIF CUDA kernels: {len(found)} instantiations of {prefix!r} "
                          f"({[f.name for f in found]}); bench/census/lif.py models exactly one "
                          f"per dtype: update it with the launcher")
     return found[0]

@@ -1,4 +1,5 @@
-// Torch-free launcher API of the CUDA HTA-KL kernel (csrc/cuda/hta_kl_cuda.cu).
+// Torch-free launcher API of the CUDA HTA-KL kernel (csrc/cuda/hta_kl_cuda.cu; the kernel:
+// hta_kl_cuda_kernels.cuh).
 //
 // Same contract as the op htakl::hta_kl_fused (docstring of htakl_kernels/_ops/hta_kl.py): student
 // [steps, rows, classes] and teacher [rows, classes], both contiguous (row r of step t starts at

@@ -1,302 +1,16 @@
-// CUDA kernels of the fused multi-step LIF ops (contract: htakl_kernels/_ops/lif.py; math: SPEC 3 via
-// lif_math.h, the very functions the CPU kernel runs). Each thread owns kWidth consecutive neurons
-// (16 bytes of storage: 4 in float32, 8 in 16-bit types, 2 in float64) and loops over time;
-// consecutive threads take consecutive groups, so every step's 16-byte loads and stores are
-// coalesced. Tensors whose rows are not 16-byte aligned take one neuron per thread instead.
-//
-// The backward runs lif_backward_segments (lif_math.h, the CPU kernel's schedule too): H of up to
-// kSegment steps lives in registers, so no buffer the size of x is written; sequences longer than
-// one segment keep one V per segment in a small buffer (the checkpoints) and recompute H.
-// Torch-free: compiled by nvcc without torch headers.
+// lif_cuda.h's torch-free entry points: each picks the launchers of its storage type
+// (LifCudaLaunch, compiled in lif_cuda_<type>.cu from lif_cuda_kernels.cuh).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "lif_cuda.h"
-#include "../lif_math.h"
+#include "lif_cuda_launch.h"
 
 namespace htakl {
 namespace {
-
-constexpr int kThreads = 128;
-
-// The forward issues the loads of kChunk steps before it computes them: the recurrence serializes
-// the steps, not the loads, and one step's 16 bytes per thread are too few to cover memory latency.
-constexpr int kChunk = 8;
-
-// Steps of H a backward thread holds in registers (kWidth values each): short sequences take the
-// short segment (fewer registers, more threads per SM), longer ones the long one; past it, H is
-// recomputed from checkpoints. The long segments keep the thread's H at 128 registers (64 for
-// float64) so that two blocks fit per SM; bench/census (python -m bench.census) weighs them.
-template <typename scalar_t>
-struct Segments {
-  static constexpr int kShort = 8;
-  static constexpr int kLong = sizeof(scalar_t) == 4 ? 32 : 16;
-};
-// One neuron per thread (rows not 16-byte aligned, a rare layout): one segment length, the short
-// one; with longer segments or chunks ptxas spills a few bytes around the out-of-line slow path of
-// the divisions (float32 at 16 and 32 steps, float64 chunks of 8).
-constexpr int kScalarSegment = 8;
-constexpr int kScalarChunk = 4;
-
-// kWidth consecutive values of one row, loaded and stored as one 16-byte access when kWidth fills
-// 16 bytes.
-template <typename T, int kWidth>
-struct alignas(sizeof(T) * kWidth) Packed {
-  T value[kWidth];
-};
-
-template <typename scalar_t, int kWidth, typename acc_t = htakl::acc_t<scalar_t>>
-__device__ __forceinline__ void load_acc(const scalar_t* __restrict__ from, acc_t (&to)[kWidth]) {
-  const Packed<scalar_t, kWidth> packed = *reinterpret_cast<const Packed<scalar_t, kWidth>*>(from);
-#pragma unroll
-  for (int w = 0; w < kWidth; ++w) to[w] = to_acc(packed.value[w]);
-}
-
-template <typename scalar_t, int kWidth, typename acc_t = htakl::acc_t<scalar_t>>
-__device__ __forceinline__ void store_acc(scalar_t* __restrict__ to, const acc_t (&from)[kWidth]) {
-  Packed<scalar_t, kWidth> packed;
-#pragma unroll
-  for (int w = 0; w < kWidth; ++w) packed.value[w] = from_acc<scalar_t>(from[w]);
-  *reinterpret_cast<Packed<scalar_t, kWidth>*>(to) = packed;
-}
-
-// The state's own type needs no rounding: checkpoints are stored exactly.
-template <typename acc_t, int kWidth>
-__device__ __forceinline__ void copy_state(acc_t* __restrict__ to, const acc_t (&from)[kWidth]) {
-  Packed<acc_t, kWidth> packed;
-#pragma unroll
-  for (int w = 0; w < kWidth; ++w) packed.value[w] = from[w];
-  *reinterpret_cast<Packed<acc_t, kWidth>*>(to) = packed;
-}
-
-template <typename acc_t, int kWidth>
-__device__ __forceinline__ void copy_state(acc_t (&to)[kWidth], const acc_t* __restrict__ from) {
-  const Packed<acc_t, kWidth> packed = *reinterpret_cast<const Packed<acc_t, kWidth>*>(from);
-#pragma unroll
-  for (int w = 0; w < kWidth; ++w) to[w] = packed.value[w];
-}
-
-template <typename scalar_t, int kWidth>
-__global__ void __launch_bounds__(kThreads)
-    lif_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v_init,
-                       scalar_t* __restrict__ spikes, scalar_t* __restrict__ v_last,
-                       scalar_t* __restrict__ v_seq, int64_t steps, int64_t neurons,
-                       LifParams<htakl::acc_t<scalar_t>> p) {
-  using acc_t = htakl::acc_t<scalar_t>;
-  constexpr int kSteps = kWidth == 1 ? kScalarChunk : kChunk;
-  const int64_t n = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kWidth;
-  if (n >= neurons) return;
-  acc_t v[kWidth];
-  load_acc(v_init + n, v);
-  for (int64_t first = 0; first < steps; first += kSteps) {
-    acc_t x_chunk[kSteps][kWidth];
-#pragma unroll
-    for (int k = 0; k < kSteps; ++k) {
-      if (first + k < steps) load_acc(x + (first + k) * neurons + n, x_chunk[k]);
-    }
-#pragma unroll
-    for (int k = 0; k < kSteps; ++k) {
-      if (first + k >= steps) break;
-      acc_t spike[kWidth];
-#pragma unroll
-      for (int w = 0; w < kWidth; ++w) {
-        const acc_t h = lif_charge(v[w], x_chunk[k][w], p);  // SPEC 3
-        spike[w] = lif_fire(h, p);
-        v[w] = lif_reset(h, spike[w], p);
-      }
-      const int64_t index = (first + k) * neurons + n;
-      store_acc(spikes + index, spike);
-      if (v_seq != nullptr) store_acc(v_seq + index, v);
-    }
-  }
-  store_acc(v_last + n, v);
-}
-
-// The kWidth neurons of one backward thread, as lif_backward_segments walks them: V, the gradient
-// reaching V, and H of the current segment in registers (every index into `h` is a constant once
-// the segment's loops unroll).
-template <typename scalar_t, int kWidth, int kSegment>
-struct ThreadNeurons {
-  using acc_t = htakl::acc_t<scalar_t>;
-  const scalar_t* __restrict__ grad_spikes;  // nullptr: zero gradient
-  const scalar_t* __restrict__ grad_v_last;  // nullptr: zero gradient
-  const scalar_t* __restrict__ grad_v_seq;   // nullptr: zero gradient
-  const scalar_t* __restrict__ x;
-  const scalar_t* __restrict__ v_init;
-  scalar_t* __restrict__ grad_x;
-  scalar_t* __restrict__ grad_v_init;
-  acc_t* __restrict__ checkpoints;  // [lif_checkpoints(steps, kSegment), neurons]
-  int64_t neurons;
-  int64_t n;  // the thread's first neuron
-  // The element offset of the step forward() reads next, or backward() handled last: a
-  // segment's walk (lif_backward_segments) runs forward over its steps from k = 0 up, then
-  // backward over the same steps down, so the offset moves by a row per step instead of a 64-bit
-  // multiply per step. Vector kernels only: in the one-neuron kernel ptxas spills 8 bytes of
-  // float64's around the division's slow path with it.
-  static constexpr bool kCursor = kWidth > 1;
-  int64_t cursor = 0;
-  LifParams<acc_t> p;
-  acc_t v[kWidth];
-  acc_t g_v[kWidth];
-  acc_t h[kSegment][kWidth];
-
-  __device__ __forceinline__ ThreadNeurons(const scalar_t* grad_spikes_,
-                                           const scalar_t* grad_v_last_,
-                                           const scalar_t* grad_v_seq_, const scalar_t* x_,
-                                           const scalar_t* v_init_, scalar_t* grad_x_,
-                                           scalar_t* grad_v_init_, acc_t* checkpoints_,
-                                           int64_t neurons_, int64_t n_, LifParams<acc_t> p_)
-      : grad_spikes(grad_spikes_), grad_v_last(grad_v_last_), grad_v_seq(grad_v_seq_), x(x_),
-        v_init(v_init_), grad_x(grad_x_), grad_v_init(grad_v_init_), checkpoints(checkpoints_),
-        neurons(neurons_), n(n_), p(p_) {}
-
-  __device__ __forceinline__ void begin_forward() { load_acc(v_init + n, v); }
-  __device__ __forceinline__ void save(int64_t c) {
-    copy_state(checkpoints + (c - 1) * neurons + n, v);
-  }
-  __device__ __forceinline__ void restore(int64_t c) {
-    if (c == 0) return begin_forward();
-    copy_state(v, checkpoints + (c - 1) * neurons + n);
-  }
-  __device__ __forceinline__ void forward(int64_t t, int k, bool keep) {
-    if (!kCursor || k == 0) cursor = t * neurons + n;
-    acc_t x_t[kWidth];
-    load_acc(x + cursor, x_t);
-    cursor += neurons;
-#pragma unroll
-    for (int w = 0; w < kWidth; ++w) {
-      const acc_t h_t = lif_charge(v[w], x_t[w], p);  // SPEC 3
-      if (keep) h[k][w] = h_t;
-      v[w] = lif_reset(h_t, lif_fire(h_t, p), p);
-    }
-  }
-  __device__ __forceinline__ void begin_backward() {
-#pragma unroll
-    for (int w = 0; w < kWidth; ++w) g_v[w] = acc_t(0);
-    if (grad_v_last != nullptr) load_acc(grad_v_last + n, g_v);
-  }
-  __device__ __forceinline__ void backward(int64_t t, int k) {
-    const int64_t index = kCursor ? cursor -= neurons : t * neurons + n;
-    acc_t g_spike[kWidth], g_seq[kWidth];
-#pragma unroll
-    for (int w = 0; w < kWidth; ++w) g_spike[w] = acc_t(0);
-    if (grad_spikes != nullptr) load_acc(grad_spikes + index, g_spike);
-    if (grad_v_seq != nullptr) {
-      load_acc(grad_v_seq + index, g_seq);
-#pragma unroll
-      for (int w = 0; w < kWidth; ++w) g_v[w] += g_seq[w];
-    }
-    acc_t g_x[kWidth];
-#pragma unroll
-    for (int w = 0; w < kWidth; ++w) {
-      const LifStepGrad<acc_t> g = lif_step_grad(g_spike[w], g_v[w], h[k][w], p);
-      g_x[w] = g.x;
-      g_v[w] = g.v_prev;
-    }
-    store_acc(grad_x + index, g_x);
-  }
-  __device__ __forceinline__ void end_backward() { store_acc(grad_v_init + n, g_v); }
-};
-
-template <typename scalar_t, int kWidth, int kSegment>
-__global__ void __launch_bounds__(kThreads)
-    lif_backward_kernel(const scalar_t* __restrict__ grad_spikes,
-                        const scalar_t* __restrict__ grad_v_last,
-                        const scalar_t* __restrict__ grad_v_seq, const scalar_t* __restrict__ x,
-                        const scalar_t* __restrict__ v_init, scalar_t* __restrict__ grad_x,
-                        scalar_t* __restrict__ grad_v_init,
-                        htakl::acc_t<scalar_t>* __restrict__ checkpoints, int64_t steps,
-                        int64_t neurons, LifParams<htakl::acc_t<scalar_t>> p) {
-  const int64_t n = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kWidth;
-  if (n >= neurons) return;
-  ThreadNeurons<scalar_t, kWidth, kSegment> group(grad_spikes, grad_v_last, grad_v_seq, x, v_init,
-                                                  grad_x, grad_v_init, checkpoints, neurons, n, p);
-  lif_backward_segments(steps, std::integral_constant<int, kSegment>{}, group);
-}
-
-template <typename scalar_t>
-constexpr int kVectorWidth = 16 / sizeof(scalar_t);
-
-// Whether every row of every tensor starts on a 16-byte boundary, as the vector kernels read and
-// write them.
-template <typename scalar_t>
-bool rows_aligned(int64_t neurons, std::initializer_list<const void*> pointers) {
-  if (neurons % kVectorWidth<scalar_t> != 0) return false;
-  for (const void* pointer : pointers) {
-    if (reinterpret_cast<uintptr_t>(pointer) % 16 != 0) return false;
-  }
-  return true;
-}
-
-unsigned int blocks_for(int64_t neurons, int width) {
-  const int64_t per_block = int64_t(kThreads) * width;
-  return static_cast<unsigned int>((neurons + per_block - 1) / per_block);
-}
-
-template <typename scalar_t>
-cudaError_t launch_forward(const LifForwardArgs& a, const LifParams<double>& params,
-                           cudaStream_t stream) {
-  using acc_t = htakl::acc_t<scalar_t>;
-  const auto run = [&](auto kernel, int width) {
-    kernel<<<blocks_for(a.neurons, width), kThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(a.x), static_cast<const scalar_t*>(a.v_init),
-        static_cast<scalar_t*>(a.spikes), static_cast<scalar_t*>(a.v_last),
-        static_cast<scalar_t*>(a.v_seq), a.steps, a.neurons, cast_lif_params<acc_t>(params));
-  };
-  constexpr int kWidth = kVectorWidth<scalar_t>;
-  if (rows_aligned<scalar_t>(a.neurons, {a.x, a.v_init, a.spikes, a.v_last, a.v_seq})) {
-    run(lif_forward_kernel<scalar_t, kWidth>, kWidth);
-  } else {
-    run(lif_forward_kernel<scalar_t, 1>, 1);
-  }
-  return cudaGetLastError();
-}
-
-// The backward kernel for these arguments: the vector one with the short or the long segment
-// (see Segments), or one neuron per thread.
-struct BackwardPlan {
-  int width;
-  int segment;
-};
-
-template <typename scalar_t>
-BackwardPlan backward_plan(const LifBackwardArgs& a) {
-  if (!rows_aligned<scalar_t>(a.neurons, {a.grad_spikes, a.grad_v_last, a.grad_v_seq, a.x,
-                                          a.v_init, a.grad_x, a.grad_v_init})) {
-    return {1, kScalarSegment};
-  }
-  using S = Segments<scalar_t>;
-  return {kVectorWidth<scalar_t>, a.steps <= S::kShort ? S::kShort : S::kLong};
-}
-
-template <typename scalar_t>
-cudaError_t launch_backward(const LifBackwardArgs& a, const LifParams<double>& params,
-                            cudaStream_t stream) {
-  using acc_t = htakl::acc_t<scalar_t>;
-  const auto run = [&](auto kernel, int width) {
-    kernel<<<blocks_for(a.neurons, width), kThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(a.grad_spikes), static_cast<const scalar_t*>(a.grad_v_last),
-        static_cast<const scalar_t*>(a.grad_v_seq), static_cast<const scalar_t*>(a.x),
-        static_cast<const scalar_t*>(a.v_init), static_cast<scalar_t*>(a.grad_x),
-        static_cast<scalar_t*>(a.grad_v_init), static_cast<acc_t*>(a.checkpoints), a.steps,
-        a.neurons, cast_lif_params<acc_t>(params));
-  };
-  constexpr int kWidth = kVectorWidth<scalar_t>;
-  using S = Segments<scalar_t>;
-  const BackwardPlan plan = backward_plan<scalar_t>(a);
-  if (plan.width == 1) {
-    run(lif_backward_kernel<scalar_t, 1, kScalarSegment>, 1);
-  } else if (plan.segment == S::kShort) {
-    run(lif_backward_kernel<scalar_t, kWidth, S::kShort>, kWidth);
-  } else {
-    run(lif_backward_kernel<scalar_t, kWidth, S::kLong>, kWidth);
-  }
-  return cudaGetLastError();
-}
 
 template <typename Body>
 cudaError_t with_storage(Storage storage, Body&& body) {
@@ -314,7 +28,7 @@ cudaError_t with_storage(Storage storage, Body&& body) {
 int64_t lif_backward_checkpoint_rows(Storage storage, const LifBackwardArgs& args) {
   int64_t rows = 0;
   with_storage(storage, [&](auto zero) {
-    rows = lif_checkpoints(args.steps, backward_plan<decltype(zero)>(args).segment);
+    rows = LifCudaLaunch<decltype(zero)>::backward_checkpoint_rows(args);
     return cudaSuccess;
   });
   return rows;
@@ -324,7 +38,7 @@ cudaError_t lif_forward_cuda(Storage storage, const LifForwardArgs& args,
                              const LifParams<double>& params, cudaStream_t stream) {
   if (args.neurons == 0) return cudaSuccess;
   return with_storage(storage, [&](auto zero) {
-    return launch_forward<decltype(zero)>(args, params, stream);
+    return LifCudaLaunch<decltype(zero)>::forward(args, params, stream);
   });
 }
 
@@ -332,7 +46,7 @@ cudaError_t lif_backward_cuda(Storage storage, const LifBackwardArgs& args,
                               const LifParams<double>& params, cudaStream_t stream) {
   if (args.neurons == 0) return cudaSuccess;
   return with_storage(storage, [&](auto zero) {
-    return launch_backward<decltype(zero)>(args, params, stream);
+    return LifCudaLaunch<decltype(zero)>::backward(args, params, stream);
   });
 }
 

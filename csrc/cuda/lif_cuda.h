@@ -1,6 +1,6 @@
-// Launchers of the CUDA multi-step LIF kernels (lif_cuda.cu). Torch-free: the binding
-// (lif_cuda_binding.cpp) passes raw pointers, the storage type of every tensor of the call
-// (common.h; the state is its acc_t) and the current stream.
+// Launchers of the CUDA multi-step LIF kernels (lif_cuda.cu; the kernels: lif_cuda_kernels.cuh).
+// Torch-free: the binding (lif_cuda_binding.cpp) passes raw pointers, the storage type of every
+// tensor of the call (common.h; the state is its acc_t) and the current stream.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,0 +1,4 @@
+// The float32 LIF kernels and their launchers (lif_cuda_kernels.cuh).
+#include "lif_cuda_kernels.cuh"
+
+template struct htakl::LifCudaLaunch<float>;

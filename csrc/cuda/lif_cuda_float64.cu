@@ -1,0 +1,4 @@
+// The float64 LIF kernels and their launchers (lif_cuda_kernels.cuh).
+#include "lif_cuda_kernels.cuh"
+
+template struct htakl::LifCudaLaunch<double>;
