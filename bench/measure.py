@@ -95,6 +95,27 @@ class CudaTimer:
         return Timing(median_s=median, iqr_s=high - low, samples=calls)
 
 
+def device_microseconds(events, device_type) -> float:
+    """Summed durations of the profiler's events on `device_type` (each kernel, copy and memset
+    is one event of its own there)."""
+    return sum(event.time_range.elapsed_us() for event in events if event.device_type == device_type)
+
+
+def device_seconds_per_call(call: Callable[[], object], calls: int = 10) -> float | None:
+    """The GPU's own time per call: the device work the profiler records over `calls` calls, per
+    call. CUDA events around a call measure the longer of the host's and the GPU's time, and a call
+    whose kernels are short takes the host's; this is what the kernels take, the figure the cost
+    census predicts. None when the profiler recorded no device work."""
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    total = device_microseconds(profile.events(), torch.autograd.DeviceType.CUDA)
+    return total / calls / 1e6 if total > 0 else None
+
+
 def make_timer(device: torch.device, quick: bool):
     if device.type == "cuda":
         return CudaTimer(target_s=0.05 if quick else 0.2)

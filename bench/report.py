@@ -34,10 +34,12 @@ def baselines(rows: list[dict]) -> list[str]:
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the results of every implementation that ran."""
     compared = baselines(rows)
+    # The GPU's own time (profiler), where it was measured: the calls' time can be the host's.
+    with_device = any(row.get("forward_backward_device_s") for row in rows if row["status"] == "ok")
     header = [
         "case", "dtype", "implementation", "fwd+bwd ms (IQR)", "fwd ms (IQR)", "GB/s",
         "% of copy", "saved B/elem", "peak extra MiB",
-    ] + [f"x vs {name}" for name in compared]
+    ] + (["GPU ms", "GPU % of copy"] if with_device else []) + [f"x vs {name}" for name in compared]
     cells = []
     for row in rows:
         if row["status"] != "ok":
@@ -50,7 +52,10 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             _optional(row.get("fraction_of_copy_bandwidth"), 100, ".3g"),
             _optional(_saved_per_element(row), 1, ".3g"),
             _optional(row["peak_extra_bytes"], 1 / 2**20, ".4g"),
-        ] + [_optional(speedups.get(name), 1, ".3g") for name in compared])
+        ] + ([_optional(row.get("forward_backward_device_s"), 1e3, ".4g"),
+              _optional(row.get("device_fraction_of_copy_bandwidth"), 100, ".3g")]
+             if with_device else [])
+          + [_optional(speedups.get(name), 1, ".3g") for name in compared])
     return header, cells
 
 
@@ -94,7 +99,9 @@ def markdown(result: dict) -> str:
         f"- device-to-device copy bandwidth (read + write): {copy['bytes_per_s'] / 1e9:.4g} GB/s",
         f"- {result['byte_model']}",
         "- times: median (IQR) per call in ms; fwd+bwd = forward and backward of a training step, "
-        "fwd = its forward alone (inputs require grad); `x vs B` = B's fwd+bwd time / this one's",
+        "fwd = its forward alone (inputs require grad); `x vs B` = B's fwd+bwd time / this one's"
+        + ("; GPU ms = the device work of one fwd+bwd (torch.profiler, 10 calls), which the call "
+           "times exceed when the host is the slower side" if "GPU ms" in header else ""),
         "",
         "| " + " | ".join(map(_escape, header)) + " |",
         "|" + "---|" * len(header),

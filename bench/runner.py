@@ -135,10 +135,15 @@ def _measure_one(implementation, case, input_sets, timer, device, copy_bps) -> d
         "model_bytes": model_bytes,
         "saved_for_backward": saved,
         "peak_extra_bytes": measure.peak_extra_bytes(device, forward_backward),
+        "forward_backward_device_s": (measure.device_seconds_per_call(forward_backward)
+                                      if device.type == "cuda" else None),
     }
     if model_bytes is not None:
         row["bandwidth_bytes_per_s"] = model_bytes / timing.median_s
         row["fraction_of_copy_bandwidth"] = row["bandwidth_bytes_per_s"] / copy_bps
+        if row["forward_backward_device_s"]:
+            row["device_fraction_of_copy_bandwidth"] = (
+                model_bytes / row["forward_backward_device_s"] / copy_bps)
     return row
 
 

@@ -199,3 +199,29 @@ def test_implementations_filter_by_name_part():
     kept = [implementation.name for implementation in chosen_implementations(found, parts)]
     assert "F.kl_div (floor)" in kept and "reference (eager)" not in kept
     assert kept and all(name.startswith("htakl ") or name == "F.kl_div (floor)" for name in kept)
+
+
+def test_profiler_device_time_sums_the_events_of_one_device():
+    """measure.device_microseconds, the sum behind the GPU-time column, on CPU events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        torch.randn(256, 256) @ torch.randn(256, 256)
+    events = profile.events()
+    cpu_us = measure.device_microseconds(events, torch.autograd.DeviceType.CPU)
+    assert cpu_us > 0
+    assert cpu_us == pytest.approx(sum(e.time_range.elapsed_us() for e in events))
+    assert measure.device_microseconds(events, torch.autograd.DeviceType.CUDA) == 0
+
+
+def test_table_shows_gpu_time_only_where_measured():
+    from bench import report
+    row = {"status": "ok", "role": "ours", "implementation": "htakl cuda", "case": "8x1000",
+           "dtype": "float32", "forward_backward": {"median_s": 2e-3, "iqr_s": 1e-4},
+           "forward": {"median_s": 1e-3, "iqr_s": 1e-4}, "bandwidth_bytes_per_s": 1e9,
+           "fraction_of_copy_bandwidth": 0.1, "saved_for_backward": None,
+           "peak_extra_bytes": None, "speedup": {"forward_backward": {}}, "elements": 8000}
+    header, cells = report.table([row])
+    assert "GPU ms" not in header
+    header, cells = report.table([dict(row, forward_backward_device_s=5e-4,
+                                       device_fraction_of_copy_bandwidth=0.4)])
+    column = header.index("GPU ms")
+    assert cells[0][column] == "0.5" and cells[0][header.index("GPU % of copy")] == "40"

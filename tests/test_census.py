@@ -327,7 +327,7 @@ def test_compare_joins_measured_cases_with_predictions():
     run = {"suite": "lif", "device": {"description": "NVIDIA H100 80GB HBM3"}, "rows": [
         {"implementation": "htakl cuda", "status": "ok", "dtype": "float32", "case": "T8xN1024",
          "dims": {"steps": 8, "neurons": 1024}, "fraction_of_copy_bandwidth": 0.4,
-         "forward_backward": {"median_s": 2e-4}},
+         "device_fraction_of_copy_bandwidth": 0.45, "forward_backward": {"median_s": 2e-4}},
         {"implementation": "htakl cuda", "status": "ok", "dtype": "bfloat16", "case": "T8xN1024",
          "dims": {"steps": 8, "neurons": 1024}, "fraction_of_copy_bandwidth": 0.2,
          "forward_backward": {"median_s": 2e-4}},
@@ -338,5 +338,7 @@ def test_compare_joins_measured_cases_with_predictions():
     rows = compare.join([run], census)
     assert len(rows) == 2  # the baseline is not ours
     assert rows[0]["measured_over_predicted"] == pytest.approx(0.8)
+    assert rows[0]["device_over_predicted"] == pytest.approx(0.75)  # GPU time against the kernels
     assert "predicted_fraction" not in rows[1]  # no census record for bfloat16
-    assert "no census record" in compare.markdown(rows)
+    table = compare.markdown(rows)
+    assert "no census record" in table and "| 40 (45) |" in table and "0.80 (0.75)" in table

@@ -1,6 +1,7 @@
 """Measured against predicted: join a benchmark run's JSON (`python -m bench`) with the census's
 predictions (census.json) and print, per case of this project's kernels, the measured fraction of
-copy bandwidth, the predicted one (as one timed call) and their ratio.
+copy bandwidth, the predicted one (as one timed call) and their ratio; in brackets, the same for
+the GPU's own time (the profiler's, where the run measured it) against the kernels' prediction.
 
     python -m bench.census.compare RUN/lif.json RUN/loss.json [--census bench/results/census/current/census.json]
 
@@ -60,7 +61,8 @@ def join(runs: list[dict], census: list[dict]) -> list[dict]:
             measured = row.get("fraction_of_copy_bandwidth")
             entry = {"backend": backend, "kernel": kernel, "dtype": row["dtype"],
                      "case": row["case"], "card": card, "measured_fraction": measured,
-                     "measured_s": row["forward_backward"]["median_s"]}
+                     "measured_s": row["forward_backward"]["median_s"],
+                     "measured_device_fraction": row.get("device_fraction_of_copy_bandwidth")}
             if record is not None:
                 entry.update(predicted_fraction=record["predicted_call_fraction"],
                              predicted_kernel_fraction=record["predicted_fraction"],
@@ -68,20 +70,28 @@ def join(runs: list[dict], census: list[dict]) -> list[dict]:
                              bound_by=record["call_bound_by"])
                 if measured:
                     entry["measured_over_predicted"] = measured / record["predicted_call_fraction"]
+                if entry["measured_device_fraction"]:
+                    entry["device_over_predicted"] = (entry["measured_device_fraction"]
+                                                      / record["predicted_fraction"])
             rows.append(entry)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| backend | kernel | dtype | case | card | measured % | predicted % (kernel only) | "
-             "measured / predicted | predicted bound by |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| backend | kernel | dtype | case | card | measured % (GPU only) | "
+             "predicted % (kernel only) | measured / predicted | predicted bound by |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         measured = f"{100 * r['measured_fraction']:.0f}" if r["measured_fraction"] else "n/a"
+        if r.get("measured_device_fraction"):
+            measured += f" ({100 * r['measured_device_fraction']:.0f})"
         if "predicted_fraction" in r:
             predicted = (f"{100 * r['predicted_fraction']:.0f} "
                          f"({100 * r['predicted_kernel_fraction']:.0f})")
             ratio = (f"{r['measured_over_predicted']:.2f}"
                      if "measured_over_predicted" in r else "n/a")
+            if "device_over_predicted" in r:
+                ratio += f" ({r['device_over_predicted']:.2f})"
             bound = r["bound_by"]
         else:
             predicted, ratio, bound = "no census record", "", ""
