@@ -81,6 +81,35 @@ def test_loops_take_the_heaviest_arm_once():
     assert body.path_global_bytes == 16
     assert sass.weights(function.instructions[8]) == (1, 0, 4)
     assert sass.weights(function.instructions[8], vector_loop=True) == (1, 0, 0)
+    # the FADD reads R4, which the 16-byte load writes: one load in flight when it waits
+    assert sass.loads_in_flight(body) == 16
+
+
+# Two loops: the first issues two 16-byte loads before it reads either (R8..R11 is the second's),
+# the second loads an address (R6, R7) and then loads through it, so it waits after 8 bytes.
+SASS_IN_FLIGHT = """
+        .section\t.text.k2,"ax",@progbits
+.text.k2:
+.L_x_1:
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/               @P0 LDG.E.128 R8, desc[UR4][R12.64] ;
+        /*0020*/                   IADD3 R2, P1, R2, 0x10, RZ ;
+        /*0030*/                   FADD R20, R11, R4 ;
+        /*0040*/               @P1 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0050*/                   LDG.E.64 R6, desc[UR4][R2.64] ;
+        /*0060*/                   LDG.E R9, desc[UR4][R6.64] ;
+        /*0070*/                   FADD R20, R20, R9 ;
+        /*0080*/               @P1 BRA `(.L_x_2) ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_loads_in_flight_stop_at_the_first_use_of_a_loaded_register():
+    (function,) = sass.parse(SASS_IN_FLIGHT).values()
+    both, chained = function.loops()
+    assert sass.loads_in_flight(both) == 32
+    assert sass.loads_in_flight(chained) == 8
 
 
 def test_resource_usage_report():
@@ -229,6 +258,20 @@ def test_few_blocks_are_latency_bound_and_issue_on_their_sms_only():
     assert issue.issue_s == pytest.approx(1e9 / (card.issue_rate * 8 / card.sms))
 
 
+def test_few_warps_issue_at_their_share_of_the_clocks():
+    card = CARDS["H100"]
+    # 64 registers: 4 blocks of 8 warps per SM, 8 warps per scheduler; a warp that issues every
+    # 16 cycles keeps its scheduler busy every other clock, one that issues every 8 all the time
+    ideal = model.time_launch(card, _launch(dram_bytes=0, instructions=1e9))
+    slow = model.time_launch(card, _launch(dram_bytes=0, instructions=1e9, registers=64,
+                                           warp_issue_interval=16))
+    assert slow.occupancy_blocks == 4
+    assert slow.issue_s == pytest.approx(ideal.issue_s * 2)
+    enough = model.time_launch(card, _launch(dram_bytes=0, instructions=1e9, registers=64,
+                                             warp_issue_interval=8))
+    assert enough.issue_s == pytest.approx(ideal.issue_s)
+
+
 def test_call_time_and_fraction():
     card = CARDS["H200"]
     assert model.call_time(10e-6, 30e-6) == 30e-6
@@ -272,6 +315,23 @@ def test_launch_constants_are_read_from_the_sources():
     changed = hta_text.replace("chunks >= kMaxThreads ? kMaxThreads", "chunks > kMaxThreads ? 256")
     with pytest.raises(ValueError, match="launcher changed"):
         hta_kl.cuda_constants(changed)
+
+
+@needs_nvcc
+def test_cuda_row_cache_only_where_it_leaves_two_blocks_per_sm():
+    """The census's mirror of the launcher: a bfloat16 row of 32000 classes (128 KB) fits shared
+    memory but would leave one block per SM, so it is re-read through L2; a short row is held;
+    a prob_mean row is held where the kernel's registers allow one block per SM anyway."""
+    kernels = hta_kl.CudaKernels(ROOT)
+    card = CARDS["H200"]
+
+    def held(dtype, steps, classes):
+        function, _, threads, shared, cached, _ = kernels.launch(card, dtype, steps, 4096, classes)
+        return cached, model.blocks_per_sm(card, threads, function.registers, shared)
+
+    assert held("bfloat16", 0, 32000) == (False, 2)
+    assert held("bfloat16", 0, 1000)[0]
+    assert held("float32", 4, 8000) == (True, 1)
 
 
 def test_pass_anchors_still_match_the_kernels():

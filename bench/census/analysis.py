@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import source
-from .sass import Function, Instruction
+from .sass import Function, Instruction, loads_in_flight
 from .sass import weights as sass_weights
 
 @dataclass
@@ -26,6 +26,10 @@ class PassCount:
     instructions: float = 0.0  # thread instructions per element
     mufu: float = 0.0
     global_bytes: float = 0.0  # bytes of global/generic loads and stores per element
+    # Iterations per element that wait for their loads (sass.loads_in_flight: a loop's loads of
+    # one iteration are in flight together): global_bytes / round_trips is what one thread moves
+    # per memory latency.
+    round_trips: float = 0.0
 
 
 @dataclass
@@ -76,7 +80,7 @@ def count(function: Function, path: str, anchors: list[tuple[str | None, str]],
     # Several SASS loops running the same source loops in one pass are versions of one loop the
     # compiler specialised on a runtime condition (row in shared memory or not, ...): one runs,
     # so the costliest counts, not their sum.
-    versions: dict[tuple, tuple[float, float, float]] = {}
+    versions: dict[tuple, tuple[float, float, float, float]] = {}
     for loop in function.loops():
         if loop.start not in chains:
             continue  # padding
@@ -93,7 +97,7 @@ def count(function: Function, path: str, anchors: list[tuple[str | None, str]],
         if per_row is not None:
             weight *= per_row(chain)
         cost = (loop.path_instructions * weight, loop.path_mufu * weight,
-                loop.path_global_bytes * weight)
+                loop.path_global_bytes * weight, weight if loads_in_flight(loop) else 0.0)
         key = (name, chain)
         versions[key] = max(versions.get(key, cost), cost)
         by_name[name].loops += 1
@@ -109,12 +113,13 @@ def count(function: Function, path: str, anchors: list[tuple[str | None, str]],
             if name is None or name in skip:
                 continue
             key = (name, ("straight-line", ins.address))
-            versions[key] = tuple(w * spread for w in sass_weights(ins))
-    for (name, _), (instructions, mufu, global_bytes) in versions.items():
+            versions[key] = (*(w * spread for w in sass_weights(ins)), 0.0)
+    for (name, _), (instructions, mufu, global_bytes, round_trips) in versions.items():
         target = by_name[name]
         target.instructions += instructions
         target.mufu += mufu
         target.global_bytes += global_bytes
+        target.round_trips += round_trips
     return result
 
 

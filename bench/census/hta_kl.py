@@ -6,9 +6,12 @@ loop's iteration covers a thread's chunk of classes; a loop over the time steps 
 T times; the radix rounds multiply what they hold). Per-row work (block reductions, histogram
 bookkeeping) is spread over the row's classes.
 
-DRAM: a row read from shared memory (CUDA, when the teacher and all steps fit) or re-read while
-the rows in flight fit in L2 costs the byte model once; otherwise every global read of every pass
-goes to DRAM.
+DRAM: a row read from shared memory (CUDA, when the teacher and all steps fit and the copy
+leaves two blocks per SM) or re-read while the rows in flight fit in L2 costs the byte model once;
+otherwise every global read of every pass goes to DRAM. Bytes in flight per thread (the latency
+bound) are what the passes' loops load before they first wait, from the SASS
+(sass.loads_in_flight). The CUDA kernel's issue time counts its few resident warps
+(CudaKernels.warp_issue_interval, model.issue_share).
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ CUDA_LAUNCHER_LINES = (
     "params.list_capacity = problem.classes < kCandidates ? problem.classes : kCandidates;",
     "2 * params.list_capacity * static_cast<int64_t>(sizeof(radix_key_t<scalar_t>)), kVectorBytes));",
     "params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - front_bytes);",
+    "params.cache_rows = caching_blocks >= std::min(kMinCachingBlocksPerSm, streaming_blocks);",
     "static_cast<unsigned>(problem.rows < INT_MAX ? problem.rows : int64_t(INT_MAX));",
     "return static_cast<size_t>(round_up(2 * steps * static_cast<int64_t>(sizeof(acc_t)), kVectorBytes));",
 )
@@ -96,7 +100,7 @@ CUDA_LAUNCHER_LINES = (
 def cuda_constants(text: str) -> dict[str, int]:
     values = {}
     for name in ("kWarpSize", "kMaxThreads", "kRadixBits", "kCandidates", "kChunksPerThread",
-                 "kStepGroup", "kVectorBytes"):
+                 "kStepGroup", "kVectorBytes", "kMinCachingBlocksPerSm"):
         match = re.search(rf"constexpr int {name} = ([^;]+);", text)
         if match is None:
             raise ValueError(f"HTA-KL CUDA kernel: `constexpr int {name}` not found; the census "
@@ -110,6 +114,12 @@ def cuda_constants(text: str) -> dict[str, int]:
 
 
 class CudaKernels:
+    # Cycles from one instruction of a warp to its next (model.Launch.warp_issue_interval), fitted
+    # on the H200 run's GPU-bound rows (bench/results/census/after-hta-kl-occupancy/): one value
+    # for every pass and dtype; the passes wait on shared-memory and L2 loads, dependent MUFU
+    # results and a block barrier at every reduction.
+    warp_issue_interval = 19.0
+
     def __init__(self, source_root: str):
         tags = {"float32": "f", "bfloat16": "13__nv_bfloat16", "float16": "6__half"}
         self.path, cubins = build.cuda_kernel_cubins(source_root, "hta_kl", tags)
@@ -141,6 +151,13 @@ class CudaKernels:
         stride = math.ceil(classes / width) * width
         cache_bytes = (steps + 1) * stride * b
         cached = cache_bytes <= SHARED_OPTIN - function.shared_bytes - front_bytes
+
+        def resident(dynamic_bytes: int) -> int:
+            return model.blocks_per_sm(card, threads, function.registers,
+                                       function.shared_bytes + dynamic_bytes)
+        # ... and leaves kMinCachingBlocksPerSm blocks per SM, or costs none
+        cached = cached and resident(front_bytes + cache_bytes) >= min(
+            c["kMinCachingBlocksPerSm"], resident(front_bytes))
         shared = function.shared_bytes + front_bytes + (cache_bytes if cached else 0)
         radix_rounds = 32 // c["kRadixBits"]  # float32 keys for every storage but float64
         # The head selection sweeps the row until its candidates fit the shared-memory list
@@ -195,7 +212,12 @@ class CudaKernels:
         skip = tuple(name for name, runs in (("row to shared", cached),
                                              ("5 prob_mean student gradient", steps > 1)) if not runs)
         counts = analysis.count(function, self.path, CUDA_ANCHORS, factor, per_row, skip)
-        return function, counts, threads, shared, cached, c["kVectorBytes"]
+        # What a thread moves per memory latency, from the SASS (sass.loads_in_flight): over the
+        # passes that read the row from global memory (only the copy when the row is held).
+        streaming = [p for p in counts.passes if p.round_trips and (
+            p.name == "row to shared" or not cached)]
+        inflight = sum(p.global_bytes for p in streaming) / sum(p.round_trips for p in streaming)
+        return function, counts, threads, shared, cached, inflight
 
 
 def _triton_index(source_root: str, harness: str | None) -> dict:
@@ -203,6 +225,8 @@ def _triton_index(source_root: str, harness: str | None) -> dict:
 
 
 class TritonKernels:
+    warp_issue_interval = 1.0  # not fitted: the ideal (every warp may issue every clock)
+
     def __init__(self, source_root: str, harness: str | None = None):
         self.path = os.path.join(source_root, "triton_kernels", "hta_kl.py")
         self.index = _triton_index(source_root, harness)
@@ -366,4 +390,5 @@ def launch(card: Card, kernels, dtype: str, steps: int, rows: int, classes: int)
         name="hta_kl", blocks=rows, threads=threads, registers=function.registers,
         shared_bytes=shared, dram_bytes=dram, instructions=counts.instructions * elements,
         mufu=counts.mufu * elements, inflight_bytes_per_thread=inflight,
-        l2_bytes=requested, notes=notes), counts
+        l2_bytes=requested, notes=notes,
+        warp_issue_interval=kernels.warp_issue_interval), counts

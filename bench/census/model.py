@@ -12,7 +12,14 @@ A launch takes the longest of
     over what the SMs with work can draw from L2, or what their loads in flight allow;
 plus the gap between back-to-back launches, plus OVERLAP_LOSS times the second largest (a
 thread of these kernels issues its loads, waits, then computes: with a few warps per scheduler
-the memory and compute phases overlap only in part). An op call as the benchmarks time it (one call at a
+the memory and compute phases overlap only in part).
+
+The issue time assumes every scheduler issues each clock, which needs a ready warp each clock. A
+launch may state how many cycles one of its warps takes from one instruction to its next on
+average (`Launch.warp_issue_interval`: dependent latencies, shared-memory and L2 round trips,
+barriers); a scheduler with w resident warps then issues min(1, w / interval) per clock, so a
+kernel with few resident warps issues slower (HTA-KL on the H200: a block of 16 warps alone on
+its SM ran at about one warp instruction per clock, a quarter of the SM's peak). An op call as the benchmarks time it (one call at a
 time from Python) takes at least the host's time to issue it, whatever the kernels need.
 """
 
@@ -63,6 +70,9 @@ class Launch:
     inflight_bytes_per_thread: float  # global bytes one thread has requested before it waits
     l2_bytes: float = 0.0  # bytes read through L2 (re-reads of a multi-pass kernel included)
     notes: list[str] = field(default_factory=list)
+    # Cycles from one instruction of a warp to its next, on average (1: a warp can issue every
+    # clock, the ideal roofline); see the module's docstring.
+    warp_issue_interval: float = 1.0
 
 
 def blocks_per_sm(card: Card, threads: int, registers: int, shared_bytes: int) -> int:
@@ -74,6 +84,16 @@ def blocks_per_sm(card: Card, threads: int, registers: int, shared_bytes: int) -
     by_threads = card.max_threads_per_sm // (warps * 32)
     by_shared = card.shared_per_sm // (shared_bytes + card.shared_reserved_per_block)
     return max(0, min(by_registers, by_threads, by_shared, card.max_blocks_per_sm))
+
+
+def issue_share(card: Card, launch: Launch, per_sm: int) -> float:
+    """The share of the schedulers' clocks an SM with work issues in: min(1, resident warps per
+    scheduler / launch.warp_issue_interval); 1 for an interval of 1 (the ideal roofline)."""
+    if launch.warp_issue_interval <= 1.0:
+        return 1.0
+    blocks = min(per_sm, math.ceil(launch.blocks / min(card.sms, launch.blocks)))
+    warps_per_scheduler = blocks * math.ceil(launch.threads / 32) / card.issue_per_sm
+    return min(1.0, warps_per_scheduler / launch.warp_issue_interval)
 
 
 @dataclass
@@ -111,7 +131,8 @@ def time_launch(card: Card, launch: Launch, overlap_loss: float | None = None) -
     l2_bandwidth = min(active_sms * L2_BYTES_PER_CLOCK_PER_SM * card.clock_hz,
                        resident_threads * launch.inflight_bytes_per_thread / L2_LATENCY_S)
     l2_s = launch.l2_bytes / l2_bandwidth
-    issue_s = launch.instructions / (card.issue_rate * compute_share)
+    issue_s = launch.instructions / (card.issue_rate * compute_share * issue_share(card, launch,
+                                                                                  per_sm))
     mufu_s = launch.mufu / (card.mufu_rate * compute_share)
     terms = {"dram" if bandwidth == card.copy_bandwidth else "latency": dram_s,
              "issue": issue_s, "mufu": mufu_s, "l2": l2_s}

@@ -148,6 +148,38 @@ def access_bytes(ins: Instruction) -> int:
     return next((_WIDTHS[m] for m in modifiers if m in _WIDTHS), 4)
 
 
+_REGISTER = re.compile(r"\bR(\d+)(\.64)?\b")
+
+
+def _registers(operand_text: str) -> set[int]:
+    """Register numbers an operand list names (a 64-bit pair `R12.64` names R12 and R13)."""
+    named = set()
+    for number, pair in _REGISTER.findall(operand_text):
+        named.update(range(int(number), int(number) + (2 if pair else 1)))
+    return named
+
+
+def loads_in_flight(loop: Loop) -> int:
+    """Bytes of global (or generic) loads one thread of `loop` has issued in an iteration before
+    it first reads a register one of them writes: what it has in flight when it starts to wait
+    (Little's law's bytes per thread). Walks the loop's own instructions in address order."""
+    pending: set[int] = set()
+    issued = 0
+    for ins in sorted(loop.instructions, key=lambda i: i.address):
+        operands = re.sub(r"^(@!?U?P[T0-9]+\s+)?\S+\s*", "", ins.text)  # predicate, opcode
+        if ins.base in ("LDG", "LD"):
+            destination, _, sources = operands.partition(",")
+            if pending & _registers(sources):
+                break
+            first = _registers(destination)
+            size = access_bytes(ins)
+            pending.update(range(min(first), min(first) + max(1, size // 4)) if first else ())
+            issued += size
+        elif pending & _registers(operands):
+            break
+    return issued
+
+
 def weights(ins: Instruction, vector_loop: bool = False) -> tuple[int, int, int]:
     """(1, MUFU or not, global bytes) of one instruction. In a loop that moves 16-byte vectors
     (`vector_loop`), a predicated narrower access is the row's unaligned edge, which the

@@ -19,9 +19,10 @@
 // works in base 2 (LogBase: one exp2 per softmax, no log per class). Each kind of student (one
 // softmax, logit_mean, prob_mean) is its own kernel (Student), so no pass carries another's code.
 //
-// Memory. When the row (teacher plus T student steps, storage dtype) fits in shared memory, the
-// block copies it there once with 16-byte loads and every pass reads shared memory: the kernel
-// reads each input byte from DRAM once. Larger rows (C up to 2^31 - 1) are re-read from global
+// Memory. When the row (teacher plus T student steps, storage dtype) fits in shared memory and
+// the copy still leaves two blocks per SM (or costs none), the block copies it there once with
+// 16-byte loads and every pass reads shared memory: the kernel reads each input byte from DRAM
+// once. Other rows (C up to 2^31 - 1) are re-read from global
 // memory in every pass (mostly L2 hits); that is the multi-pass path. Rows are addressed by 64-bit
 // base pointers and 32-bit offsets within the row. Every pass walks its row's whole 16-byte chunks
 // with one vector access each and no bounds checks when all the row's pointers are aligned, then
@@ -53,6 +54,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -89,6 +91,8 @@ constexpr int kStepGroupOf = sizeof(acc_t) == 8 ? 1 : kStepGroup;
 template <typename acc_t>
 constexpr int kStepSumsOf = kStepGroupOf<acc_t> * kSumsPerStep;
 constexpr int kVectorBytes = 16;
+// Resident blocks per SM a row cache in shared memory must leave (the launcher's choice).
+constexpr int kMinCachingBlocksPerSm = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Types: storage -> accumulation is common.h's acc_t (to_acc / from_acc convert); the key type of
@@ -1242,31 +1246,43 @@ cudaError_t HtaKlCudaLaunch<scalar_t>::fused(const HtaKlCudaProblem& problem,
       kVectorBytes));
   const size_t front_bytes = steps_bytes + params.list_bytes;
   if (front_bytes > shared_limit) return cudaErrorInvalidValue;  // T beyond hta_kl_cuda_max_steps
-  // Keep the row in shared memory when the teacher and all steps fit (the size is compared in
-  // double: (T + 1) * C may overflow 64 bits only far beyond any shared memory).
-  const double cache_bytes = static_cast<double>(problem.steps + 1) *
-                             static_cast<double>(params.cache_row_stride) * sizeof(scalar_t);
-  params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - front_bytes);
-  const size_t dynamic_bytes =
-      front_bytes + (params.cache_rows ? static_cast<size_t>(cache_bytes) : size_t(0));
 
   // Whole warps, kChunksPerThread chunks per thread on short rows, at most kMaxThreads.
   const int64_t chunks = (problem.classes + kWidth - 1) / kWidth;
   const int64_t thread_chunks = (chunks + kChunksPerThread - 1) / kChunksPerThread;
   const int threads = static_cast<int>(
       thread_chunks >= kMaxThreads ? kMaxThreads : round_up(thread_chunks, kWarpSize));
+  // A 2-D student or one step: logit_mean and prob_mean agree.
+  void (*const kernel)(KernelParams<scalar_t>) =
+      problem.steps == 1   ? hta_kl_fused_kernel<scalar_t, Student::kSingle>
+      : options.logit_mean ? hta_kl_fused_kernel<scalar_t, Student::kLogitMean>
+                           : hta_kl_fused_kernel<scalar_t, Student::kProbMean>;
+
+  // Keep the row in shared memory when the teacher and all steps fit (the size is compared in
+  // double: (T + 1) * C may overflow 64 bits only far beyond any shared memory), and the cache
+  // leaves kMinCachingBlocksPerSm blocks resident per SM or costs none. A block alone on its SM
+  // copies its row, then computes on it: the DRAM idles while it computes and its few warps
+  // cannot hide the passes' latencies (bench/census/model.py); re-reading the row through L2 in
+  // every pass with more resident blocks is then faster.
+  const double cache_bytes = static_cast<double>(problem.steps + 1) *
+                             static_cast<double>(params.cache_row_stride) * sizeof(scalar_t);
+  params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - front_bytes);
+  if (params.cache_rows) {
+    int caching_blocks = 0, streaming_blocks = 0;
+    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &caching_blocks, kernel, threads, front_bytes + static_cast<size_t>(cache_bytes));
+    if (error != cudaSuccess) return error;
+    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&streaming_blocks, kernel, threads,
+                                                          front_bytes);
+    if (error != cudaSuccess) return error;
+    params.cache_rows = caching_blocks >= std::min(kMinCachingBlocksPerSm, streaming_blocks);
+  }
+  const size_t dynamic_bytes =
+      front_bytes + (params.cache_rows ? static_cast<size_t>(cache_bytes) : size_t(0));
+
   const unsigned blocks =
       static_cast<unsigned>(problem.rows < INT_MAX ? problem.rows : int64_t(INT_MAX));
-  if (problem.steps == 1) {  // a 2-D student, or one step: logit_mean and prob_mean agree
-    hta_kl_fused_kernel<scalar_t, Student::kSingle>
-        <<<blocks, threads, dynamic_bytes, stream>>>(params);
-  } else if (options.logit_mean) {
-    hta_kl_fused_kernel<scalar_t, Student::kLogitMean>
-        <<<blocks, threads, dynamic_bytes, stream>>>(params);
-  } else {
-    hta_kl_fused_kernel<scalar_t, Student::kProbMean>
-        <<<blocks, threads, dynamic_bytes, stream>>>(params);
-  }
+  kernel<<<blocks, threads, dynamic_bytes, stream>>>(params);
   return cudaGetLastError();
 }
 
