@@ -19,8 +19,10 @@ launch may state how many cycles one of its warps takes from one instruction to 
 average (`Launch.warp_issue_interval`: dependent latencies, shared-memory and L2 round trips,
 barriers); a scheduler with w resident warps then issues min(1, w / interval) per clock, so a
 kernel with few resident warps issues slower (HTA-KL on the H200: a block of 16 warps alone on
-its SM ran at about one warp instruction per clock, a quarter of the SM's peak). An op call as the benchmarks time it (one call at a
-time from Python) takes at least the host's time to issue it, whatever the kernels need.
+its SM ran at about one warp instruction per clock, a quarter of the SM's peak).
+
+An op call as the benchmarks time it (one call at a time from Python) takes at least the host's
+time to issue it, whatever the kernels need.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@
 // Memory. When the row (teacher plus T student steps, storage dtype) fits in shared memory and
 // the copy still leaves two blocks per SM (or costs none), the block copies it there once with
 // 16-byte loads and every pass reads shared memory: the kernel reads each input byte from DRAM
-// once. Other rows (C up to 2^31 - 1) are re-read from global
-// memory in every pass (mostly L2 hits); that is the multi-pass path. Rows are addressed by 64-bit
-// base pointers and 32-bit offsets within the row. Every pass walks its row's whole 16-byte chunks
+// once. Other rows (C up to 2^31 - 1) are re-read from global memory in every pass (mostly L2
+// hits); that is the multi-pass path. Rows are addressed by 64-bit base pointers and 32-bit
+// offsets within the row. Every pass walks its row's whole 16-byte chunks
 // with one vector access each and no bounds checks when all the row's pointers are aligned, then
 // the row's edge element by element (for_each_span). A single block per row loops over any C; a cooperating group of blocks per row
 // is not implemented: it only pays off when there are fewer rows than SMs.
