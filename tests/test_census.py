@@ -112,6 +112,55 @@ def test_loads_in_flight_stop_at_the_first_use_of_a_loaded_register():
     assert sass.loads_in_flight(chained) == 8
 
 
+def _body(*lines: str) -> list[sass.Instruction]:
+    """Instructions from SASS text lines (addresses in order)."""
+    text = ".text.kern:\n" + "".join(f"        /*{16 * n:04x}*/ {line} ;\n"
+                                     for n, line in enumerate(lines))
+    (function,) = sass.parse(text).values()
+    return function.instructions
+
+
+def test_a_load_used_right_away_has_its_own_bytes_in_flight():
+    body = _body("LDG.E.128 R4, desc[UR4][R2.64]", "FADD R8, R4, R8",
+                 "LDG.E.128 R4, desc[UR4][R12.64]", "FADD R9, R7, R9")
+    # each 16-byte load waited for before the next is issued
+    assert sass.load_waits(body) == (32, 2)
+
+
+def test_loads_issued_before_the_first_use_arrive_together():
+    body = _body("LDG.E.128 R4, desc[UR4][R2.64]", "LDG.E.128 R8, desc[UR4][R12.64]",
+                 "LDG.E.64 R20, desc[UR4][R14.64]", "FADD R30, R11, R30",  # R8..R11: a use
+                 "FADD R31, R4, R21", "@P0 BRA `(.L_x_9)", "FADD R31, R31, R4")
+    # one wait for 40 bytes: the loads issued together return together, and a branch does not
+    # end the run
+    assert sass.load_waits(body) == (40, 1)
+
+
+def test_overwriting_a_pending_register_waits_and_a_store_reads_all_its_data():
+    overwrite = _body("LDG.E R4, desc[UR4][R2.64]", "MOV R4, RZ", "LDG.E R5, desc[UR4][R2.64]",
+                      "IADD3 R5, R5, 1, RZ")
+    assert sass.load_waits(overwrite) == (8, 2)  # the MOV waits for R4 as the IADD3 for R5
+    store = _body("LDG.E R7, desc[UR4][R2.64]", "STG.E.128 desc[UR4][R12.64], R4")
+    assert sass.load_waits(store) == (4, 1)  # the 16-byte store reads R4..R7
+
+
+def test_loads_for_the_next_iteration_are_waited_for_there():
+    # software pipelined: the load of the next step is issued before this step's use of the
+    # previous one, through a register copy
+    body = _body("MOV R8, R4", "LDG.E.128 R4, desc[UR4][R2.64]", "FADD R9, R8, R9",
+                 "FADD R9, R9, R10")
+    # the MOV of the next iteration waits for the load: one wait per iteration
+    assert sass.load_waits(body) == (16, 1)
+
+
+def test_absent_loads_put_nothing_in_flight():
+    body = _body("@P1 LDG.E.128 R8, desc[UR4][R12.64]", "LDG.E.128 R4, desc[UR4][R2.64]",
+                 "@P1 FADD R20, R8, R20", "FADD R21, R4, R21")
+    assert sass.load_waits(body) == (32, 1)
+    optional = body[0]
+    assert sass.load_waits(body, absent=lambda ins: ins is optional) == (16, 1)
+
+
 def test_resource_usage_report():
     report = """
  Function _Z4kernPf:

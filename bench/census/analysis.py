@@ -30,6 +30,10 @@ class PassCount:
     # one iteration are in flight together): global_bytes / round_trips is what one thread moves
     # per memory latency.
     round_trips: float = 0.0
+    # per element, from the loops' steady state (sass.load_waits): bytes loaded, and the waits on
+    # loads in flight; their ratio is the bytes one thread has in flight per memory latency
+    loaded_bytes: float = 0.0
+    load_waits: float = 0.0
 
 
 @dataclass
@@ -97,7 +101,8 @@ def count(function: Function, path: str, anchors: list[tuple[str | None, str]],
         if per_row is not None:
             weight *= per_row(chain)
         cost = (loop.path_instructions * weight, loop.path_mufu * weight,
-                loop.path_global_bytes * weight, weight if loads_in_flight(loop) else 0.0)
+                loop.path_global_bytes * weight, weight if loads_in_flight(loop) else 0.0,
+                loop.loaded_bytes * weight, loop.load_waits * weight)
         key = (name, chain)
         versions[key] = max(versions.get(key, cost), cost)
         by_name[name].loops += 1
@@ -113,13 +118,17 @@ def count(function: Function, path: str, anchors: list[tuple[str | None, str]],
             if name is None or name in skip:
                 continue
             key = (name, ("straight-line", ins.address))
-            versions[key] = (*(w * spread for w in sass_weights(ins)), 0.0)
-    for (name, _), (instructions, mufu, global_bytes, round_trips) in versions.items():
+            # (no loads in flight counted: per-row code, not the streaming loops)
+            versions[key] = (*(w * spread for w in sass_weights(ins)), 0.0, 0.0, 0.0)
+    for (name, _), (instructions, mufu, global_bytes, round_trips, loaded, waits) in (
+            versions.items()):
         target = by_name[name]
         target.instructions += instructions
         target.mufu += mufu
         target.global_bytes += global_bytes
         target.round_trips += round_trips
+        target.loaded_bytes += loaded
+        target.load_waits += waits
     return result
 
 

@@ -83,6 +83,9 @@ def _segment_kernels(source_root, path, functions, threads, chunk) -> dict:
     if rare is not None:
         for function in functions.values():
             function.leave_out(rare)
+    absent = _loads_of(path, "grad_v_seq")
+    for function in functions.values():
+        function.leave_out_loads(absent)
     backward_anchors = [("sweep 1: checkpoints", r"^\s*group\.begin_forward\(\);"),
                         ("sweep 2: segments", r"^\s*group\.begin_backward\(\);"),
                         (None, r"^\s*group\.end_backward\(\);")]
@@ -135,6 +138,35 @@ def _rare_division(math_path: str):
                 and os.path.basename(ins.source[0].file) == "lif_math.h"
                 and ins.base not in ("BSSY", "BSYNC"))
     return rare
+
+
+def _loads_of(path: str, tensor: str):
+    """Picks the loads of the optional input `tensor` (the line `load_acc(<tensor> + ...` of the
+    CUDA kernels, anywhere in an instruction's inlining chain): the calls the census models (the
+    benchmarks') do not pass it, and its loads, predicated off, put nothing in flight."""
+    lines = {n for n, text in enumerate(open(path).read().splitlines(), start=1)
+             if re.search(rf"load_acc\(\s*{tensor}\s*\+", text)}
+    if not lines:
+        raise ValueError(f"{path}: no `load_acc({tensor} + ...)`; the census leaves its loads out "
+                         f"of the bytes in flight")
+    name = os.path.basename(path)
+
+    def picked(ins) -> bool:
+        return ins.base in ("LDG", "LD") and any(
+            frame.line in lines and os.path.basename(frame.file) == name for frame in ins.source)
+    return picked
+
+
+def in_flight(weighted_passes) -> float:
+    """Bytes one thread has in flight per memory latency over a launch's passes, each weighted by
+    the times it runs per element: their loaded bytes over their waits on loads (sass.load_waits,
+    from the compiled code)."""
+    loaded = sum(weight * p.loaded_bytes for p, weight in weighted_passes)
+    waits = sum(weight * p.load_waits for p, weight in weighted_passes)
+    if waits <= 0:
+        raise ValueError(f"passes {[p.name for p, _ in weighted_passes]}: no wait on a global "
+                         f"load found in their loops; the census cannot size the bytes in flight")
+    return loaded / waits
 
 
 def _one_instantiation(functions: dict, prefix: str):
@@ -215,7 +247,7 @@ def launches(card: Card, kernels: dict, dtype: str, steps: int, neurons: int) ->
         if direction == "forward":
             # read x, write the spikes; v_init in, v_last out
             dram = 2 * elements * b + 2 * neurons * b
-            inflight = min(chunk, steps) * per_thread * b
+            inflight = in_flight([(p, 1.0) for p in counts.passes])
         elif schedule == "segments":
             # sweep 2 runs every step once; sweep 1 the steps before the last segment
             segments = -(-steps // chunk)
@@ -231,8 +263,8 @@ def launches(card: Card, kernels: dict, dtype: str, steps: int, neurons: int) ->
             notes.append(f"segment {chunk}: H in registers" + (
                 f"; x read {1 + reread:.2f} times, {checkpoint_rows} checkpoint rows"
                 if segments > 1 else ", x read once"))
-            # the unrolled segment's loads of x depend on nothing computed: issued together
-            inflight = min(chunk, steps) * per_thread * b
+            # sweep 1 runs `reread` times per element (not at all for one segment), sweep 2 once
+            inflight = in_flight([(sweep1, reread), *((p, 1.0) for p in counts.passes[1:])])
         else:
             # read x (sweep 1), read grad_spikes, write grad_x (sweep 2); grad_v_last, grad_v_init
             dram = 3 * elements * b + 2 * neurons * b
@@ -249,8 +281,8 @@ def launches(card: Card, kernels: dict, dtype: str, steps: int, neurons: int) ->
             else:
                 dram += 2 * elements * SCRATCH_BYTES
                 notes.append("H scratch round trip through DRAM")
-            # sweep 1 has the fewest bytes in flight: x alone
-            inflight = min(chunk, steps) * per_thread * b
+            inflight = in_flight([(p, 1.0) for p in counts.passes])
+        notes.append(f"{inflight:.0f} B in flight per thread and wait")
         result.append(model.Launch(
             name=direction, blocks=blocks, threads=threads, registers=function.registers,
             shared_bytes=function.shared_bytes, dram_bytes=dram,

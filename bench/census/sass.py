@@ -80,6 +80,11 @@ class Loop:
     path_instructions: int = 0
     path_mufu: int = 0
     path_global_bytes: int = 0  # bytes one thread loads and stores from global memory on it
+    # Global loads of one iteration in steady state (load_waits): bytes one thread loads, and the
+    # times it stalls on a load still in flight. Their ratio is the bytes it has in flight per
+    # memory latency.
+    loaded_bytes: int = 0
+    load_waits: int = 0
 
     def contains(self, other: "Loop") -> bool:
         return self.start <= other.start and other.end <= self.end and self is not other
@@ -112,6 +117,12 @@ class Function:
             loop.path_instructions, loop.path_mufu, loop.path_global_bytes = _longest_path(
                 loop, nested, self.labels, rare)
 
+    def leave_out_loads(self, absent: Callable[[Instruction], bool]) -> None:
+        """Recount every loop's loads in flight (load_waits) with the loads `absent` picks not
+        issued."""
+        for loop in self.loops():
+            loop.loaded_bytes, loop.load_waits = load_waits(loop.instructions, absent)
+
     def _find_loops(self) -> list[Loop]:
         ranges: dict[int, int] = {}
         for ins in self.instructions:
@@ -130,6 +141,7 @@ class Function:
             nested = [inner for inner in loops if loop.contains(inner)]
             loop.path_instructions, loop.path_mufu, loop.path_global_bytes = _longest_path(
                 loop, nested, self.labels)
+            loop.loaded_bytes, loop.load_waits = load_waits(loop.instructions)
         return loops
 
 
@@ -178,6 +190,70 @@ def loads_in_flight(loop: Loop) -> int:
         elif pending & _registers(operands):
             break
     return issued
+
+
+_PREDICATE = re.compile(r"^@!?U?P[T0-9]+\s+")
+
+
+def _operands(ins: Instruction) -> list[str]:
+    body = _PREDICATE.sub("", ins.text).split(None, 1)
+    return [part.strip() for part in body[1].split(",")] if len(body) > 1 else []
+
+
+def _is_load(ins: Instruction) -> bool:
+    return ins.base in ("LDG", "LD")
+
+
+def _spanned(operand: str, count: int) -> set[int]:
+    """The `count` registers from the first one `operand` names (a load's destination, a store's
+    data), none if it names none (RZ)."""
+    named = _registers(operand)
+    return set(range(min(named), min(named) + count)) if named else set()
+
+
+def _touched(ins: Instruction) -> set[int]:
+    """The general registers one instruction reads or writes; the data operand of a global access
+    of 8 or 16 bytes (the first operand of a load, the last of a store) names two or four."""
+    operands = _operands(ins)
+    found = set().union(*(_registers(op) for op in operands))
+    size = access_bytes(ins)
+    if size > 4 and operands:
+        found |= _spanned(operands[0] if _is_load(ins) else operands[-1], size // 4)
+    return found
+
+
+def load_waits(instructions: list[Instruction],
+               absent: Callable[[Instruction], bool] | None = None) -> tuple[int, int]:
+    """(bytes of global loads, waits on them) of one thread over one iteration of a loop body in
+    steady state; loads `absent` picks are not issued (an optional input the modelled call does
+    not pass). Where loads_in_flight sizes the first wait of an iteration, this counts every wait
+    in it: a fully unrolled body (the LIF backward's segment) waits many times per iteration.
+
+    Program order, address by address (every arm of a branch in turn; a branch does not wait:
+    the scoreboard of a load outlives it). A load's destination registers are pending until an
+    instruction reads or overwrites one of them: that instruction waits, and the loads issued
+    before it are taken to arrive with the awaited one (loads issued back to back return
+    together), so every pending load is cleared. A thread then moves (bytes loaded / waits) per
+    memory latency: a 16-byte load used right after it is issued gives 16, a segment's 32 such
+    loads issued before the first use 512. The body is walked twice and the second walk counted,
+    so that loads issued for the next iteration (software pipelining across the back edge) are
+    waited for where they are used."""
+    pending: set[int] = set()
+    counted = (0, 0)
+    for _ in range(2):
+        loaded = waits = 0
+        for ins in instructions:
+            if absent is not None and absent(ins):
+                continue
+            if pending & _touched(ins):
+                waits += 1
+                pending.clear()
+            if _is_load(ins):
+                size = access_bytes(ins)
+                loaded += size
+                pending |= _spanned(_operands(ins)[0], max(size // 4, 1))
+        counted = (loaded, waits)
+    return counted
 
 
 def weights(ins: Instruction, vector_loop: bool = False) -> tuple[int, int, int]:
