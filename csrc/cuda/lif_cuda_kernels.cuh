@@ -57,10 +57,18 @@ struct alignas(sizeof(T) * kWidth) Packed {
 };
 
 template <typename scalar_t, int kWidth, typename acc_t = htakl::acc_t<scalar_t>>
-__device__ __forceinline__ void load_acc(const scalar_t* __restrict__ from, acc_t (&to)[kWidth]) {
-  const Packed<scalar_t, kWidth> packed = *reinterpret_cast<const Packed<scalar_t, kWidth>*>(from);
+__device__ __forceinline__ void unpack_acc(const Packed<scalar_t, kWidth>& packed,
+                                           acc_t (&to)[kWidth]) {
 #pragma unroll
   for (int w = 0; w < kWidth; ++w) to[w] = to_acc(packed.value[w]);
+}
+
+template <typename scalar_t, int kWidth, typename acc_t = htakl::acc_t<scalar_t>>
+__device__ __forceinline__ void load_acc(const scalar_t* __restrict__ from, acc_t (&to)[kWidth]) {
+  // one 16-byte load into a local copy, then the conversions (converting through a reference
+  // to the row lets the compiler split the load and interleave it with the forward's steps)
+  const Packed<scalar_t, kWidth> packed = *reinterpret_cast<const Packed<scalar_t, kWidth>*>(from);
+  unpack_acc(packed, to);
 }
 
 template <typename scalar_t, int kWidth, typename acc_t = htakl::acc_t<scalar_t>>
@@ -137,6 +145,7 @@ struct ThreadNeurons {
   scalar_t* __restrict__ grad_x;
   scalar_t* __restrict__ grad_v_init;
   acc_t* __restrict__ checkpoints;  // [lif_checkpoints(steps, kSegment), neurons]
+  int64_t steps;
   int64_t neurons;
   int64_t n;  // the thread's first neuron
   // The element offset of the step forward() reads next, or backward() handled last: a
@@ -150,16 +159,27 @@ struct ThreadNeurons {
   acc_t v[kWidth];
   acc_t g_v[kWidth];
   acc_t h[kSegment][kWidth];
+  // The rows of the next kLoadAhead steps of the walk, loaded together: x ahead of the forward
+  // walk, the spikes' gradient ahead of the backward walk (a segment's forward walk ends before
+  // its backward walk starts, so they share the registers); slot k % kLoadAhead holds step k of
+  // the segment. The loads depend on nothing computed, so a thread has kLoadAhead steps' loads in
+  // flight per memory latency rather than one step's 16 bytes (bench/census counts the waits in
+  // the compiled code). Not the whole segment: beside the long segments' H, ptxas spills. One
+  // step in the one-neuron kernel, where ptxas spills around the division's slow path with more.
+  static constexpr int kLoadAhead = kWidth == 1 ? 1 : kSegment < kChunk ? kSegment : kChunk;
+  static_assert(kSegment % kLoadAhead == 0, "a segment's steps fill whole slots of `ahead`");
+  Packed<scalar_t, kWidth> ahead[kLoadAhead];
 
   __device__ __forceinline__ ThreadNeurons(const scalar_t* grad_spikes_,
                                            const scalar_t* grad_v_last_,
                                            const scalar_t* grad_v_seq_, const scalar_t* x_,
                                            const scalar_t* v_init_, scalar_t* grad_x_,
                                            scalar_t* grad_v_init_, acc_t* checkpoints_,
-                                           int64_t neurons_, int64_t n_, LifParams<acc_t> p_)
+                                           int64_t steps_, int64_t neurons_, int64_t n_,
+                                           LifParams<acc_t> p_)
       : grad_spikes(grad_spikes_), grad_v_last(grad_v_last_), grad_v_seq(grad_v_seq_), x(x_),
         v_init(v_init_), grad_x(grad_x_), grad_v_init(grad_v_init_), checkpoints(checkpoints_),
-        neurons(neurons_), n(n_), p(p_) {}
+        steps(steps_), neurons(neurons_), n(n_), p(p_) {}
 
   __device__ __forceinline__ void begin_forward() { load_acc(v_init + n, v); }
   __device__ __forceinline__ void save(int64_t c) {
@@ -169,11 +189,28 @@ struct ThreadNeurons {
     if (c == 0) return begin_forward();
     copy_state(v, checkpoints + (c - 1) * neurons + n);
   }
+  // Rows first .. first + count - 1 of `rows` (count <= kLoadAhead) into ahead[0 .. count - 1].
+  __device__ __forceinline__ void load_ahead(const scalar_t* __restrict__ rows, int64_t first,
+                                             int64_t count) {
+    const scalar_t* from = rows + first * neurons + n;
+#pragma unroll
+    for (int j = 0; j < kLoadAhead; ++j) {
+      // the slots past `count` are set too (never read), so that no register keeps the previous
+      // rows alive beside H
+      ahead[j] = kLoadAhead == 1 || j < count
+                     ? *reinterpret_cast<const Packed<scalar_t, kWidth>*>(from)
+                     : Packed<scalar_t, kWidth>{};
+      from += neurons;
+    }
+  }
   __device__ __forceinline__ void forward(int64_t t, int k, bool keep) {
+    // lif_backward_segments walks every segment forward from its first step (k = 0) to the
+    // sequence's last step at most
+    if (k % kLoadAhead == 0) load_ahead(x, t, steps - t);
     if (!kCursor || k == 0) cursor = t * neurons + n;
-    acc_t x_t[kWidth];
-    load_acc(x + cursor, x_t);
     cursor += neurons;
+    acc_t x_t[kWidth];
+    unpack_acc(ahead[k % kLoadAhead], x_t);
 #pragma unroll
     for (int w = 0; w < kWidth; ++w) {
       const acc_t h_t = lif_charge(v[w], x_t[w], p);  // SPEC 3
@@ -191,7 +228,13 @@ struct ThreadNeurons {
     acc_t g_spike[kWidth], g_seq[kWidth];
 #pragma unroll
     for (int w = 0; w < kWidth; ++w) g_spike[w] = acc_t(0);
-    if (grad_spikes != nullptr) load_acc(grad_spikes + index, g_spike);
+    if (grad_spikes != nullptr) {
+      // the backward walk starts at the segment's last step (k = kSegment - 1, or the sequence's
+      // last step) and goes down: a slot's rows are loaded at the top of it
+      const int slot = k % kLoadAhead;
+      if (slot == kLoadAhead - 1 || t == steps - 1) load_ahead(grad_spikes, t - slot, slot + 1);
+      unpack_acc(ahead[slot], g_spike);
+    }
     if (grad_v_seq != nullptr) {
       load_acc(grad_v_seq + index, g_seq);
 #pragma unroll
@@ -221,7 +264,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kWidth;
   if (n >= neurons) return;
   ThreadNeurons<scalar_t, kWidth, kSegment> group(grad_spikes, grad_v_last, grad_v_seq, x, v_init,
-                                                  grad_x, grad_v_init, checkpoints, neurons, n, p);
+                                                  grad_x, grad_v_init, checkpoints, steps,
+                                                  neurons, n, p);
   lif_backward_segments(steps, std::integral_constant<int, kSegment>{}, group);
 }
 
