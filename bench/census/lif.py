@@ -143,7 +143,9 @@ def _rare_division(math_path: str):
 def _loads_of(path: str, tensor: str):
     """Picks the loads of the optional input `tensor` (the line `load_acc(<tensor> + ...` of the
     CUDA kernels, anywhere in an instruction's inlining chain): the calls the census models (the
-    benchmarks') do not pass it, and its loads, predicated off, put nothing in flight."""
+    benchmarks') do not pass it, and its loads, predicated off, put nothing in flight. As good as
+    ptxas's line info: it may give such a load the line of the load issued beside it
+    (bench/results/census/after-lif-inflight/README.md lists the cases seen)."""
     lines = {n for n, text in enumerate(open(path).read().splitlines(), start=1)
              if re.search(rf"load_acc\(\s*{tensor}\s*\+", text)}
     if not lines:
