@@ -78,12 +78,14 @@ def cuda_cubin(source_root: str, kernel_file: str) -> str:
 def cuda_kernel_cubins(source_root: str, family: str, dtypes) -> tuple[str, list[str]]:
     """(the file holding the CUDA kernels of `family` ("lif" or "hta_kl") in `source_root`, the
     sm_90 cubins of their storage types `dtypes`): the kernels live in
-    csrc/cuda/<family>_cuda_kernels.cuh and compile from one <family>_cuda_<dtype>.cu per storage
-    type; in trees before that split, <family>_cuda.cu holds and compiles them all."""
+    csrc/cuda/<family>_cuda_kernels.cuh and compile from <family>_cuda_<dtype>*.cu (one or two
+    files per storage type); in trees before that split, <family>_cuda.cu holds and compiles them all."""
     folder = os.path.join(source_root, "csrc", "cuda")
     header = os.path.join(folder, f"{family}_cuda_kernels.cuh")
     if os.path.exists(header):
-        return header, [cuda_cubin(source_root, f"{family}_cuda_{dtype}.cu") for dtype in dtypes]
+        # lif_cuda_<dtype>_long.cu holds a type's long-segment backward
+        return header, [cuda_cubin(source_root, os.path.basename(path)) for dtype in dtypes
+                        for path in sorted(glob.glob(os.path.join(folder, f"{family}_cuda_{dtype}*.cu")))]
     return os.path.join(folder, f"{family}_cuda.cu"), [cuda_cubin(source_root, f"{family}_cuda.cu")]
 
 

@@ -36,12 +36,14 @@ constexpr int kChunk = 8;
 
 // Steps of H a backward thread holds in registers (kWidth values each): short sequences take the
 // short segment (fewer registers, more threads per SM), longer ones the long one; past it, H is
-// recomputed from checkpoints. The long segments keep the thread's H at 128 registers (64 for
-// float64) so that two blocks fit per SM; bench/census (python -m bench.census) weighs them.
+// recomputed from checkpoints. The long segment is 16 steps in every type: H takes 64 registers in
+// float32 and float64, 128 in the 16-bit types (8 neurons a thread). float32's 32 steps, which the
+// census rated 62 % of copy against 54 % for 16 (H200 constants), made a file that compiled in
+// over 30 s, and on an H200 the kernel before it reached 16 % (bench/results/nvidia-h200).
 template <typename scalar_t>
 struct Segments {
   static constexpr int kShort = 8;
-  static constexpr int kLong = sizeof(scalar_t) == 4 ? 32 : 16;
+  static constexpr int kLong = 16;
 };
 // One neuron per thread (rows not 16-byte aligned, a rare layout): one segment length, the short
 // one; with longer segments or chunks ptxas spills a few bytes around the out-of-line slow path of
@@ -332,30 +334,38 @@ int64_t LifCudaLaunch<scalar_t>::backward_checkpoint_rows(const LifBackwardArgs&
   return lif_checkpoints(a.steps, backward_plan<scalar_t>(a).segment);
 }
 
+template <typename scalar_t, LifBackwardKernel kKernel>
+cudaError_t LifCudaBackward<scalar_t, kKernel>::launch(const LifBackwardArgs& a,
+                                                       const LifParams<double>& params,
+                                                       cudaStream_t stream) {
+  using acc_t = htakl::acc_t<scalar_t>;
+  using S = Segments<scalar_t>;
+  constexpr int kWidth = kKernel == LifBackwardKernel::kOneNeuron ? 1 : kVectorWidth<scalar_t>;
+  constexpr int kSegment = kKernel == LifBackwardKernel::kOneNeuron     ? kScalarSegment
+                           : kKernel == LifBackwardKernel::kShortSegment ? S::kShort
+                                                                         : S::kLong;
+  lif_backward_kernel<scalar_t, kWidth, kSegment><<<blocks_for(a.neurons, kWidth), kThreads, 0,
+                                                    stream>>>(
+      static_cast<const scalar_t*>(a.grad_spikes), static_cast<const scalar_t*>(a.grad_v_last),
+      static_cast<const scalar_t*>(a.grad_v_seq), static_cast<const scalar_t*>(a.x),
+      static_cast<const scalar_t*>(a.v_init), static_cast<scalar_t*>(a.grad_x),
+      static_cast<scalar_t*>(a.grad_v_init), static_cast<acc_t*>(a.checkpoints), a.steps,
+      a.neurons, cast_lif_params<acc_t>(params));
+  return cudaGetLastError();
+}
+
 template <typename scalar_t>
 cudaError_t LifCudaLaunch<scalar_t>::backward(const LifBackwardArgs& a,
                                               const LifParams<double>& params,
                                               cudaStream_t stream) {
-  using acc_t = htakl::acc_t<scalar_t>;
-  const auto run = [&](auto kernel, int width) {
-    kernel<<<blocks_for(a.neurons, width), kThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(a.grad_spikes), static_cast<const scalar_t*>(a.grad_v_last),
-        static_cast<const scalar_t*>(a.grad_v_seq), static_cast<const scalar_t*>(a.x),
-        static_cast<const scalar_t*>(a.v_init), static_cast<scalar_t*>(a.grad_x),
-        static_cast<scalar_t*>(a.grad_v_init), static_cast<acc_t*>(a.checkpoints), a.steps,
-        a.neurons, cast_lif_params<acc_t>(params));
-  };
-  constexpr int kWidth = kVectorWidth<scalar_t>;
-  using S = Segments<scalar_t>;
   const BackwardPlan plan = backward_plan<scalar_t>(a);
   if (plan.width == 1) {
-    run(lif_backward_kernel<scalar_t, 1, kScalarSegment>, 1);
-  } else if (plan.segment == S::kShort) {
-    run(lif_backward_kernel<scalar_t, kWidth, S::kShort>, kWidth);
-  } else {
-    run(lif_backward_kernel<scalar_t, kWidth, S::kLong>, kWidth);
+    return LifCudaBackward<scalar_t, LifBackwardKernel::kOneNeuron>::launch(a, params, stream);
   }
-  return cudaGetLastError();
+  if (plan.segment == Segments<scalar_t>::kShort) {
+    return LifCudaBackward<scalar_t, LifBackwardKernel::kShortSegment>::launch(a, params, stream);
+  }
+  return LifCudaBackward<scalar_t, LifBackwardKernel::kLongSegment>::launch(a, params, stream);
 }
 
 }  // namespace htakl
