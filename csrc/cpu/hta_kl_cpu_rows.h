@@ -60,13 +60,9 @@ template <typename acc_t>
 struct HeadBoundary {
   acc_t value;
   int64_t cut;
-  // mask[i] = 1 for head classes, else 0: two compare loops (before and after cut) that vectorize.
-  void write_mask(const acc_t* p, int64_t classes, acc_t* mask) const {
-    const int64_t split = std::min(cut, classes);
-    for_each_element(split, [&](int64_t i) { mask[i] = p[i] >= value ? acc_t(1) : acc_t(0); });
-    for_each_element(classes - split, [&, p = p + split, mask = mask + split](int64_t i) {
-      mask[i] = p[i] > value ? acc_t(1) : acc_t(0);
-    });
+  // 1 for a head class, else 0 (branch-free: it runs inside the SIMD loop of the row sums).
+  acc_t mask(acc_t p, int64_t i) const {
+    return ((p > value) | ((p == value) & (i < cut))) ? acc_t(1) : acc_t(0);
   }
 };
 
@@ -99,46 +95,93 @@ struct DigitBuckets {
   }
 };
 
-// The first round of find_head_boundary: for every digit d in bits [shift, shift + 8) of the keys,
-// the sum of the p_i with that digit, exactly as the mass type adds them; the buckets with mass
-// are marked (one without is never chosen in this round). Even and odd classes fill separate
-// histograms, added in a fixed order, which halves the chain of dependent additions to a crowded
-// bucket (a row's probabilities fall into a few): those chains are the slowest part of the
-// selection.
+// Calls visit(i) for every i in [0, n) where hit(i) holds, in ascending order. hit runs in a SIMD
+// loop over blocks of 64 classes whose results become one 64-bit set, so a sweep that keeps few
+// classes pays a scalar step for each kept class only.
+template <typename Hit, typename Visit>
+inline void for_each_hit(int64_t n, Hit&& hit, Visit&& visit) {
+  constexpr int kBlock = 64;
+  static_assert(std::endian::native == std::endian::little, "the byte gather below");
+  uint8_t flags[kBlock];
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t width = std::min<int64_t>(kBlock, n - start);
+    if (width == kBlock) {
+#pragma omp simd
+      for (int l = 0; l < kBlock; ++l) flags[l] = hit(start + l) ? 1 : 0;
+    } else {
+      for (int l = 0; l < kBlock; ++l) flags[l] = l < width && hit(start + l) ? 1 : 0;
+    }
+    uint64_t bits = 0;
+    for (int word = 0; word < kBlock / 8; ++word) {
+      uint64_t bytes;
+      std::memcpy(&bytes, flags + 8 * word, 8);
+      // Eight 0 / 1 bytes to eight bits: the product adds byte k's bit into bit 56 + k, and
+      // nothing else reaches bits 56-63.
+      bits |= ((bytes * 0x0102040810204080ull) >> 56) << (8 * word);
+    }
+    for (; bits != 0; bits &= bits - 1) visit(start + std::countr_zero(bits));
+  }
+}
+
+// The float selection's first digit is the whole exponent field, so the values in one bucket
+// (finite: a NaN row skips the selection) are integers below 2^24 times one power of two: their
+// sum is the integer sum of those significands times that power, exact in uint64_t (up to 2^40
+// classes). Summed in double they are exact too (up to 2^29 classes), so these are the bits any
+// order of double additions gives, with one-cycle integer additions in the chains of a crowded
+// bucket, the slowest part of the selection. kHistogramWays histograms, element j adding into
+// histogram j % kHistogramWays and the histograms added in a fixed order, cut each chain that many
+// times. Fills the buckets of the keys key_at(0), ..., key_at(count - 1) and marks those with mass.
+constexpr int kHistogramWays = 4;
+
+template <typename mass_t, typename KeyAt>
+void exponent_masses(int64_t count, KeyAt&& key_at, DigitBuckets<mass_t>& buckets) {
+  constexpr int kBuckets = DigitBuckets<mass_t>::kCount;
+  uint64_t partial[kHistogramWays][kBuckets] = {};
+  // The bucket and significand of kLanes elements at a time in one SIMD loop; only the additions
+  // into the histograms stay scalar.
+  uint32_t exponent[kLanes], significand[kLanes];
+  auto split = [&](int64_t j, int l) {
+    const uint32_t key = key_at(j);
+    exponent[l] = (key >> 23) & (kBuckets - 1);
+    significand[l] = (key & 0x7fffffu) | (exponent[l] != 0 ? 0x800000u : 0u);
+  };
+  static_assert(kLanes % kHistogramWays == 0, "element j adds into histogram j % kHistogramWays");
+  int64_t j = 0;
+  for (; j + kLanes <= count; j += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) split(j + l, l);
+    for (int l = 0; l < kLanes; ++l) partial[l % kHistogramWays][exponent[l]] += significand[l];
+  }
+  for (int l = 0; j + l < count; ++l) {
+    split(j + l, l);
+    partial[l % kHistogramWays][exponent[l]] += significand[l];
+  }
+  for (int bucket = 0; bucket < kBuckets; ++bucket) {
+    uint64_t sum = 0;
+    for (int way = 0; way < kHistogramWays; ++way) sum += partial[way][bucket];
+    if (sum == 0) continue;
+    // One unit of the significand of a value with this exponent field: 2^(max(e, 1) - 150).
+    const uint64_t unit_exponent = std::max(bucket, 1) - 150 + 1023;
+    const double unit = std::bit_cast<double>(unit_exponent << 52);
+    // The sum is below 2^63: converted as a signed integer (one instruction).
+    buckets.mass[bucket] = mass_t(double(static_cast<int64_t>(sum)) * unit);
+    buckets.mark(bucket);
+  }
+}
+
+// The first round of find_head_boundary over the whole row: for every digit d in bits
+// [shift, shift + 8) of the keys, the sum of the p_i with that digit, exactly as the mass type adds
+// them; the buckets with mass are marked (one without is never chosen in this round).
 template <typename acc_t, typename mass_t>
 void first_digit_masses(const acc_t* p, int64_t classes, int shift, DigitBuckets<mass_t>& buckets) {
   using key_t = typename SelectTypes<acc_t>::key_t;
   constexpr int kBuckets = DigitBuckets<mass_t>::kCount;
   if constexpr (std::is_same_v<acc_t, float>) {
-    // float: the first digit (shift 23) is the whole exponent field, so the values in one bucket
-    // (finite: a NaN row skips the selection) are integers below 2^24 times one power of two:
-    // their sum is the integer sum of those significands times that power, exact in uint64_t (up
-    // to 2^40 classes). A double sum of them is exact too (up to 2^29 classes), so this gives the
-    // bits the double histogram below gives, with one-cycle integer additions in the chains.
     static_assert(sizeof(key_t) == 4);
-    uint64_t even[kBuckets] = {}, odd[kBuckets] = {};
-    auto add = [](uint64_t* histogram, key_t key) {
-      const key_t exponent = (key >> 23) & (kBuckets - 1);
-      const key_t significand = (key & 0x7fffffu) | (exponent != 0 ? 0x800000u : 0u);
-      histogram[exponent] += significand;
-    };
-    int64_t i = 0;
-    for (; i + 2 <= classes; i += 2) {
-      add(even, std::bit_cast<key_t>(p[i]));
-      add(odd, std::bit_cast<key_t>(p[i + 1]));
-    }
-    if (i < classes) add(even, std::bit_cast<key_t>(p[i]));
-    for (int exponent = 0; exponent < kBuckets; ++exponent) {
-      const uint64_t sum = even[exponent] + odd[exponent];
-      if (sum == 0) continue;
-      // One unit of the significand of a value with this exponent field: 2^(max(e, 1) - 150).
-      const uint64_t unit_exponent = std::max(exponent, 1) - 150 + 1023;
-      const double unit = std::bit_cast<double>(unit_exponent << 52);
-      // The sum is below 2^63: converted as a signed integer (one instruction).
-      buckets.mass[exponent] = mass_t(double(static_cast<int64_t>(sum)) * unit);
-      buckets.mark(exponent);
-    }
+    exponent_masses(classes, [&](int64_t i) { return std::bit_cast<key_t>(p[i]); }, buckets);
   } else {
+    // Even and odd classes fill separate histograms, added in a fixed order: half the chain of
+    // dependent additions to a crowded bucket.
     mass_t* mass = buckets.mass;
     mass_t odd[kBuckets] = {};
     auto digit_of = [&](int64_t k) {
@@ -161,25 +204,48 @@ void first_digit_masses(const acc_t* p, int64_t classes, int shift, DigitBuckets
 // the largest probability whose "mass at or above" reaches delta, with mass_above = mass of p > w;
 // then tied_head_count (hta_kl_math.h) gives how many of the n_w classes tied at w (taken in
 // ascending class index, as a stable sort does) are in the head. `candidates` holds C indices.
+//
+// exponent_hint (float only; 0 = none) is an exponent field the boundary probably has or exceeds,
+// from the previous row of the same thread: the first round then histograms only the classes at
+// or above it, usually a small part of a peaked row. Their buckets hold the full round's exact
+// masses (the sums are exact, so the subset changes no bit); when the boundary turns out lower,
+// the round is redone over the whole row. The result never depends on the hint, which the call
+// sets for the next row.
 template <typename acc_t>
 HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double delta,
-                                       int64_t* candidates) {
+                                       int64_t* candidates, uint32_t& exponent_hint) {
   using key_t = typename SelectTypes<acc_t>::key_t;
   using mass_t = typename SelectTypes<acc_t>::mass_t;
   constexpr int kDigitBits = 8;
   constexpr int kKeyBits = 8 * sizeof(key_t) - 1;  // the sign bit is 0 for p >= 0
+  constexpr bool kExponentFirst = std::is_same_v<acc_t, float>;
   DigitBuckets<mass_t> buckets;
   mass_t mass_above = 0;
   key_t prefix = 0;
   int64_t n_candidates = -1;  // < 0: every class is still a candidate
   auto key_of = [&](int64_t i) { return std::bit_cast<key_t>(p[i]); };
+  // A first round over the classes at or above the hint (their indices in candidates).
+  bool hinted = kExponentFirst && exponent_hint > 0;
+  if (hinted) {
+    const key_t lowest = key_t(exponent_hint) << (kKeyBits - kDigitBits);
+    n_candidates = 0;
+    for_each_hit(
+        classes, [&](int64_t i) { return key_of(i) >= lowest; },
+        [&](int64_t i) { candidates[n_candidates++] = i; });
+  }
   for (int remaining = kKeyBits; remaining > 0;) {
     const int width = std::min(kDigitBits, remaining);
     const int shift = remaining - width;
     const key_t digit_mask = (key_t(1) << width) - 1;
-    const bool first_round = n_candidates < 0;
-    if (first_round) {
+    const bool whole_row = n_candidates < 0;
+    const bool first_round = remaining == kKeyBits;
+    if (whole_row) {
       first_digit_masses(p, classes, shift, buckets);
+    } else if (first_round) {
+      if constexpr (kExponentFirst) {
+        exponent_masses(
+            n_candidates, [&](int64_t j) { return key_of(candidates[j]); }, buckets);
+      }
     } else {
       for (int64_t j = 0; j < n_candidates; ++j) {
         const int digit = static_cast<int>((key_of(candidates[j]) >> shift) & digit_mask);
@@ -203,26 +269,36 @@ HeadBoundary<acc_t> find_head_boundary(const acc_t* p, int64_t classes, double d
       return false;
     });
     buckets.clear();
+    if (chosen < 0 && first_round && hinted) {  // the boundary lies below the hint
+      hinted = false;
+      n_candidates = -1;
+      continue;
+    }
     if (chosen < 0) {
       // The whole row's mass stays below delta: every class is in the head. On a finer digit this
       // only happens through rounding of a bucket that reached delta before: its smallest values
       // are then the boundary.
-      if (first_round) return {acc_t(-1), 0};
+      if (first_round) {
+        exponent_hint = 0;
+        return {acc_t(-1), 0};
+      }
       chosen = lowest_marked;
       running = above_lowest;
     }
+    // One bucket of margin below this row's boundary for the next row.
+    if (kExponentFirst && first_round)
+      exponent_hint = static_cast<uint32_t>(std::max(chosen, 1) - 1);
     // running is now the mass above the chosen bucket, added bucket by bucket from the top.
     mass_above = running;
     prefix = static_cast<key_t>((prefix << width) | key_t(chosen));
-    // Keep the candidates with the chosen digit, in ascending class index (branch-free: kept never
-    // passes the read position, so the writes stay in bounds).
+    // Keep the candidates with the chosen digit, in ascending class index.
     int64_t kept = 0;
-    if (first_round) {
-      for (int64_t i = 0; i < classes; ++i) {
-        candidates[kept] = i;
-        kept += (key_of(i) >> shift) == prefix;
-      }
+    if (whole_row) {
+      for_each_hit(
+          classes, [&](int64_t i) { return (key_of(i) >> shift) == prefix; },
+          [&](int64_t i) { candidates[kept++] = i; });
     } else {
+      // Branch-free: kept never passes the read position, so the writes stay in bounds.
       for (int64_t j = 0; j < n_candidates; ++j) {
         const int64_t i = candidates[j];
         candidates[kept] = i;
@@ -281,6 +357,7 @@ struct Workspace {
   acc_t *log_p, *p, *log_q, *q, *head;  // [C] each; head: SPEC 1.3 membership as 1 / 0
   acc_t *ratio, *step_max, *step_log_sum;  // [T, C], [T], [T]: prob_mean only
   int64_t* candidates;                     // [C]
+  uint32_t exponent_hint = 0;              // find_head_boundary's, from row to row
   std::vector<acc_t> call_values;          // the storage when it is too large to keep
   std::vector<int64_t> call_indices;
   Workspace(int64_t steps, int64_t classes, bool prob_mean) {
@@ -405,11 +482,13 @@ struct RowKernel {
       log_p[i] -= log_sum_p;
     });
 
-    // SPEC 1.2: q and log q.
+    // SPEC 1.2: q and log q. A single softmax (2-D, logit_mean) leaves its exponentials and
+    // shifted logits in q and log q, and pass 3 normalises them as it reads them, one sweep less;
+    // prob_mean writes them final (then scaling by 1 and subtracting 0 change no bit).
+    acc_t inv_sum_q = 1, log_sum_q = 0;
     if (prob_mean()) {
       prob_mean_student(row, ws, inv_tau);
     } else {
-      acc_t log_sum_q;
       if (steps == 1) {
         const scalar_t* z = student + row * C;
         log_sum_q = shifted_exp<scalar_t, acc_t>(z, C, row_max<scalar_t, acc_t>(z, C), inv_tau,
@@ -425,31 +504,27 @@ struct RowKernel {
         log_sum_q = shifted_exp<acc_t, acc_t>(mean, C, row_max<acc_t, acc_t>(mean, C), inv_tau,
                                               ws.log_q, ws.q);
       }
-      const acc_t inv_sum_q = std::exp(-log_sum_q);
-      for_each_element(C, [&, q = ws.q, log_q = ws.log_q](int64_t i) {
-        q[i] *= inv_sum_q;
-        log_q[i] -= log_sum_q;
-      });
+      inv_sum_q = std::exp(-log_sum_q);
     }
 
     // ---- Pass 2: head selection. ----
     // SPEC 1.3. A NaN teacher row (NaN everywhere) skips the selection: its loss is NaN anyway.
     const acc_t* p = ws.p;
     const acc_t* log_p = ws.log_p;
-    const acc_t* q = ws.q;
-    const acc_t* log_q = ws.log_q;
     const HeadBoundary<acc_t> boundary =
         std::isnan(log_sum_p)
             ? HeadBoundary<acc_t>{std::numeric_limits<acc_t>::infinity(), 0}
-            : find_head_boundary<acc_t>(p, C, options.delta, ws.candidates);
-    boundary.write_mask(p, C, ws.head);
-    const acc_t* head = ws.head;
+            : find_head_boundary<acc_t>(p, C, options.delta, ws.candidates, ws.exponent_hint);
 
     // ---- Pass 3: row sums. ----
-    // SPEC 1.4-1.6 and the signed sums of SPEC 2's sum_j q_j dl_j and sum_j p_j dl_j.
+    // SPEC 1.4-1.6 and the signed sums of SPEC 2's sum_j q_j dl_j and sum_j p_j dl_j. The sweep
+    // also finishes q and log q and writes the head mask for pass 4.
     enum { kHeadDistance, kTailDistance, kFkl, kRkl, kQHead, kQTail, kPHead, kPTail, kStats };
     LaneSums<acc_t, kStats> sums;
-    for_each_lane(C, [&](int64_t i, int l) {
+    for_each_lane(C, [&, q = ws.q, log_q = ws.log_q, head = ws.head](int64_t i, int l) {
+      q[i] *= inv_sum_q;
+      log_q[i] -= log_sum_q;
+      head[i] = boundary.mask(p[i], i);
       // Head / tail split by multiplying with the 0 / 1 mask: x - mask * x is exactly x or 0.
       const acc_t distance = std::abs(p[i] - q[i]);
       const acc_t sign = sign_of_difference(q[i], p[i]);
@@ -470,6 +545,9 @@ struct RowKernel {
                        sums.total(kRkl), options.detach_weights, inv_tau,
                        acc_t(options.row_scale));
     loss[row] = row_loss(st);
+    const acc_t* q = ws.q;
+    const acc_t* log_q = ws.log_q;
+    const acc_t* head = ws.head;
     auto dl_of = [&](int64_t i) {
       return dlam_h_dq(st, sign_of_difference(q[i], p[i]), head[i] != acc_t(0));
     };
