@@ -41,23 +41,53 @@ def test_deterministic_across_thread_counts_and_alignment():
         assert all(torch.equal(a, b) for a, b in zip(first, single))
 
 
+def test_each_row_selects_its_head_as_it_would_alone():
+    """Within one thread a float row's head selection starts from the previous row's boundary
+    (only the classes near or above it are added up) and redoes the round over every class when
+    the boundary lies lower. Rows whose boundaries lie far apart, in either order, and a row of
+    ties, give the bits each gives alone."""
+    generator = torch.Generator().manual_seed(21)
+    classes = 2000
+    # peaked, nearly flat, peaked, moderate, flat (every class tied), very peaked, mild
+    scales = (8.0, 0.05, 8.0, 1.0, 0.0, 20.0, 0.5)
+    teacher = torch.stack([scale * torch.randn(classes, generator=generator) for scale in scales])
+    student = 3.0 * torch.randn(1, len(scales), classes, generator=generator)
+    args = (2.0, 0.5, False, False, True, True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        together = OP(student, teacher, *args)
+        alone = [OP(student[:, row:row + 1], teacher[row:row + 1], *args)
+                 for row in range(len(scales))]
+    finally:
+        torch.set_num_threads(threads)
+    for row, (loss, d_student, d_teacher) in enumerate(alone):
+        assert torch.equal(together[0][row], loss[0]), row
+        assert torch.equal(together[1][:, row], d_student[:, 0]), row
+        assert torch.equal(together[2][row], d_teacher[0]), row
+
+
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16),
                          ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("mode", MODES)
-def test_instruction_sets_agree(mode, dtype, monkeypatch):
-    """The kernel is compiled for the baseline ISA and for AVX2 + FMA (picked at run time); the
-    copies differ only by FMA contraction, so they agree to rounding. (Where the CPU lacks AVX2
-    both calls run the baseline copy.)"""
+@pytest.mark.parametrize("isa", ("widest", "avx2"))
+def test_instruction_sets_agree(isa, mode, dtype, monkeypatch):
+    """The kernel is compiled for the baseline ISA, for AVX2 + FMA and for AVX-512 (the widest
+    the CPU has runs; HTAKL_CPU_ISA=avx2 caps it at AVX2); the copies differ only by FMA
+    contraction, so each agrees with the baseline copy to rounding. (Where the CPU lacks a copy's
+    instructions the next narrower copy runs.)"""
     generator = torch.Generator().manual_seed(12)
     steps = MODES[mode]
     teacher = draw_teacher(9, 1037, temperature=2.0, delta=0.5, dtype=dtype, generator=generator)
     student = draw_student(teacher, steps, generator)
     student = student if steps is not None else student.unsqueeze(0)
     args = (2.0, 0.5, mode.startswith("logit_mean"), False, True, True)
-    fastest = OP(student, teacher, *args)
+    if isa != "widest":
+        monkeypatch.setenv("HTAKL_CPU_ISA", isa)
+    wide = OP(student, teacher, *args)
     monkeypatch.setenv("HTAKL_CPU_ISA", "baseline")
     baseline = OP(student, teacher, *args)
-    for what, a, b in zip(("loss", "d student", "d teacher"), fastest, baseline):
+    for what, a, b in zip(("loss", "d student", "d teacher"), wide, baseline):
         assert_close_to_oracle(a, b, dtype, what)
 
 
