@@ -15,6 +15,8 @@ op and its formula.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 _EAGER_FUNCTIONS: dict = {}
@@ -30,7 +32,7 @@ def register_autograd(op, backward, setup_context) -> None:
         return output
 
     _EAGER_FUNCTIONS[op] = type(
-        "Eager_" + str(op).replace(".", "_").replace(":", "_"),
+        "Eager_" + re.sub(r"\W+", "_", getattr(op, "_name", None) or str(op)),
         (torch.autograd.Function,),
         {"forward": staticmethod(forward), "backward": staticmethod(backward)},
     )
