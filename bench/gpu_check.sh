@@ -160,6 +160,16 @@ step bench-lif-targets 90 "$PYTHON" -m bench --suite lif --device cuda \
   --implementations htakl,spikingjelly --out "$WORK/bench-targets"
 compare census-vs-targets "$WORK/bench-targets/lif.json" "$WORK/bench-targets/loss.json"
 
+# Where the measured kernels wait: Nsight Compute's speed of light, occupancy, warp stall reasons
+# and memory workload for the CUDA and Triton kernels at two HTA-KL shapes and LIF T = 32.
+if command -v ncu >/dev/null; then
+  step ncu 90 ncu --clock-control none --section SpeedOfLight --section Occupancy \
+    --section WarpStateStats --section MemoryWorkloadAnalysis -k "regex:hta_kl|lif_" \
+    "$PYTHON" bench/ncu_case.py
+else
+  note ncu "ncu not on the PATH"
+fi
+
 # 5. GPU tests (the CPU suite runs in CI), over several processes when pytest-xdist is there: most
 # of their time is compiling Triton kernels. The kernels' own files first; then the contract grid
 # (about 2000 cases on a GPU, 20 minutes of one process: what the time allows).
