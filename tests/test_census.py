@@ -383,6 +383,34 @@ def test_cuda_row_cache_only_where_it_leaves_two_blocks_per_sm():
     assert held("float32", 4, 8000) == (True, 1)
 
 
+def test_bytes_per_round_trip_is_over_the_passes_that_wait_on_loads():
+    passes = [analysis.PassCount("a", global_bytes=32.0, round_trips=1.0),
+              analysis.PassCount("b", global_bytes=16.0, round_trips=2.0),
+              analysis.PassCount("per-row", global_bytes=5.0)]  # no loop waits: left out
+    assert analysis.bytes_per_round_trip(passes) == pytest.approx(48.0 / 3.0)
+    assert analysis.bytes_per_round_trip(passes[2:]) == 0.0
+
+
+def test_triton_launches_read_their_loads_in_flight_and_issue_interval():
+    """A chunked Triton row (one program per row, or the split kernel's phases) has the bytes in
+    flight its SASS loops show and TritonKernels.warp_issue_interval; a row held on chip, loaded
+    outside any loop, has a thread's chunk of it."""
+    pytest.importorskip("triton")
+    kernels = hta_kl.TritonKernels(ROOT)
+    card = CARDS["H200"]
+    for steps, rows, classes in ((0, 4096, 32000), (4, 8, 131072)):
+        pairs = hta_kl.launches(card, kernels, "float32", steps, rows, classes)
+        assert len(pairs) == (1 if rows > card.sms else len(hta_kl.SPLIT_PHASES))
+        for launch, counts in pairs:
+            expected = analysis.bytes_per_round_trip(counts.passes)
+            assert expected > 0
+            assert launch.inflight_bytes_per_thread == pytest.approx(expected)
+            assert launch.warp_issue_interval == kernels.warp_issue_interval
+    _, counts, threads, _, on_chip, inflight = kernels.launch(card, "float32", 0, 4096, 1000)
+    assert on_chip and analysis.bytes_per_round_trip(counts.passes) == 0.0
+    assert inflight == 1024 // threads * 4
+
+
 def test_pass_anchors_still_match_the_kernels():
     source.anchor_lines(os.path.join(ROOT, "csrc", "cuda", "hta_kl_cuda_kernels.cuh"),
                         hta_kl.CUDA_ANCHORS)

@@ -50,6 +50,16 @@ class FunctionCount:
         return sum(p.mufu for p in self.passes)
 
 
+def bytes_per_round_trip(passes: list[PassCount]) -> float:
+    """What one thread of `passes` moves per memory latency: their global bytes over their
+    round trips (PassCount.round_trips, from sass.loads_in_flight); 0 where none of them waits
+    on a load in a loop."""
+    streaming = [p for p in passes if p.round_trips]
+    if not streaming:
+        return 0.0
+    return sum(p.global_bytes for p in streaming) / sum(p.round_trips for p in streaming)
+
+
 def relocate(function: Function, path: str) -> None:
     """Point line info at `path` where it names a file of the same name elsewhere (Triton's
     cubins name the temporary package view they were compiled from)."""

@@ -10,8 +10,9 @@ DRAM: a row read from shared memory (CUDA, when the teacher and all steps fit an
 leaves two blocks per SM) or re-read while the rows in flight fit in L2 costs the byte model once;
 otherwise every global read of every pass goes to DRAM. Bytes in flight per thread (the latency
 bound) are what the passes' loops load before they first wait, from the SASS
-(sass.loads_in_flight). The CUDA kernel's issue time counts its few resident warps
-(CudaKernels.warp_issue_interval, model.issue_share).
+(sass.loads_in_flight, analysis.bytes_per_round_trip). Both kernels' issue time counts their
+few resident warps (model.issue_share with CudaKernels.warp_issue_interval and
+TritonKernels.warp_issue_interval, each fitted on the H200 run).
 """
 
 from __future__ import annotations
@@ -214,9 +215,8 @@ class CudaKernels:
         counts = analysis.count(function, self.path, CUDA_ANCHORS, factor, per_row, skip)
         # What a thread moves per memory latency, from the SASS (sass.loads_in_flight): over the
         # passes that read the row from global memory (only the copy when the row is held).
-        streaming = [p for p in counts.passes if p.round_trips and (
-            p.name == "row to shared" or not cached)]
-        inflight = sum(p.global_bytes for p in streaming) / sum(p.round_trips for p in streaming)
+        inflight = analysis.bytes_per_round_trip(
+            [p for p in counts.passes if p.name == "row to shared" or not cached])
         return function, counts, threads, shared, cached, inflight
 
 
@@ -225,7 +225,12 @@ def _triton_index(source_root: str, harness: str | None) -> dict:
 
 
 class TritonKernels:
-    warp_issue_interval = 1.0  # not fitted: the ideal (every warp may issue every clock)
+    # As CudaKernels.warp_issue_interval, fitted on the H200 run's six GPU-bound Triton rows
+    # (bench/results/census/after-triton-hta-kl-inflight/): 8 cycles. The CUDA kernel's 19 makes
+    # them 1.2-2.4x too slow; Triton's passes block-reduce once per chunk of 16 warps' classes
+    # (the CUDA kernel's threads sweep their own chunks between reductions) and keep more
+    # independent work per warp between waits.
+    warp_issue_interval = 8.0
 
     def __init__(self, source_root: str, harness: str | None = None):
         self.path = os.path.join(source_root, "triton_kernels", "hta_kl.py")
@@ -300,8 +305,11 @@ class TritonKernels:
             return threads * programs_per_row / classes
 
         counts = analysis.count(function, self.path, TRITON_ANCHORS, factor, per_row)
-        per_thread = max(1, block // threads) * STORAGE_BYTES[dtype]  # one slice's chunk
-        return function, counts, threads, entry["shared"], entry["on_chip"], per_thread
+        # A chunked row's loops wait on their loads (sass.loads_in_flight); a row held on chip is
+        # loaded once, outside any loop: a thread's chunk of one slice is in flight together.
+        inflight = analysis.bytes_per_round_trip(counts.passes) or \
+            max(1, block // threads) * STORAGE_BYTES[dtype]
+        return function, counts, threads, entry["shared"], entry["on_chip"], inflight
 
 
 def model_bytes(dtype: str, steps: int, rows: int, classes: int) -> int:
@@ -361,7 +369,8 @@ def split_launch(card: Card, kernels, dtype: str, steps: int, rows: int, classes
         name=f"hta_kl split {phase}", blocks=rows * (1 if phase == 4 else segments),
         threads=threads, registers=function.registers, shared_bytes=shared, dram_bytes=dram,
         instructions=counts.instructions * elements, mufu=counts.mufu * elements,
-        inflight_bytes_per_thread=inflight, l2_bytes=requested, notes=notes), counts
+        inflight_bytes_per_thread=inflight, l2_bytes=requested, notes=notes,
+        warp_issue_interval=kernels.warp_issue_interval), counts
 
 
 def launch(card: Card, kernels, dtype: str, steps: int, rows: int, classes: int):
