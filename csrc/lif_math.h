@@ -80,7 +80,7 @@ HTAKL_HD LifParams<acc_t> with_lif_constants(LifParams<acc_t> p) {
   // smallest subnormal, so the residual is exact and nothing underflows; tau <= 2^64 keeps 1/tau normal (tau is > 1, but its float may be infinite).
   using limits = std::numeric_limits<acc_t>;
   p.exact_quotient_min = p.tau * power_of_two<acc_t>(limits::min_exponent + limits::digits + 4);
-  p.exact_quotient_limit = p.tau <= power_of_two<acc_t>(64) ? limits::infinity() : acc_t(0);
+  p.exact_quotient_limit = p.tau <= power_of_two<acc_t>(64) ? acc_t(INFINITY) : acc_t(0);
   return p;
 }
 
@@ -240,7 +240,14 @@ HTAKL_HD LifStepGrad<acc_t> lif_step_grad(acc_t g_spike, acc_t g_v, acc_t h,
 //   end_backward()             grad_v_init = the gradient reaching V[-1]
 template <typename Segment, typename Group>
 HTAKL_HD void lif_backward_segments(int64_t steps, Segment segment, Group& group) {
-  const int length = static_cast<int>(segment);
+  // an integral_constant's value read as a constant, not through its conversion operator (a host
+  // function to nvcc)
+  int length;
+  if constexpr (std::is_integral_v<Segment>) {
+    length = static_cast<int>(segment);
+  } else {
+    length = Segment::value;
+  }
   const int64_t segments = (steps + length - 1) / length;  // 0 when steps == 0
   group.begin_forward();
   for (int64_t c = 0; c + 1 < segments; ++c) {

@@ -528,7 +528,7 @@ struct RowView {
   // a tiny q. Zero only where log q_t is -inf: a q_t that underflowed beside an equally tiny q
   // still has a ratio of order 1, and with it the teacher's pull on that class (SPEC 2).
   __device__ __forceinline__ static acc_t step_ratio(acc_t log_q_t, acc_t log_q) {
-    return log_q_t > -std::numeric_limits<acc_t>::infinity() ? prob(log_q_t - log_q) : acc_t(0);
+    return log_q_t > acc_t(-INFINITY) ? prob(log_q_t - log_q) : acc_t(0);
   }
 
   // Non-short-circuit operators: a few predicate ops, no branch.
