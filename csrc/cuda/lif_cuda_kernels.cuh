@@ -9,10 +9,11 @@
 // one segment keep one V per segment in a small buffer (the checkpoints) and recompute H.
 // Torch-free: compiled by nvcc without torch headers.
 //
-// The kernels and their launchers for any storage type (LifCudaLaunch, lif_cuda_launch.h). Each
-// lif_cuda_<type>.cu instantiates them for one type, so that the long-segment backward kernels,
-// fully unrolled and most of the compile time, compile in separate translation units (in
-// parallel in the build); lif_cuda.cu dispatches on the storage type.
+// The kernels and their launchers for any storage type (LifCudaLaunch, LifCudaBackward,
+// lif_cuda_launch.h). Each lif_cuda_<type>.cu instantiates them for one type, but the
+// long-segment backward, fully unrolled and most of the compile time, which
+// lif_cuda_<type>_long.cu instantiates: separate translation units, compiled in parallel in the
+// build; lif_cuda.cu dispatches on the storage type.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -290,21 +291,29 @@ unsigned int blocks_for(int64_t neurons, int width) {
   return static_cast<unsigned int>((neurons + per_block - 1) / per_block);
 }
 
-// The backward kernel for these arguments: the vector one with the short or the long segment
-// (see Segments), or one neuron per thread.
-struct BackwardPlan {
-  int width;
-  int segment;
+// The vector width and segment of each backward kernel (see Segments).
+template <typename scalar_t, LifBackwardKernel kKernel>
+struct BackwardShape {
+  using K = LifBackwardKernel;
+  static constexpr int kWidth = kKernel == K::kOneNeuron ? 1 : kVectorWidth<scalar_t>;
+  static constexpr int kSegment = kKernel == K::kOneNeuron      ? kScalarSegment
+                                  : kKernel == K::kShortSegment ? Segments<scalar_t>::kShort
+                                                                : Segments<scalar_t>::kLong;
 };
 
-template <typename scalar_t>
-BackwardPlan backward_plan(const LifBackwardArgs& a) {
+// body(the backward kernel for these arguments, as a std::integral_constant): one neuron per
+// thread where a row is not 16-byte aligned, else the short or the long segment.
+template <typename scalar_t, typename Body>
+auto with_backward_kernel(const LifBackwardArgs& a, Body&& body) {
+  using K = LifBackwardKernel;
   if (!rows_aligned<scalar_t>(a.neurons, {a.grad_spikes, a.grad_v_last, a.grad_v_seq, a.x,
                                           a.v_init, a.grad_x, a.grad_v_init})) {
-    return {1, kScalarSegment};
+    return body(std::integral_constant<K, K::kOneNeuron>{});
   }
-  using S = Segments<scalar_t>;
-  return {kVectorWidth<scalar_t>, a.steps <= S::kShort ? S::kShort : S::kLong};
+  if (a.steps <= Segments<scalar_t>::kShort) {
+    return body(std::integral_constant<K, K::kShortSegment>{});
+  }
+  return body(std::integral_constant<K, K::kLongSegment>{});
 }
 
 }  // namespace
@@ -331,7 +340,9 @@ cudaError_t LifCudaLaunch<scalar_t>::forward(const LifForwardArgs& a,
 
 template <typename scalar_t>
 int64_t LifCudaLaunch<scalar_t>::backward_checkpoint_rows(const LifBackwardArgs& a) {
-  return lif_checkpoints(a.steps, backward_plan<scalar_t>(a).segment);
+  return with_backward_kernel<scalar_t>(a, [&](auto kernel) {
+    return lif_checkpoints(a.steps, BackwardShape<scalar_t, decltype(kernel)::value>::kSegment);
+  });
 }
 
 template <typename scalar_t, LifBackwardKernel kKernel>
@@ -339,18 +350,14 @@ cudaError_t LifCudaBackward<scalar_t, kKernel>::launch(const LifBackwardArgs& a,
                                                        const LifParams<double>& params,
                                                        cudaStream_t stream) {
   using acc_t = htakl::acc_t<scalar_t>;
-  using S = Segments<scalar_t>;
-  constexpr int kWidth = kKernel == LifBackwardKernel::kOneNeuron ? 1 : kVectorWidth<scalar_t>;
-  constexpr int kSegment = kKernel == LifBackwardKernel::kOneNeuron     ? kScalarSegment
-                           : kKernel == LifBackwardKernel::kShortSegment ? S::kShort
-                                                                         : S::kLong;
-  lif_backward_kernel<scalar_t, kWidth, kSegment><<<blocks_for(a.neurons, kWidth), kThreads, 0,
-                                                    stream>>>(
-      static_cast<const scalar_t*>(a.grad_spikes), static_cast<const scalar_t*>(a.grad_v_last),
-      static_cast<const scalar_t*>(a.grad_v_seq), static_cast<const scalar_t*>(a.x),
-      static_cast<const scalar_t*>(a.v_init), static_cast<scalar_t*>(a.grad_x),
-      static_cast<scalar_t*>(a.grad_v_init), static_cast<acc_t*>(a.checkpoints), a.steps,
-      a.neurons, cast_lif_params<acc_t>(params));
+  using Shape = BackwardShape<scalar_t, kKernel>;
+  lif_backward_kernel<scalar_t, Shape::kWidth, Shape::kSegment>
+      <<<blocks_for(a.neurons, Shape::kWidth), kThreads, 0, stream>>>(
+          static_cast<const scalar_t*>(a.grad_spikes), static_cast<const scalar_t*>(a.grad_v_last),
+          static_cast<const scalar_t*>(a.grad_v_seq), static_cast<const scalar_t*>(a.x),
+          static_cast<const scalar_t*>(a.v_init), static_cast<scalar_t*>(a.grad_x),
+          static_cast<scalar_t*>(a.grad_v_init), static_cast<acc_t*>(a.checkpoints), a.steps,
+          a.neurons, cast_lif_params<acc_t>(params));
   return cudaGetLastError();
 }
 
@@ -358,14 +365,9 @@ template <typename scalar_t>
 cudaError_t LifCudaLaunch<scalar_t>::backward(const LifBackwardArgs& a,
                                               const LifParams<double>& params,
                                               cudaStream_t stream) {
-  const BackwardPlan plan = backward_plan<scalar_t>(a);
-  if (plan.width == 1) {
-    return LifCudaBackward<scalar_t, LifBackwardKernel::kOneNeuron>::launch(a, params, stream);
-  }
-  if (plan.segment == Segments<scalar_t>::kShort) {
-    return LifCudaBackward<scalar_t, LifBackwardKernel::kShortSegment>::launch(a, params, stream);
-  }
-  return LifCudaBackward<scalar_t, LifBackwardKernel::kLongSegment>::launch(a, params, stream);
+  return with_backward_kernel<scalar_t>(a, [&](auto kernel) {
+    return LifCudaBackward<scalar_t, decltype(kernel)::value>::launch(a, params, stream);
+  });
 }
 
 }  // namespace htakl

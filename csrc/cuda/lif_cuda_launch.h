@@ -13,7 +13,7 @@
 
 namespace htakl {
 
-// The backward kernels of a type (lif_cuda_kernels.cuh's backward_plan picks one).
+// The backward kernels of a type (lif_cuda_kernels.cuh's with_backward_kernel picks one).
 enum class LifBackwardKernel {
   kOneNeuron,     // one neuron per thread: rows not 16-byte aligned
   kShortSegment,  // 16-byte groups of neurons, H of the short segment in registers
