@@ -169,12 +169,18 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
+_LOADED_OPS: dict[str, KernelOps] = {}
+
+
 def kernel_ops(backend: str) -> KernelOps:
     """The kernels of a resolved, non-reference backend (imported on first use)."""
     loader = _TABLE[backend].load_ops
     if loader is None:
         raise ValueError(f"backend {backend!r} has no kernels; call htakl_kernels.reference")
-    return loader()
+    ops = _LOADED_OPS.get(backend)
+    if ops is None:  # the first call imports the kernels; later ones skip the import machinery
+        ops = _LOADED_OPS[backend] = loader()
+    return ops
 
 
 def phase_ops(backend: str):

@@ -35,7 +35,10 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 def is_real_number(value: object) -> bool:
     """A Python or NumPy real scalar, not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, without the ABC's slower check
+        return True
+    return isinstance(value, numbers.Real) and kind is not bool
 
 
 def check_real(name: str, value: object) -> float:
