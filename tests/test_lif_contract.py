@@ -101,7 +101,11 @@ def large_cases(target):
         # tau and alpha not exactly representable.
         return [((5, 1031, dict(tau=1.7, alpha=3.3, decay_input=False)), "5x1031", False)]
     if target.device == "cuda":
+        # An odd count (element-wise access), and a multiple of 16 that is no multiple of a
+        # block (the kernels' 16-byte accesses, a ragged last block) over several segments.
         return [((5, 70001, dict(v_threshold=0.5, v_reset=-0.2, decay_input=False)), "5x70001",
+                 False),
+                ((37, 12400, dict(v_threshold=0.5, v_reset=-0.2, decay_input=True)), "37x12400",
                  False)]
     # More neurons than one block of the CPU kernel (4096): a partial last block; with 3 steps,
     # also more than one parallel task (a task is max(4096, 2^15 / T) neurons), the second

@@ -135,8 +135,8 @@ def test_segment_must_be_positive():
         backward(grads, op_options(None, False, True, "sigmoid"), 0)
 
 
-# The GPU kernels' own segments (Triton: lif.SEGMENTS = 4, 8; CUDA: 8, then 32 in float32 and 16
-# in 16-bit types and float64): one step short of each, on it, one past, and several segments.
+# The GPU kernels' own segments (Triton: lif.SEGMENTS = 4; CUDA: 8, then 16): one step short of
+# each, on it, one past, and several segments.
 GPU_STEPS = (3, 4, 5, 7, 8, 9, 15, 16, 17, 26, 31, 32, 33, 64, 98)
 
 

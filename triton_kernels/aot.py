@@ -28,18 +28,20 @@ AOT_ARCH = 90
 
 
 def compile_for_target(kernel, signature: dict[str, str], constants: dict, *, num_warps: int,
-                       arch: int = AOT_ARCH, aligned_pointers: bool = False):
+                       arch: int = AOT_ARCH, aligned_pointers: bool = False,
+                       multiples_of_16: tuple[str, ...] = ()):
     """`kernel` (a triton.jit function) compiled for sm_`arch`. `signature` maps each runtime
     argument to its Triton type ("*fp32", "i64", ...); `constants` gives every constexpr.
     `aligned_pointers`: every pointer argument 16-byte aligned, as Triton specialises a launch
-    on the tensors PyTorch allocates (else no alignment is assumed)."""
+    on the tensors PyTorch allocates (else no alignment is assumed). `multiples_of_16`: integer
+    arguments specialised as multiples of 16, as Triton specialises a launch whose value is."""
     signature = {**signature, **{name: "constexpr" for name in constants}}
     names = kernel.arg_names
     missing = set(names) - set(signature)
     if missing:
         raise ValueError(f"compile_for_target: no type for {sorted(missing)}")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, kind in signature.items()
-             if aligned_pointers and kind.startswith("*")}
+             if (aligned_pointers and kind.startswith("*")) or n in multiples_of_16}
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(n),): v for n, v in constants.items()},
                        attrs=attrs)

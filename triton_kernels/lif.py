@@ -1,7 +1,7 @@
 """Triton multi-step LIF: `htakl::lif_forward_triton` and `htakl::lif_backward_triton`.
 
-Contract: `htakl_kernels/_ops/lif.py` (docstring); math: docs/SPEC.md section 3. One lane per
-neuron, each program a block of neurons looping over time. The per-element helpers mirror
+Contract: `htakl_kernels/_ops/lif.py` (docstring); math: docs/SPEC.md section 3. Each lane owns
+16 bytes of neurons (block_of), each program a block of neurons looping over time. The per-element helpers mirror
 `csrc/lif_math.h` function for function (same names, same roundings), so spikes agree bit for bit
 with the CPU and CUDA kernels and the reference:
   * the state is ACC (float32, or float64 for float64 inputs); the scalar options arrive as
@@ -30,8 +30,17 @@ from .._library import LIF_BACKWARD_SCHEMA, LIF_FORWARD_SCHEMA, accumulation_dty
 from .._ops.lif import register_lif_ops
 from .common import tl_accumulation_dtype
 
-BLOCK = 512  # neurons per program
+# Each lane owns a run of neurons filling 16 bytes of storage (4 in float32, 8 in the 16-bit types,
+# 2 in float64) and every program NUM_WARPS warps of lanes: when `neurons` is a multiple of 16
+# (Triton specializes on it) and the tensors are 16-byte aligned, every step's row of a program
+# starts aligned and each lane reads and writes its run with one 16-byte access.
 NUM_WARPS = 4
+VECTOR_BYTES = 16
+
+
+def block_of(dtype: torch.dtype) -> int:
+    """Neurons per program for tensors of `dtype`."""
+    return VECTOR_BYTES // dtype.itemsize * 32 * NUM_WARPS
 
 # The backward's surrogate, as the kernels' SURROGATE constexpr: csrc/lif_math.h's LifSurrogate
 # values, and the op's `surrogate` names (htakl_kernels/_lif_args.py's SURROGATES) mapped to them.
@@ -129,11 +138,18 @@ def _lif_step_grad(g_spike, g_v, h, tau, v_threshold, v_reset, alpha, half_pi,
 
 
 @triton.jit
-def _lif_step(x_ptr, index, mask, v, tau, v_threshold, v_reset, ACC: tl.constexpr,
+def _row(ptr, t, neurons):
+    """Step t's row of a program's block (`ptr` already at the block's first neuron): a 64-bit
+    scalar offset, so the lanes add only their 32-bit position in the block."""
+    return ptr + tl.cast(t, tl.int64) * neurons
+
+
+@triton.jit
+def _lif_step(x_row, lanes, mask, v, tau, v_threshold, v_reset, ACC: tl.constexpr,
               SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr):
-    """SPEC 3's forward step: loads X[t] at `index` and returns H[t], S[t] and V[t] from
+    """SPEC 3's forward step: loads X[t] from its row and returns H[t], S[t] and V[t] from
     V[t-1] = v (the forward and the backward's recompute sweep differ only in what they store)."""
-    x = tl.load(x_ptr + index, mask=mask, other=0).to(ACC)
+    x = tl.load(x_row + lanes, mask=mask, other=0).to(ACC)
     h = _lif_charge(v, x, tau, v_reset, DECAY_INPUT)
     spike = _lif_fire(h, v_threshold)
     return h, spike, _lif_reset(h, spike, v_threshold, v_reset, SOFT_RESET)
@@ -143,9 +159,10 @@ def _lif_step(x_ptr, index, mask, v, tau, v_threshold, v_reset, ACC: tl.constexp
 # Kernels.
 
 
-# steps and neurons are not specialized on (== 1, divisibility by 16): one compiled kernel per
-# option set serves every shape.
-@triton.jit(do_not_specialize=["steps", "neurons"])
+# steps is not specialized on (== 1, divisibility by 16), neurons is: its divisibility by 16 makes
+# every row of a block 16-byte aligned (block_of), so one compiled kernel per option set serves
+# every T, and two (aligned or not) every neuron count.
+@triton.jit(do_not_specialize=["steps"])
 def _lif_forward_kernel(
     x_ptr, v_init_ptr, spikes_ptr, v_last_ptr, v_seq_ptr,
     tau_in: tl.float64, v_threshold_in: tl.float64, v_reset_in: tl.float64,
@@ -153,32 +170,33 @@ def _lif_forward_kernel(
     ACC: tl.constexpr, SOFT_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
     STORE_V_SEQ: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < neurons
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < tl.minimum(neurons - start, BLOCK).to(tl.int32)
     tau = _option(tau_in, ACC)
     v_threshold = _option(v_threshold_in, ACC)
     v_reset = _option(v_reset_in, ACC)
-    v = tl.load(v_init_ptr + offs, mask=mask, other=0).to(ACC)
+    v = tl.load(v_init_ptr + start + lanes, mask=mask, other=0).to(ACC)
     for t in range(steps):
-        index = tl.cast(t, tl.int64) * neurons + offs
-        h, spike, v = _lif_step(x_ptr, index, mask, v, tau, v_threshold, v_reset, ACC,
-                                SOFT_RESET, DECAY_INPUT)
-        tl.store(spikes_ptr + index, spike.to(spikes_ptr.dtype.element_ty), mask=mask)
+        h, spike, v = _lif_step(_row(x_ptr + start, t, neurons), lanes, mask, v, tau,
+                                v_threshold, v_reset, ACC, SOFT_RESET, DECAY_INPUT)
+        tl.store(_row(spikes_ptr + start, t, neurons) + lanes,
+                 spike.to(spikes_ptr.dtype.element_ty), mask=mask)
         if STORE_V_SEQ:
-            tl.store(v_seq_ptr + index, v.to(v_seq_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_last_ptr + offs, v.to(v_last_ptr.dtype.element_ty), mask=mask)
+            tl.store(_row(v_seq_ptr + start, t, neurons) + lanes,
+                     v.to(v_seq_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_last_ptr + start + lanes, v.to(v_last_ptr.dtype.element_ty), mask=mask)
 
 
 # The backward's segment: H of SEGMENT steps held in registers, as csrc/lif_math.h's
 # lif_backward_segments holds it (the same schedule: sweep 1 checkpoints V at each segment's start
 # but the first and the last, sweep 2 recomputes each segment's H and walks it down). The launcher
-# takes the smallest of these that covers T, so T <= 8 reads x once. Longer segments do not fit:
-# the compiler keeps every step's addresses and loads live across the unrolled segment (about 15
-# registers per step and neuron: 16 steps take 180 registers at one neuron per thread).
-SEGMENTS = (4, 8)
-# One neuron per thread in the backward (BLOCK over 16 warps): with two, ptxas spills at
-# SEGMENT = 4 in 16-bit types; with four, SEGMENT = 4 takes 150 registers.
-BACKWARD_NUM_WARPS = 16
+# takes the smallest of these that covers T. The compiler issues a segment's loads together (the
+# bytes in flight that hide memory latency) and keeps them all live: at 16 bytes per lane, 4 steps
+# take 118 registers in float32 and about 220 in the 16-bit types (sm_90), 8 steps 251 and a spill
+# in the 16-bit types. bench/census rates 4 steps as fast as or faster than 8 at every T: more
+# blocks per SM outweigh reading x again for all but the last segment.
+SEGMENTS = (4,)
 
 
 def backward_segment(steps: int) -> int:
@@ -191,7 +209,7 @@ def checkpoint_rows(steps: int, segment: int) -> int:
     return max(triton.cdiv(steps, segment) - 2, 0)
 
 
-@triton.jit(do_not_specialize=["steps", "neurons"])
+@triton.jit(do_not_specialize=["steps"])
 def _lif_backward_kernel(
     grad_spikes_ptr, grad_v_last_ptr, grad_v_seq_ptr, x_ptr, v_init_ptr,
     grad_x_ptr, grad_v_init_ptr, checkpoint_ptr,
@@ -203,8 +221,10 @@ def _lif_backward_kernel(
     HAS_GRAD_V_LAST: tl.constexpr, HAS_GRAD_V_SEQ: tl.constexpr, SEGMENT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < neurons
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < tl.minimum(neurons - start, BLOCK).to(tl.int32)
+    x_block = x_ptr + start
     tau = _option(tau_in, ACC)
     v_threshold = _option(v_threshold_in, ACC)
     v_reset = _option(v_reset_in, ACC)
@@ -213,52 +233,55 @@ def _lif_backward_kernel(
     segments = (steps + SEGMENT - 1) // SEGMENT
     # Sweep 1: SPEC 3's forward over the segments before the last, V checkpointed at the start of
     # each but the first.
-    v = tl.load(v_init_ptr + offs, mask=mask, other=0).to(ACC)
+    v = tl.load(v_init_ptr + start + lanes, mask=mask, other=0).to(ACC)
     for c in range(segments - 1):
         if c > 0:
-            tl.store(checkpoint_ptr + tl.cast(c - 1, tl.int64) * neurons + offs, v, mask=mask)
+            tl.store(_row(checkpoint_ptr + start, c - 1, neurons) + lanes, v, mask=mask)
         for k in tl.static_range(SEGMENT):
-            index = tl.cast(c * SEGMENT + k, tl.int64) * neurons + offs
-            _, _, v = _lif_step(x_ptr, index, mask, v, tau, v_threshold, v_reset, ACC, SOFT_RESET,
-                                DECAY_INPUT)
+            _, _, v = _lif_step(_row(x_block, c * SEGMENT + k, neurons), lanes, mask, v, tau,
+                                v_threshold, v_reset, ACC, SOFT_RESET, DECAY_INPUT)
     # Sweep 2: from the last segment to the first, H of the segment (the last continues from
     # sweep 1's V, the others restart from their checkpoint, the first from v_init), then SPEC 3's
     # table from its last step down to its first; g_v_next is the gradient reaching V[t].
     g_v_next = tl.zeros((BLOCK,), dtype=ACC)
     if HAS_GRAD_V_LAST:
-        g_v_next = tl.load(grad_v_last_ptr + offs, mask=mask, other=0).to(ACC)
+        g_v_next = tl.load(grad_v_last_ptr + start + lanes, mask=mask, other=0).to(ACC)
     for i in range(segments):
         c = segments - 1 - i
         if c + 1 < segments:
             if c == 0:
-                v = tl.load(v_init_ptr + offs, mask=mask, other=0).to(ACC)
+                v = tl.load(v_init_ptr + start + lanes, mask=mask, other=0).to(ACC)
             else:
-                v = tl.load(checkpoint_ptr + tl.cast(c - 1, tl.int64) * neurons + offs, mask=mask,
+                v = tl.load(_row(checkpoint_ptr + start, c - 1, neurons) + lanes, mask=mask,
                             other=0)
         hs = ()
         for k in tl.static_range(SEGMENT):  # steps past T compute on zeros and are not used
             t = c * SEGMENT + k
+            # (t < steps as a block-wide mask: the interpreter takes no scalar in a mask)
             step_mask = mask & (tl.zeros((BLOCK,), tl.int32) + t < steps)
-            h, _, v = _lif_step(x_ptr, tl.cast(t, tl.int64) * neurons + offs, step_mask, v,
-                                tau, v_threshold, v_reset, ACC, SOFT_RESET, DECAY_INPUT)
+            h, _, v = _lif_step(_row(x_block, t, neurons), lanes, step_mask, v, tau, v_threshold,
+                                v_reset, ACC, SOFT_RESET, DECAY_INPUT)
             hs = hs + (h,)
         for j in tl.static_range(SEGMENT):
             t = c * SEGMENT + SEGMENT - 1 - j
-            index = tl.cast(t, tl.int64) * neurons + offs
             in_steps = tl.zeros((BLOCK,), tl.int32) + t < steps
             step_mask = mask & in_steps
             g_v = g_v_next
             if HAS_GRAD_V_SEQ:
-                g_v += tl.load(grad_v_seq_ptr + index, mask=step_mask, other=0).to(ACC)
+                g_v += tl.load(_row(grad_v_seq_ptr + start, t, neurons) + lanes, mask=step_mask,
+                               other=0).to(ACC)
             g_spike = tl.zeros((BLOCK,), dtype=ACC)
             if HAS_GRAD_SPIKES:
-                g_spike = tl.load(grad_spikes_ptr + index, mask=step_mask, other=0).to(ACC)
+                g_spike = tl.load(_row(grad_spikes_ptr + start, t, neurons) + lanes,
+                                  mask=step_mask, other=0).to(ACC)
             g_x, g_v_prev = _lif_step_grad(g_spike, g_v, hs[SEGMENT - 1 - j], tau, v_threshold,
                                            v_reset, alpha, half_pi, SOFT_RESET, DECAY_INPUT,
                                            DETACH_RESET, SURROGATE)
-            tl.store(grad_x_ptr + index, g_x.to(grad_x_ptr.dtype.element_ty), mask=step_mask)
+            tl.store(_row(grad_x_ptr + start, t, neurons) + lanes,
+                     g_x.to(grad_x_ptr.dtype.element_ty), mask=step_mask)
             g_v_next = tl.where(in_steps, g_v_prev, g_v_next)
-    tl.store(grad_v_init_ptr + offs, g_v_next.to(grad_v_init_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_v_init_ptr + start + lanes, g_v_next.to(grad_v_init_ptr.dtype.element_ty),
+             mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,11 +319,12 @@ def lif_forward_triton(x: torch.Tensor, v_init: torch.Tensor, tau: float, v_thre
     v_seq = torch.empty_like(x) if return_v_seq else x.new_empty(0)
     neurons = v_init.numel()
     if neurons > 0:
-        torch.library.wrap_triton(_lif_forward_kernel)[(triton.cdiv(neurons, BLOCK),)](
+        block = block_of(x.dtype)
+        torch.library.wrap_triton(_lif_forward_kernel)[(triton.cdiv(neurons, block),)](
             x, v_init, spikes, v_last, v_seq if return_v_seq else None,
             tau, v_threshold, 0.0 if soft_reset else v_reset, x.shape[0], neurons,
             ACC=tl_accumulation_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
-            STORE_V_SEQ=return_v_seq, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            STORE_V_SEQ=return_v_seq, BLOCK=block, num_warps=NUM_WARPS,
         )
     return spikes, v_last, v_seq
 
@@ -330,15 +354,16 @@ def lif_backward_triton(grad_spikes: torch.Tensor, grad_v_last: torch.Tensor,
         g.contiguous() if g.numel() != 0 else None for g in (grad_spikes, grad_v_last, grad_v_seq)
     )
     if neurons > 0:
-        torch.library.wrap_triton(_lif_backward_kernel)[(triton.cdiv(neurons, BLOCK),)](
+        block = block_of(x.dtype)
+        torch.library.wrap_triton(_lif_backward_kernel)[(triton.cdiv(neurons, block),)](
             grad_spikes, grad_v_last, grad_v_seq, x, v_init, grad_x, grad_v_init, checkpoints,
             tau, v_threshold, 0.0 if soft_reset else v_reset, alpha, math.pi / 2,
             steps, neurons,
             ACC=tl_accumulation_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
             DETACH_RESET=detach_reset, SURROGATE=SURROGATE_IDS[surrogate],
             HAS_GRAD_SPIKES=grad_spikes is not None, HAS_GRAD_V_LAST=grad_v_last is not None,
-            HAS_GRAD_V_SEQ=grad_v_seq is not None, SEGMENT=segment, BLOCK=BLOCK,
-            num_warps=BACKWARD_NUM_WARPS,
+            HAS_GRAD_V_SEQ=grad_v_seq is not None, SEGMENT=segment, BLOCK=block,
+            num_warps=NUM_WARPS,
         )
     return grad_x, grad_v_init
 

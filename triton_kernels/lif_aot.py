@@ -10,15 +10,16 @@ import torch
 
 from .aot import AOT_ARCH, TYPE_NAMES, compile_for_target, resource_usage
 from .common import tl_accumulation_dtype
-from .lif import (BACKWARD_NUM_WARPS, BLOCK, NUM_WARPS, SEGMENTS, SURROGATE_IDS,
-                  _lif_backward_kernel, _lif_forward_kernel)
+from .lif import (NUM_WARPS, SEGMENTS, SURROGATE_IDS, _lif_backward_kernel, _lif_forward_kernel,
+                  block_of)
 
 
 def compile_variants(storage: str, *, soft_reset: bool = False, decay_input: bool = True,
                      detach_reset: bool = False, surrogate: str = "sigmoid",
                      segment: int = SEGMENTS[-1], arch: int = AOT_ARCH):
     """(forward, backward) compiled for sm_`arch` as the ops launch them for `storage`, with every
-    optional tensor present (the membrane sequence stored, every gradient given); the backward
+    optional tensor present (the membrane sequence stored, every gradient given), on aligned
+    tensors of a neuron count that is a multiple of 16 (the vectorized variant); the backward
     holds H of `segment` steps (lif.SEGMENTS; the longest by default, the most registers)."""
     element = TYPE_NAMES[storage]
     wide = storage == "float64"
@@ -26,12 +27,13 @@ def compile_variants(storage: str, *, soft_reset: bool = False, decay_input: boo
     options = {"tau_in": "fp64", "v_threshold_in": "fp64", "v_reset_in": "fp64",
                "steps": "i32", "neurons": "i32"}
     common = dict(ACC=tl_accumulation_dtype(getattr(torch, storage)), SOFT_RESET=soft_reset,
-                  DECAY_INPUT=decay_input, BLOCK=BLOCK)
+                  DECAY_INPUT=decay_input, BLOCK=block_of(getattr(torch, storage)))
+    aligned = dict(aligned_pointers=True, multiples_of_16=("neurons",))
     forward = compile_for_target(
         _lif_forward_kernel,
         {**{name: f"*{element}" for name in ("x_ptr", "v_init_ptr", "spikes_ptr", "v_last_ptr",
                                               "v_seq_ptr")}, **options},
-        {**common, "STORE_V_SEQ": True}, num_warps=NUM_WARPS, arch=arch)
+        {**common, "STORE_V_SEQ": True}, num_warps=NUM_WARPS, arch=arch, **aligned)
     backward = compile_for_target(
         _lif_backward_kernel,
         {**{name: f"*{element}" for name in ("grad_spikes_ptr", "grad_v_last_ptr",
@@ -41,7 +43,7 @@ def compile_variants(storage: str, *, soft_reset: bool = False, decay_input: boo
         {**common, "DETACH_RESET": detach_reset,
          "SURROGATE": SURROGATE_IDS[surrogate], "HAS_GRAD_SPIKES": True,
          "HAS_GRAD_V_LAST": True, "HAS_GRAD_V_SEQ": True, "SEGMENT": segment},
-        num_warps=BACKWARD_NUM_WARPS, arch=arch)
+        num_warps=NUM_WARPS, arch=arch, **aligned)
     return forward, backward
 
 

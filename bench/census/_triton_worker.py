@@ -64,19 +64,22 @@ def _save(out: str, name: str, compiled, **launch) -> dict:
 
 
 def compile_lif(out: str) -> dict:
+    import torch
     from htakl_kernels.triton_kernels import lif, lif_aot
 
     index = {}
     for dtype in DTYPES:
+        # neurons per program: one for every dtype in older kernels, block_of(dtype) since
+        block = lif.block_of(getattr(torch, dtype)) if hasattr(lif, "block_of") else lif.BLOCK
         forward, backward = lif_aot.compile_variants(dtype)
         for direction, compiled in (("forward", forward), ("backward", backward)):
             index[f"lif-{direction}-{dtype}"] = _save(out, f"lif-{direction}-{dtype}", compiled,
-                                                      block=lif.BLOCK)
+                                                      block=block)
         # a backward that holds H `segment` steps at a time: one kernel per segment length
         for segment in getattr(lif, "SEGMENTS", ()):
             name = f"lif-backward-{dtype}-segment{segment}"
             _, backward = lif_aot.compile_variants(dtype, segment=segment)
-            index[name] = _save(out, name, backward, block=lif.BLOCK, segment=segment)
+            index[name] = _save(out, name, backward, block=block, segment=segment)
     return index
 
 

@@ -23,7 +23,7 @@ What the backward keeps: nothing beyond the forward's own inputs x and v_init. T
 recomputes H[t] from x and walks t from T-1 down to 0 (SPEC 3's table), recovering each spike
 exactly from the recomputed H. It holds H of K steps at a time (csrc/lif_math.h,
 lif_backward_segments; in registers on the GPU: K = 16 for CUDA,
-8 in Triton; 64 on the CPU): for T <= K it reads x once, and the whole call moves the byte
+4 in Triton; 64 on the CPU): for T <= K it reads x once, and the whole call moves the byte
 model's 4 E b plus one read of x (5 E b; b bytes per element of x's dtype). For T > K it checkpoints
 V at the start of every segment but the first and the last (ceil(T/K) - 2 values of the state
 dtype per neuron, written and read once) and reads x again for every segment but the last: about
