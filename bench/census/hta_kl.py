@@ -94,7 +94,8 @@ CUDA_LAUNCHER_LINES = (
     "params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - front_bytes);",
     "params.cache_rows = caching_blocks >= std::min(kMinCachingBlocksPerSm, streaming_blocks);",
     "static_cast<unsigned>(problem.rows < INT_MAX ? problem.rows : int64_t(INT_MAX));",
-    "return static_cast<size_t>(round_up(2 * steps * static_cast<int64_t>(sizeof(acc_t)), kVectorBytes));",
+    "return round_up(steps, kStepGroupOf<htakl::acc_t<scalar_t>>);",
+    "return static_cast<size_t>(2 * step_slots<scalar_t>(steps)) * sizeof(acc_t);",
 )
 
 
@@ -144,7 +145,8 @@ class CudaKernels:
         thread_chunks = math.ceil(chunks / c["kChunksPerThread"])
         threads = c["kMaxThreads"] if thread_chunks >= c["kMaxThreads"] else \
             math.ceil(thread_chunks / c["kWarpSize"]) * c["kWarpSize"]
-        steps_bytes = math.ceil(2 * steps * 4 / c["kVectorBytes"]) * c["kVectorBytes"]
+        # step_lse and step_g_sums, each T rounded up to whole step groups (float sums)
+        steps_bytes = 2 * math.ceil(steps / c["kStepGroup"]) * c["kStepGroup"] * 4
         # the selection's two candidate lists: float32 keys for every storage but float64
         list_bytes = math.ceil(2 * min(classes, c["kCandidates"]) * 4 / c["kVectorBytes"]) * \
             c["kVectorBytes"]

@@ -425,7 +425,7 @@ struct KernelParams {
   bool detach_weights;
   bool cache_rows;             // copy the row to shared memory first
   int64_t cache_row_stride;    // classes rounded up to whole chunks (shared-memory row stride)
-  size_t step_values_bytes;    // shared-memory bytes in front of the candidate lists
+  int64_t step_slots;          // step_lse's and step_g_sums' length: T in whole step groups
   int64_t list_capacity;       // keys a candidate list holds: min(C, kCandidates)
   size_t list_bytes;           // the two lists' shared-memory bytes (16-byte multiple)
 };
@@ -1059,14 +1059,14 @@ __global__ void __launch_bounds__(kMaxThreads, (kMinBlocksPerSm<scalar_t, kStude
     hta_kl_fused_kernel(const KernelParams<scalar_t> params) {
   using acc_t = htakl::acc_t<scalar_t>;
   __shared__ BlockScratch<acc_t> scratch;
-  // Dynamic shared memory: step_lse[steps], step_g_sums[steps], the head selection's two candidate
-  // lists, then (when cache_rows) the teacher row and the T student rows, each cache_row_stride
-  // elements (16-byte aligned).
+  // Dynamic shared memory: step_lse and step_g_sums (step_slots each: T rounded up to whole step
+  // groups, see step_slots), the head selection's two candidate lists, then (when cache_rows) the
+  // teacher row and the T student rows, each cache_row_stride elements (16-byte aligned).
   extern __shared__ uint4 dynamic_shared[];
   acc_t* step_lse = reinterpret_cast<acc_t*>(dynamic_shared);
-  acc_t* step_g_sums = step_lse + params.steps;
+  acc_t* step_g_sums = step_lse + params.step_slots;
   unsigned char* const list_start =
-      reinterpret_cast<unsigned char*>(dynamic_shared) + params.step_values_bytes;
+      reinterpret_cast<unsigned char*>(step_g_sums + params.step_slots);
   radix_key_t<acc_t>* candidate_key = reinterpret_cast<radix_key_t<acc_t>*>(list_start);
   scalar_t* row_cache = reinterpret_cast<scalar_t*>(list_start + params.list_bytes);
 
@@ -1150,10 +1150,37 @@ __global__ void __launch_bounds__(kMaxThreads, (kMinBlocksPerSm<scalar_t, kStude
 
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
+// step_lse's and step_g_sums' length in shared memory: T rounded up to whole step groups.
+// add_step_sums reads step_lse[group + g] only for the steps that exist, but ptxas merges a
+// group's reads into one 16-byte load issued before the bounds checks (LDS.128 at step_lse +
+// group; the values past T are discarded). With step_g_sums right behind step_lse[T - 1], the
+// load of the second group reads step_g_sums[0..] while thread 0 may still be writing them (the
+// first group's G_t; no barrier between, write_prob_mean_student_gradient): harmless, as those
+// values are unused, but a shared-memory hazard that compute-sanitizer's racecheck reports. The
+// padding keeps the load inside step_lse's own slots, which nothing writes.
+template <typename scalar_t>
+int64_t step_slots(int64_t steps) {
+  return round_up(steps, kStepGroupOf<htakl::acc_t<scalar_t>>);
+}
+
+// Shared-memory bytes of step_lse and step_g_sums: a 16-byte multiple, so the lists behind them
+// stay aligned.
 template <typename scalar_t>
 size_t step_values_bytes(int64_t steps) {
   using acc_t = htakl::acc_t<scalar_t>;
-  return static_cast<size_t>(round_up(2 * steps * static_cast<int64_t>(sizeof(acc_t)), kVectorBytes));
+  static_assert(2 * kStepGroupOf<acc_t> * sizeof(acc_t) % kVectorBytes == 0,
+                "a step group's values must fill whole 16-byte units");
+  return static_cast<size_t>(2 * step_slots<scalar_t>(steps)) * sizeof(acc_t);
+}
+
+// The largest T whose step values and the longest candidate lists fit in `limit` bytes.
+template <typename scalar_t>
+int64_t max_steps_within(size_t limit) {
+  using acc_t = htakl::acc_t<scalar_t>;
+  const size_t list_bytes = 2 * kCandidates * sizeof(radix_key_t<scalar_t>);
+  if (limit < list_bytes) return 0;
+  constexpr size_t kGroupBytes = 2 * kStepGroupOf<acc_t> * sizeof(acc_t);
+  return static_cast<int64_t>((limit - list_bytes) / kGroupBytes) * kStepGroupOf<acc_t>;
 }
 
 // Dynamic shared memory one block may use beyond the kernel's static shared memory on the current
@@ -1239,7 +1266,7 @@ cudaError_t HtaKlCudaLaunch<scalar_t>::fused(const HtaKlCudaProblem& problem,
   params.delta_fixed = delta_fixed < 1.0 ? 1ull : static_cast<unsigned long long>(delta_fixed);
   params.detach_weights = options.detach_weights;
   params.cache_row_stride = round_up(problem.classes, kWidth);
-  params.step_values_bytes = steps_bytes;
+  params.step_slots = step_slots<scalar_t>(problem.steps);
   params.list_capacity = problem.classes < kCandidates ? problem.classes : kCandidates;
   params.list_bytes = static_cast<size_t>(round_up(
       2 * params.list_capacity * static_cast<int64_t>(sizeof(radix_key_t<scalar_t>)),
@@ -1291,9 +1318,7 @@ int64_t HtaKlCudaLaunch<scalar_t>::max_steps(cudaError_t* error) {
   size_t limit = 0;
   *error = dynamic_shared_limit<scalar_t>(&limit);
   if (*error != cudaSuccess) return -1;
-  using acc_t = htakl::acc_t<scalar_t>;
-  const size_t list_bytes = 2 * kCandidates * sizeof(radix_key_t<scalar_t>);  // the longest lists
-  return static_cast<int64_t>((limit - list_bytes) / (2 * sizeof(acc_t)));
+  return max_steps_within<scalar_t>(limit);
 }
 
 }  // namespace htakl

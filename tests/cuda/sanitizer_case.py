@@ -63,6 +63,9 @@ def main() -> int:
         run(6, 2, 257, dtype)                     # prob_mean, two groups
         run(3, 2, 300, dtype, logit_mean=True)    # logit_mean
         run(1, 1, 3, dtype)                       # fewer classes than one warp's chunks
+    # prob_mean, two groups, T short of whole groups, several warps (the second group's vector
+    # read of the per-step values must stay off the first group's G_t, see step_slots).
+    run(5, 2, 1500, torch.float32)
     # Rows beyond shared memory (4 x 7500 doubles = 240 kB > 227 kB): every pass reads global memory.
     run(3, 1, 7500, torch.float64)
     # Ties: integer logits, delta in the middle of a tie group; then a uniform teacher.
