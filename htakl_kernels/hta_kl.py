@@ -10,7 +10,7 @@ import torch
 
 from . import reference
 from .distributed import is_parallel, vocab_parallel_hta_kl_div
-from ._backends import kernel_ops, resolve_backend
+from ._backends import kernel_ops, resolve_hta_kl_backend
 from ._ops.hta_kl import hta_kl_rows
 from ._validation import check_hta_kl_args
 
@@ -90,7 +90,8 @@ def weighted_hta_kl_div(student: torch.Tensor, teacher: torch.Tensor, *, weight:
             backend=backend)
     shape = check_hta_kl_args(student, teacher, temperature, delta, time_reduction, detach_weights,
                               reduction)
-    chosen = resolve_backend(backend, teacher.device)
+    chosen = resolve_hta_kl_backend(backend, teacher.device, teacher.dtype, shape.rows,
+                                    shape.classes)
     if chosen == "reference" or shape.rows == 0:  # an empty batch launches no kernel
         loss = reference.hta_kl_div(
             student, teacher, temperature=temperature, delta=delta, time_reduction=time_reduction,

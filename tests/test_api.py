@@ -179,3 +179,31 @@ def test_spiking_kd_loss_checks_its_arguments():
         SpikingKDLoss(alpha=1.5)
     with pytest.raises(ValueError, match="labels"):
         SpikingKDLoss()(torch.randn(2, 4, 5), torch.randn(4, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_auto_picks_triton_for_few_long_rows_on_cuda(monkeypatch):
+    """On a CUDA device, "auto" takes Triton where its split kernel spreads fewer long rows than
+    multiprocessors over the chip, and the CUDA kernel everywhere else (a CUDA device simulated:
+    the decision reads only the backends' availability and the multiprocessor count)."""
+    triton_hta_kl = pytest.importorskip("htakl_kernels.triton_kernels.hta_kl")
+    from htakl_kernels import _backends
+
+    monkeypatch.setattr(_backends, "resolve_backend", lambda requested, device: (
+        "cuda" if requested == "auto" else requested))
+    monkeypatch.setattr(_backends, "unavailable_reason", lambda backend, device_type: None)
+    monkeypatch.setattr(triton_hta_kl.torch.cuda, "get_device_properties",
+                        lambda device: type("Properties", (), {"multi_processor_count": 132}))
+    monkeypatch.delenv("HTAKL_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+
+    def pick(rows, classes, requested="auto", dtype=torch.float32):
+        return _backends.resolve_hta_kl_backend(requested, cuda, dtype, rows, classes)
+
+    assert pick(8, 131072) == "triton"
+    assert pick(131, 4097) == "triton"
+    assert pick(8, 131072, dtype=torch.float64) == "triton"
+    assert pick(132, 131072) == "cuda"  # every multiprocessor has a row
+    assert pick(8, 4096) == "cuda"  # on chip in one program: nothing to split
+    assert pick(8, 131072, requested="cuda") == "cuda"  # asked for by name
+    monkeypatch.setenv("HTAKL_BACKEND", "cuda")
+    assert pick(8, 131072) == "cuda"
