@@ -60,7 +60,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <unordered_map>
 
@@ -1224,6 +1226,42 @@ cudaError_t dynamic_shared_limit(size_t* limit) {
   return cudaSuccess;
 }
 
+// Whether a block that also holds its row in shared memory (front_bytes + cache_bytes) still
+// keeps kMinCachingBlocksPerSm blocks resident per SM, or as many as one without it: the
+// launcher's condition for the row cache. The occupancy queries behind it are host work; the
+// answer depends only on the device, the kernel and the sizes, which a training loop repeats on
+// every call, so it is kept per (device, kernel, threads, sizes).
+template <typename scalar_t>
+cudaError_t row_cache_keeps_occupancy(void (*kernel)(KernelParams<scalar_t>), int threads,
+                                      size_t front_bytes, size_t cache_bytes, bool* keeps) {
+  using Key = std::tuple<int, const void*, int, size_t, size_t>;
+  static std::mutex mutex;
+  static std::map<Key, bool> known;
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  const Key key{device, reinterpret_cast<const void*>(kernel), threads, front_bytes, cache_bytes};
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto found = known.find(key);
+    if (found != known.end()) {
+      *keeps = found->second;
+      return cudaSuccess;
+    }
+  }
+  int caching_blocks = 0, streaming_blocks = 0;
+  error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&caching_blocks, kernel, threads,
+                                                        front_bytes + cache_bytes);
+  if (error != cudaSuccess) return error;
+  error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&streaming_blocks, kernel, threads,
+                                                        front_bytes);
+  if (error != cudaSuccess) return error;
+  *keeps = caching_blocks >= std::min(kMinCachingBlocksPerSm, streaming_blocks);
+  const std::lock_guard<std::mutex> lock(mutex);
+  known.emplace(key, *keeps);
+  return cudaSuccess;
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -1295,14 +1333,11 @@ cudaError_t HtaKlCudaLaunch<scalar_t>::fused(const HtaKlCudaProblem& problem,
                              static_cast<double>(params.cache_row_stride) * sizeof(scalar_t);
   params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - front_bytes);
   if (params.cache_rows) {
-    int caching_blocks = 0, streaming_blocks = 0;
-    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &caching_blocks, kernel, threads, front_bytes + static_cast<size_t>(cache_bytes));
+    bool keeps = false;
+    error = row_cache_keeps_occupancy(kernel, threads, front_bytes,
+                                      static_cast<size_t>(cache_bytes), &keeps);
     if (error != cudaSuccess) return error;
-    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&streaming_blocks, kernel, threads,
-                                                          front_bytes);
-    if (error != cudaSuccess) return error;
-    params.cache_rows = caching_blocks >= std::min(kMinCachingBlocksPerSm, streaming_blocks);
+    params.cache_rows = keeps;
   }
   const size_t dynamic_bytes =
       front_bytes + (params.cache_rows ? static_cast<size_t>(cache_bytes) : size_t(0));
