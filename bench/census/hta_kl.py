@@ -92,7 +92,7 @@ CUDA_LAUNCHER_LINES = (
     "params.list_capacity = problem.classes < kCandidates ? problem.classes : kCandidates;",
     "2 * params.list_capacity * static_cast<int64_t>(sizeof(radix_key_t<scalar_t>)), kVectorBytes));",
     "params.cache_rows = cache_bytes <= static_cast<double>(shared_limit - front_bytes);",
-    "params.cache_rows = caching_blocks >= std::min(kMinCachingBlocksPerSm, streaming_blocks);",
+    "*keeps = caching_blocks >= std::min(kMinCachingBlocksPerSm, streaming_blocks);",
     "static_cast<unsigned>(problem.rows < INT_MAX ? problem.rows : int64_t(INT_MAX));",
     "return round_up(steps, kStepGroupOf<htakl::acc_t<scalar_t>>);",
     "return static_cast<size_t>(2 * step_slots<scalar_t>(steps)) * sizeof(acc_t);",
