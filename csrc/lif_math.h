@@ -164,21 +164,31 @@ struct StdExp {
   }
 };
 
+// The correctly rounded quotient: the default division of the functions below that take one. The
+// GPU's kernels for 16-bit storage pass a faster one (lif_cuda_kernels.cuh).
+struct ExactDivide {
+  template <typename T>
+  HTAKL_HD T operator()(T a, T b) const {
+    return a / b;
+  }
+};
+
 // SPEC 3: the surrogate derivative sg at u = H - v_threshold. The sigmoid's
 // alpha sig(alpha u) (1 - sig(alpha u)) is computed as alpha e / (1 + e)^2 with e = exp(-alpha |u|):
 // the same function (it is even in u), and exp only ever sees arguments <= 0, so it never
 // overflows and a fast exp for that range serves.
-template <typename acc_t, typename Exp = StdExp>
-HTAKL_HD acc_t lif_surrogate_grad(acc_t u, const LifParams<acc_t>& p, Exp exp_nonpositive = {}) {
+template <typename acc_t, typename Exp = StdExp, typename Divide = ExactDivide>
+HTAKL_HD acc_t lif_surrogate_grad(acc_t u, const LifParams<acc_t>& p, Exp exp_nonpositive = {},
+                                  Divide divide = {}) {
   switch (p.surrogate) {
     case LifSurrogate::sigmoid: {
       const acc_t e = exp_nonpositive(-p.alpha * (u < acc_t(0) ? -u : u));
       const acc_t one_plus_e = acc_t(1) + e;
-      return p.alpha * e / (one_plus_e * one_plus_e);
+      return divide(p.alpha * e, one_plus_e * one_plus_e);
     }
     case LifSurrogate::atan: {
       const acc_t scaled = acc_t(1.57079632679489661923) * p.alpha * u;  // (pi / 2) alpha u
-      return p.alpha / acc_t(2) / (acc_t(1) + scaled * scaled);
+      return divide(p.alpha / acc_t(2), acc_t(1) + scaled * scaled);
     }
   }
   // Not reached: the ops turn the surrogate's name into a LifSurrogate and refuse unknown names.
@@ -195,11 +205,12 @@ struct LifStepGrad {
 
 // `g_spike` is the gradient on S[t]; `g_v` the whole gradient reaching V[t] (through H[t+1] plus
 // any direct gradient on V[t]); `h` is H[t] as the forward computed it.
-template <typename acc_t, typename Exp = StdExp>
+template <typename acc_t, typename Exp = StdExp, typename Divide = ExactDivide>
 HTAKL_HD LifStepGrad<acc_t> lif_step_grad(acc_t g_spike, acc_t g_v, acc_t h,
-                                          const LifParams<acc_t>& p, Exp exp_nonpositive = {}) {
+                                          const LifParams<acc_t>& p, Exp exp_nonpositive = {},
+                                          Divide divide = {}) {
   const acc_t spike = lif_fire(h, p);
-  const acc_t sg = lif_surrogate_grad(h - p.v_threshold, p, exp_nonpositive);
+  const acc_t sg = lif_surrogate_grad(h - p.v_threshold, p, exp_nonpositive, divide);
   acc_t g_h;
   if (p.soft_reset) {
     g_h = p.detach_reset ? g_spike * sg + g_v : (g_spike - p.v_threshold * g_v) * sg + g_v;
