@@ -169,27 +169,33 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-_LOADED_OPS: dict[str, KernelOps] = {}
-
-
 def resolve_hta_kl_backend(requested: str, device: torch.device, dtype: torch.dtype, rows: int,
                            classes: int) -> str:
-    """resolve_backend for HTA-KL rows of `classes` of `dtype`: where "auto" resolves to the CUDA kernel,
-    which runs one block per row, and there are fewer long rows than multiprocessors, Triton is
-    picked instead when it runs here: its split kernel spreads each row over several programs
-    (an H200 measured [4, 8, 131072] at 0.76 ms in Triton against 1.44 ms in CUDA). Under
-    torch.compile the choice stays the device's first backend (no device query while tracing)."""
+    """resolve_backend for HTA-KL rows of `classes` of `dtype`: where "auto" resolves to the CUDA
+    kernel, which runs one block per row, and there are fewer long rows than multiprocessors,
+    Triton is picked instead when it runs here: its split kernel spreads each row over several
+    programs (an H200 measured [4, 8, 131072] at 0.76 ms in Triton against 1.44 ms in CUDA).
+    Only on the current device (Triton launches there) and in eager mode (no device query while
+    tracing); an explicit backend or HTAKL_BACKEND other than "auto" is taken as given."""
     chosen = resolve_backend(requested, device)
-    if (chosen != "cuda" or requested != "auto" or os.environ.get(BACKEND_ENV)
-            or torch.compiler.is_compiling()
+    if (chosen != "cuda" or requested != "auto"
+            or os.environ.get(BACKEND_ENV, "auto") not in ("", "auto")
+            or torch.compiler.is_compiling() or rows == 0
+            or (device.index is not None and device.index != torch.cuda.current_device())
+            or rows >= torch.cuda.get_device_properties(device).multi_processor_count
             or unavailable_reason("triton", device.type) is not None):
         return chosen
-    from .triton_kernels.hta_kl import default_layout, default_segments
-
+    try:
+        from .triton_kernels.hta_kl import default_layout, default_segments
+    except ImportError:  # installed but broken: the CUDA kernel serves
+        return chosen
     on_chip_limit, chunk = default_layout(dtype == torch.float64)
     if classes > on_chip_limit and default_segments(rows, classes, chunk, device) > 1:
         return "triton"
     return chosen
+
+
+_LOADED_OPS: dict[str, KernelOps] = {}
 
 
 def kernel_ops(backend: str) -> KernelOps:

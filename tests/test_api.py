@@ -191,19 +191,25 @@ def test_auto_picks_triton_for_few_long_rows_on_cuda(monkeypatch):
     monkeypatch.setattr(_backends, "resolve_backend", lambda requested, device: (
         "cuda" if requested == "auto" else requested))
     monkeypatch.setattr(_backends, "unavailable_reason", lambda backend, device_type: None)
-    monkeypatch.setattr(triton_hta_kl.torch.cuda, "get_device_properties",
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: type("Properties", (), {"multi_processor_count": 132}))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.delenv("HTAKL_BACKEND", raising=False)
-    cuda = torch.device("cuda")
 
-    def pick(rows, classes, requested="auto", dtype=torch.float32):
-        return _backends.resolve_hta_kl_backend(requested, cuda, dtype, rows, classes)
+    def pick(rows, classes, requested="auto", dtype=torch.float32, device="cuda"):
+        return _backends.resolve_hta_kl_backend(requested, torch.device(device), dtype, rows,
+                                                classes)
 
     assert pick(8, 131072) == "triton"
+    assert pick(8, 131072, device="cuda:0") == "triton"
     assert pick(131, 4097) == "triton"
     assert pick(8, 131072, dtype=torch.float64) == "triton"
     assert pick(132, 131072) == "cuda"  # every multiprocessor has a row
     assert pick(8, 4096) == "cuda"  # on chip in one program: nothing to split
+    assert pick(0, 131072) == "cuda"  # an empty batch launches nothing
+    assert pick(8, 131072, device="cuda:1") == "cuda"  # Triton launches on the current device
     assert pick(8, 131072, requested="cuda") == "cuda"  # asked for by name
+    monkeypatch.setenv("HTAKL_BACKEND", "auto")
+    assert pick(8, 131072) == "triton"
     monkeypatch.setenv("HTAKL_BACKEND", "cuda")
     assert pick(8, 131072) == "cuda"

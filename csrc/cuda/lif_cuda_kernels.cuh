@@ -138,18 +138,19 @@ __global__ void __launch_bounds__(kThreads)
 // reaching V, and H of the current segment in registers (every index into `h` is a constant once
 // the segment's loops unroll).
 // The surrogate's exp and division in the backward of 16-bit storage: the GPU's fast forms
-// (__expf, one MUFU ex2 of a scaled argument, and __fdividef, a reciprocal estimate times the
-// dividend; each within a few ulp of float, whose relative error is about 2^-22, where a 16-bit
-// gradient is rounded to 2^-8 or 2^-11), about 15 fewer instructions per neuron and step than
-// expf and the IEEE division. float32 and float64 keep the exact functions: their gradients stay
+// (__expf, one MUFU ex2 of a scaled argument, within 2 + 1.17 |z| ulp of float, so at most about
+// 2^-16 relative before its results flush to 0 below e^-87; __fdividef, a reciprocal estimate
+// times the dividend, within 2 ulp for these divisors), far below the 2^-8 or 2^-11 to which a
+// 16-bit gradient is rounded, and about 15 fewer instructions per neuron and step than expf and
+// the IEEE division. float32 and float64 keep the exact functions: their gradients stay
 // those of the CPU kernel's formulas bit for bit. The forward's H, and so every spike, is exact in
 // every type (lif_charge's correctly rounded division by tau).
 struct FastExp {
   __device__ __forceinline__ float operator()(float z) const { return __expf(z); }
 };
 struct FastDivide {
-  // b >= 1 at both call sites (lif_surrogate_grad), where __fdividef is exact to a few ulp; it
-  // returns 0 for b above 2^126 (and infinity), the quotient's limit there.
+  // b >= 1 at both call sites (lif_surrogate_grad); __fdividef returns 0 for b above 2^126 (and
+  // infinity), where the quotient is below 2^-126 anyway.
   __device__ __forceinline__ float operator()(float a, float b) const { return __fdividef(a, b); }
 };
 template <typename scalar_t>
