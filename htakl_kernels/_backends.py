@@ -181,16 +181,18 @@ def resolve_hta_kl_backend(requested: str, device: torch.device, dtype: torch.dt
     if (chosen != "cuda" or requested != "auto"
             or os.environ.get(BACKEND_ENV, "auto") not in ("", "auto")
             or torch.compiler.is_compiling() or rows == 0
-            or (device.index is not None and device.index != torch.cuda.current_device())
-            or rows >= torch.cuda.get_device_properties(device).multi_processor_count
-            or unavailable_reason("triton", device.type) is not None):
+            or (device.index is not None and device.index != torch.cuda.current_device())):
+        return chosen
+    # split_segments splits nothing for this many rows: decided before importing Triton
+    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    if rows >= processors or unavailable_reason("triton", device.type) is not None:
         return chosen
     try:
-        from .triton_kernels.hta_kl import default_layout, default_segments
+        from .triton_kernels.hta_kl import default_layout, split_segments
     except ImportError:  # installed but broken: the CUDA kernel serves
         return chosen
     on_chip_limit, chunk = default_layout(dtype == torch.float64)
-    if classes > on_chip_limit and default_segments(rows, classes, chunk, device) > 1:
+    if classes > on_chip_limit and split_segments(rows, classes, chunk, processors) > 1:
         return "triton"
     return chosen
 

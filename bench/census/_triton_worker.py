@@ -69,7 +69,7 @@ def compile_lif(out: str) -> dict:
 
     index = {}
     for dtype in DTYPES:
-        # neurons per program: one for every dtype in older kernels, block_of(dtype) since
+        # neurons per program: block_of(dtype), or the one BLOCK of kernels older than it
         block = lif.block_of(getattr(torch, dtype)) if hasattr(lif, "block_of") else lif.BLOCK
         forward, backward = lif_aot.compile_variants(dtype)
         for direction, compiled in (("forward", forward), ("backward", backward)):
