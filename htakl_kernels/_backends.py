@@ -175,13 +175,12 @@ def resolve_hta_kl_backend(requested: str, device: torch.device, dtype: torch.dt
     kernel, which runs one block per row, and there are fewer long rows than multiprocessors,
     Triton is picked instead when it runs here: its split kernel spreads each row over several
     programs (an H200 measured [4, 8, 131072] at 0.76 ms in Triton against 1.44 ms in CUDA).
-    Only on the current device (Triton launches there) and in eager mode (no device query while
-    tracing); an explicit backend or HTAKL_BACKEND other than "auto" is taken as given."""
+    Only in eager mode (no device query while tracing); an explicit backend or HTAKL_BACKEND
+    other than "auto" is taken as given."""
     chosen = resolve_backend(requested, device)
     if (chosen != "cuda" or requested != "auto"
             or os.environ.get(BACKEND_ENV, "auto") not in ("", "auto")
-            or torch.compiler.is_compiling() or rows == 0
-            or (device.index is not None and device.index != torch.cuda.current_device())):
+            or torch.compiler.is_compiling() or rows == 0):
         return chosen
     # split_segments splits nothing for this many rows: decided before importing Triton
     processors = torch.cuda.get_device_properties(device).multi_processor_count

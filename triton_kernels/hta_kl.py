@@ -46,6 +46,7 @@ import triton.language as tl
 
 from .._library import HTA_KL_SCHEMA, accumulation_dtype
 from .._ops.hta_kl import register_hta_kl_op
+from .common import on_device_of
 
 # Rows up to this many classes are held on chip (a power of two). A parameter of `launch_hta_kl`
 # so tests can force the chunked path with small rows. Sized by ptxas' register report for sm_90
@@ -1239,8 +1240,9 @@ def hta_kl_fused_triton(student: torch.Tensor, teacher: torch.Tensor, temperatur
                         delta: float, logit_mean: bool, detach_weights: bool, grad_student: bool,
                         grad_teacher: bool,
                         row_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launch_hta_kl(student, teacher, temperature, delta, logit_mean, detach_weights,
-                         grad_student, grad_teacher, row_scale)
+    with on_device_of(teacher):
+        return launch_hta_kl(student, teacher, temperature, delta, logit_mean, detach_weights,
+                             grad_student, grad_teacher, row_scale)
 
 
 register_hta_kl_op(hta_kl_fused_triton)

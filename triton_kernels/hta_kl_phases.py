@@ -10,11 +10,14 @@ fused Triton kernel's (`hta_kl.py`, mirroring csrc/hta_kl_math.h), in natural lo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .._ops.hta_kl_phases import MASS_BITS, key_bits
+from .common import on_device_of
 from .hta_kl import (_fkl_term, _grad_student_softmax, _grad_teacher, _q_t_log_ratio, _rkl_term,
                      _sign_of_difference)
 
@@ -262,18 +265,29 @@ def _slice_grads_kernel(p_ptr, log_p_ptr, q_ptr, log_q_ptr, q_steps_ptr, log_q_s
                              grad_scale * inv_steps * (q_t_g - q_t * g_sum), mask=mask)
 
 
+def _on_device_of_first_tensor(phase):
+    """A phase op run with its first tensor's GPU as the current device (`on_device_of`)."""
+
+    @functools.wraps(phase)
+    def guarded(tensor, *args, **kwargs):
+        with on_device_of(tensor):
+            return phase(tensor, *args, **kwargs)
+
+    return staticmethod(guarded)
+
+
 class TritonPhases:
     """The phase ops of the Triton backend (the module docstring's contract), each one launch of
     a kernel above."""
 
-    @staticmethod
+    @_on_device_of_first_tensor
     def slice_max(x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty(x.shape[:-1])
         if out.numel():
             _slice_max_kernel[(out.numel(),)](x, out, x.shape[-1], BLOCK=BLOCK)
         return out
 
-    @staticmethod
+    @_on_device_of_first_tensor
     def slice_exp_sums(x, row_max, inv_tau: float):
         shifted, exponentials = torch.empty_like(x), torch.empty_like(x)
         sums = x.new_empty(x.shape[:-1], dtype=torch.float64)
@@ -283,7 +297,7 @@ class TritonPhases:
                                                     exponentials, sums, x.shape[-1], BLOCK=BLOCK)
         return shifted, exponentials, sums
 
-    @staticmethod
+    @_on_device_of_first_tensor
     def slice_histogram(p, prefix, shift: int, width: int):
         if not 1 <= width <= 8 or shift < 0 or shift + width > key_bits(p.dtype):
             raise ValueError(f"the digit (shift {shift}, width {width}) must lie within the "
@@ -296,7 +310,7 @@ class TritonPhases:
                 MASS_SCALE=float(2 ** MASS_BITS), KEY_INT=_key_int(p.dtype), BLOCK=HISTOGRAM_BLOCK)
         return counts, masses
 
-    @staticmethod
+    @_on_device_of_first_tensor
     def slice_head(p, boundary, tied_in_head):
         head = torch.empty(p.shape, dtype=torch.int8, device=p.device)
         if p.shape[0]:
@@ -305,7 +319,7 @@ class TritonPhases:
                                               BLOCK=BLOCK)
         return head.view(torch.bool)
 
-    @staticmethod
+    @_on_device_of_first_tensor
     def slice_sums(p, log_p, q, log_q, q_steps, log_q_steps, head):
         softmaxes = q_steps.shape[0]
         sums = p.new_empty(p.shape[0], 8 + (4 * softmaxes if softmaxes > 1 else 0))
@@ -315,7 +329,7 @@ class TritonPhases:
                 p.shape[1], softmaxes, sums.shape[1], BLOCK=BLOCK)
         return sums
 
-    @staticmethod
+    @_on_device_of_first_tensor
     def slice_grads(p, log_p, q, log_q, q_steps, log_q_steps, head, totals, inv_tau: float,
                     row_scale: float, detach_weights: bool, steps: int, grad_student: bool,
                     grad_teacher: bool):

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .._library import LIF_BACKWARD_SCHEMA, LIF_FORWARD_SCHEMA, accumulation_dtype
 from .._ops.lif import register_lif_ops
-from .common import tl_accumulation_dtype
+from .common import on_device_of, tl_accumulation_dtype
 
 # Each lane owns a run of neurons filling 16 bytes of storage (4 in float32, 8 in the 16-bit types,
 # 2 in float64) and every program NUM_WARPS warps of lanes: when `neurons` is a multiple of 16
@@ -320,12 +320,13 @@ def lif_forward_triton(x: torch.Tensor, v_init: torch.Tensor, tau: float, v_thre
     neurons = v_init.numel()
     if neurons > 0:
         block = block_of(x.dtype)
-        torch.library.wrap_triton(_lif_forward_kernel)[(triton.cdiv(neurons, block),)](
-            x, v_init, spikes, v_last, v_seq if return_v_seq else None,
-            tau, v_threshold, 0.0 if soft_reset else v_reset, x.shape[0], neurons,
-            ACC=tl_accumulation_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
-            STORE_V_SEQ=return_v_seq, BLOCK=block, num_warps=NUM_WARPS,
-        )
+        with on_device_of(x):
+            torch.library.wrap_triton(_lif_forward_kernel)[(triton.cdiv(neurons, block),)](
+                x, v_init, spikes, v_last, v_seq if return_v_seq else None,
+                tau, v_threshold, 0.0 if soft_reset else v_reset, x.shape[0], neurons,
+                ACC=tl_accumulation_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
+                STORE_V_SEQ=return_v_seq, BLOCK=block, num_warps=NUM_WARPS,
+            )
     return spikes, v_last, v_seq
 
 
@@ -355,16 +356,17 @@ def lif_backward_triton(grad_spikes: torch.Tensor, grad_v_last: torch.Tensor,
     )
     if neurons > 0:
         block = block_of(x.dtype)
-        torch.library.wrap_triton(_lif_backward_kernel)[(triton.cdiv(neurons, block),)](
-            grad_spikes, grad_v_last, grad_v_seq, x, v_init, grad_x, grad_v_init, checkpoints,
-            tau, v_threshold, 0.0 if soft_reset else v_reset, alpha, math.pi / 2,
-            steps, neurons,
-            ACC=tl_accumulation_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
-            DETACH_RESET=detach_reset, SURROGATE=SURROGATE_IDS[surrogate],
-            HAS_GRAD_SPIKES=grad_spikes is not None, HAS_GRAD_V_LAST=grad_v_last is not None,
-            HAS_GRAD_V_SEQ=grad_v_seq is not None, SEGMENT=segment, BLOCK=block,
-            num_warps=NUM_WARPS,
-        )
+        with on_device_of(x):
+            torch.library.wrap_triton(_lif_backward_kernel)[(triton.cdiv(neurons, block),)](
+                grad_spikes, grad_v_last, grad_v_seq, x, v_init, grad_x, grad_v_init, checkpoints,
+                tau, v_threshold, 0.0 if soft_reset else v_reset, alpha, math.pi / 2,
+                steps, neurons,
+                ACC=tl_accumulation_dtype(x.dtype), SOFT_RESET=soft_reset, DECAY_INPUT=decay_input,
+                DETACH_RESET=detach_reset, SURROGATE=SURROGATE_IDS[surrogate],
+                HAS_GRAD_SPIKES=grad_spikes is not None, HAS_GRAD_V_LAST=grad_v_last is not None,
+                HAS_GRAD_V_SEQ=grad_v_seq is not None, SEGMENT=segment, BLOCK=block,
+                num_warps=NUM_WARPS,
+            )
     return grad_x, grad_v_init
 
 
