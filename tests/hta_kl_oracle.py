@@ -97,6 +97,10 @@ def call_op(target, *args):
         from htakl_kernels.triton_kernels.hta_kl import launch_hta_kl
 
         return launch_hta_kl(*args, **target.launch_options)
+    if target.emulated:
+        import cuda_emulated
+
+        return cuda_emulated.hta_kl_fused(*args)
     return torch.ops.htakl.hta_kl_fused.default(*args)
 
 

@@ -254,16 +254,26 @@ struct LogBase<float> {
   static constexpr double kPerNatural = 1.4426950408889634;  // log2(e): base-2 units per nat
   // One MUFU op: subnormal results flush to zero (a probability below 2^-126 carries less mass
   // than the selection's 2^-62 fixed point resolves, and terms of that size vanish in every sum).
+  // (The host arms serve tests/cuda/host's emulation: the same functions, flushed alike.)
   __device__ __forceinline__ static float exp(float x) {
+#ifdef __CUDA_ARCH__
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+#else
+    const float y = exp2f(x);
+    return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+#endif
   }
   // Only of a log-sum-exp's scaled sum: 0 or at least 1 (its maximum term is 1), never subnormal.
   __device__ __forceinline__ static float log(float x) {
+#ifdef __CUDA_ARCH__
     float y;
     asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+#else
+    return log2f(x);
+#endif
   }
   __device__ __forceinline__ static float to_natural(float x) { return x * 0.6931471805599453f; }
 };
@@ -1064,7 +1074,11 @@ __global__ void __launch_bounds__(kMaxThreads, (kMinBlocksPerSm<scalar_t, kStude
   // Dynamic shared memory: step_lse and step_g_sums (step_slots each: T rounded up to whole step
   // groups, see step_slots), the head selection's two candidate lists, then (when cache_rows) the
   // teacher row and the T student rows, each cache_row_stride elements (16-byte aligned).
+#ifdef HTAKL_CUDA_HOST_EMULATION  // tests/cuda/host: a buffer of the launch's size
+  uint4* const dynamic_shared = dynamic_shared_memory();
+#else
   extern __shared__ uint4 dynamic_shared[];
+#endif
   acc_t* step_lse = reinterpret_cast<acc_t*>(dynamic_shared);
   acc_t* step_g_sums = step_lse + params.step_slots;
   unsigned char* const list_start =
@@ -1344,8 +1358,11 @@ cudaError_t HtaKlCudaLaunch<scalar_t>::fused(const HtaKlCudaProblem& problem,
 
   const unsigned blocks =
       static_cast<unsigned>(problem.rows < INT_MAX ? problem.rows : int64_t(INT_MAX));
-  kernel<<<blocks, threads, dynamic_bytes, stream>>>(params);
-  return cudaGetLastError();
+  // cudaLaunchKernel rather than <<<>>>: the same launch, in C++ a host compiler reads too
+  // (tests/cuda/host runs this launcher).
+  void* arguments[] = {&params};
+  return cudaLaunchKernel(kernel, dim3(blocks), dim3(static_cast<unsigned>(threads)), arguments,
+                          dynamic_bytes, stream);
 }
 
 template <typename scalar_t>
