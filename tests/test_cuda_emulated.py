@@ -1,8 +1,8 @@
-"""The CUDA HTA-KL kernel's own source, run on the CPU through tests/cuda/host's emulation of
-CUDA (tests/cuda_emulated.py). The contract grid (tests/test_hta_kl_contract.py, target
-"cuda_emulated") checks its results against the oracle; this file checks the emulation itself,
-and what only the emulated launcher can be asked here: rows that are not 16-byte aligned, and the
-launcher's refusals."""
+"""The CUDA kernels' own source, run on the CPU through tests/cuda/host's emulation of CUDA
+(tests/cuda_emulated.py). The HTA-KL contract grid (tests/test_hta_kl_contract.py, target
+"cuda_emulated") checks the HTA-KL kernel's results against the oracle; this file checks the
+emulation itself, what only the emulated HTA-KL launcher can be asked here (rows that are not
+16-byte aligned, the launcher's refusals), and the LIF kernels against the reference."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import torch
 
 import cuda_emulated
 from hta_kl_oracle import assert_close_for_row_size, draw_student, draw_teacher, oracle
+from htakl_kernels import reference
+from lif_cases import GRAD_TOLERANCE, make_inputs, run_with_grads
 
 pytestmark = [
     pytest.mark.cuda_emulated,
@@ -83,3 +85,68 @@ def test_launcher_refuses_what_the_kernel_cannot_run(steps, temperature, delta, 
     with pytest.raises(RuntimeError, match="status 1:"):
         cuda_emulated.hta_kl_fused(student, teacher, temperature, delta, False, False, True, True,
                                    row_scale)
+
+
+# ---- LIF -----------------------------------------------------------------------------------------
+
+
+class EmulatedLif(torch.autograd.Function):
+    """lif_multistep's kernel path on the emulated CUDA ops: forward, and the backward op fed
+    with the upstream gradients of the spikes, v_last and v_seq."""
+
+    @staticmethod
+    def forward(ctx, x, v_init, options):
+        ctx.save_for_backward(x, v_init)
+        ctx.options = options
+        return cuda_emulated.lif_forward(x, v_init, *options, True)
+
+    @staticmethod
+    def backward(ctx, grad_spikes, grad_v_last, grad_v_seq):
+        x, v_init = ctx.saved_tensors
+        empty = x.new_empty(0)
+        grad_x, grad_v_init = cuda_emulated.lif_backward(
+            *(empty if g is None else g.contiguous() for g in (grad_spikes, grad_v_last, grad_v_seq)),
+            x, v_init, *ctx.options)
+        return grad_x, grad_v_init, None
+
+
+def lif_option_sets():
+    """(v_reset, v_threshold, decay_input, detach_reset, surrogate, alpha): every reset kind and
+    surrogate, each flag both ways."""
+    return [(None, 1.0, True, False, "sigmoid", 4.0), (0.0, 0.5, False, True, "atan", 2.0),
+            (-0.2, 1.0, True, True, "sigmoid", 3.0), (0.0, 1.0, False, False, "atan", 2.5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("steps", [1, 2, 15, 16, 17, 33, 64, 100])
+@pytest.mark.parametrize("neurons, offset", [(64, 0), (39, 0), (64, 1)])
+def test_lif_kernels_match_reference(dtype, steps, neurons, offset):
+    """The CUDA LIF kernels (vector and scalar neurons, the one-neuron, short- and long-segment
+    backwards with their checkpoints) against the reference: spikes identical, membranes and
+    gradients within the LIF contract's tolerances. Steps around the backward's segment lengths;
+    64 neurons take the 16-byte vector path, 39 or an offset base the scalar one."""
+    for index, (v_reset, v_threshold, decay_input, detach_reset, surrogate, alpha) in enumerate(
+            lif_option_sets()):
+        x, v_init = make_inputs(steps, (neurons,), v_threshold=v_threshold, v_reset=v_reset,
+                                decay_input=decay_input, dtype=dtype, seed=steps + index)
+        options = (2.0, v_threshold, 0.0 if v_reset is None else v_reset, v_reset is None,
+                   decay_input, detach_reset, surrogate, alpha)
+        for return_v in ("seq", "last"):
+            def kernel(x_, v_):
+                spikes, v_last, v_seq = EmulatedLif.apply(x_, v_, options)
+                return spikes, (v_seq if return_v == "seq" else v_last)
+
+            def oracle(x_, v_):
+                return reference.lif_multistep(
+                    x_, v_init=v_, return_v=return_v, tau=2.0, v_threshold=v_threshold,
+                    v_reset=v_reset, decay_input=decay_input, detach_reset=detach_reset,
+                    surrogate=surrogate, alpha=alpha)
+
+            got = run_with_grads(kernel, x, v_init, return_v)
+            want = run_with_grads(oracle, x, v_init, return_v)
+            rtol, atol = GRAD_TOLERANCE[dtype]
+            context = f"options {index}, return_v={return_v}"
+            assert torch.equal(got[0], want[0]), f"spikes differ: {context}"
+            for name, g, w in zip(("membrane", "grad_x", "grad_v_init"), got[1:], want[1:]):
+                torch.testing.assert_close(g, w, rtol=rtol, atol=atol,
+                                           msg=lambda m: f"{name}, {context}: {m}")

@@ -68,6 +68,7 @@
 
 #include "../hta_kl_math.h"
 #include "hta_kl_cuda_launch.h"
+#include "launch_kernel.h"
 
 namespace htakl {
 namespace {
@@ -1358,11 +1359,8 @@ cudaError_t HtaKlCudaLaunch<scalar_t>::fused(const HtaKlCudaProblem& problem,
 
   const unsigned blocks =
       static_cast<unsigned>(problem.rows < INT_MAX ? problem.rows : int64_t(INT_MAX));
-  // cudaLaunchKernel rather than <<<>>>: the same launch, in C++ a host compiler reads too
-  // (tests/cuda/host runs this launcher).
-  void* arguments[] = {&params};
-  return cudaLaunchKernel(kernel, dim3(blocks), dim3(static_cast<unsigned>(threads)), arguments,
-                          dynamic_bytes, stream);
+  return launch_kernel(kernel, blocks, static_cast<unsigned>(threads), dynamic_bytes, stream,
+                       params);
 }
 
 template <typename scalar_t>

@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "../lif_math.h"
+#include "launch_kernel.h"
 #include "lif_cuda_launch.h"
 
 namespace htakl {
@@ -347,18 +348,17 @@ cudaError_t LifCudaLaunch<scalar_t>::forward(const LifForwardArgs& a,
                                              cudaStream_t stream) {
   using acc_t = htakl::acc_t<scalar_t>;
   const auto run = [&](auto kernel, int width) {
-    kernel<<<blocks_for(a.neurons, width), kThreads, 0, stream>>>(
+    return launch_kernel(
+        kernel, blocks_for(a.neurons, width), kThreads, 0, stream,
         static_cast<const scalar_t*>(a.x), static_cast<const scalar_t*>(a.v_init),
         static_cast<scalar_t*>(a.spikes), static_cast<scalar_t*>(a.v_last),
         static_cast<scalar_t*>(a.v_seq), a.steps, a.neurons, cast_lif_params<acc_t>(params));
   };
   constexpr int kWidth = kVectorWidth<scalar_t>;
   if (rows_aligned<scalar_t>(a.neurons, {a.x, a.v_init, a.spikes, a.v_last, a.v_seq})) {
-    run(lif_forward_kernel<scalar_t, kWidth>, kWidth);
-  } else {
-    run(lif_forward_kernel<scalar_t, 1>, 1);
+    return run(lif_forward_kernel<scalar_t, kWidth>, kWidth);
   }
-  return cudaGetLastError();
+  return run(lif_forward_kernel<scalar_t, 1>, 1);
 }
 
 template <typename scalar_t>
@@ -374,14 +374,14 @@ cudaError_t LifCudaBackward<scalar_t, kKernel>::launch(const LifBackwardArgs& a,
                                                        cudaStream_t stream) {
   using acc_t = htakl::acc_t<scalar_t>;
   using Shape = BackwardShape<scalar_t, kKernel>;
-  lif_backward_kernel<scalar_t, Shape::kWidth, Shape::kSegment>
-      <<<blocks_for(a.neurons, Shape::kWidth), kThreads, 0, stream>>>(
-          static_cast<const scalar_t*>(a.grad_spikes), static_cast<const scalar_t*>(a.grad_v_last),
-          static_cast<const scalar_t*>(a.grad_v_seq), static_cast<const scalar_t*>(a.x),
-          static_cast<const scalar_t*>(a.v_init), static_cast<scalar_t*>(a.grad_x),
-          static_cast<scalar_t*>(a.grad_v_init), static_cast<acc_t*>(a.checkpoints), a.steps,
-          a.neurons, cast_lif_params<acc_t>(params));
-  return cudaGetLastError();
+  return launch_kernel(
+      lif_backward_kernel<scalar_t, Shape::kWidth, Shape::kSegment>,
+      blocks_for(a.neurons, Shape::kWidth), kThreads, 0, stream,
+      static_cast<const scalar_t*>(a.grad_spikes), static_cast<const scalar_t*>(a.grad_v_last),
+      static_cast<const scalar_t*>(a.grad_v_seq), static_cast<const scalar_t*>(a.x),
+      static_cast<const scalar_t*>(a.v_init), static_cast<scalar_t*>(a.grad_x),
+      static_cast<scalar_t*>(a.grad_v_init), static_cast<acc_t*>(a.checkpoints), a.steps,
+      a.neurons, cast_lif_params<acc_t>(params));
 }
 
 template <typename scalar_t>

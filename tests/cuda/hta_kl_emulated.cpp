@@ -11,63 +11,15 @@
 // that are not 16-byte aligned and a sanitizer build catches any access past an end. Writes
 // OUT_PREFIX.loss (ROWS values of acc_t) and, when asked, OUT_PREFIX.grad_student and
 // OUT_PREFIX.grad_teacher. Exits with the launcher's cudaError_t (0: success).
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <string>
-#include <vector>
 
 #include "cuda/hta_kl_cuda.h"
-
-namespace {
-
-size_t storage_bytes(htakl::Storage dtype) {
-  switch (dtype) {
-    case htakl::Storage::kFloat32: return 4;
-    case htakl::Storage::kFloat64: return 8;
-    default: return 2;
-  }
-}
-
-// `count` elements of `element` bytes at `offset` elements into an allocation of exactly
-// (offset + count) elements.
-struct Buffer {
-  unsigned char* base = nullptr;
-  unsigned char* data = nullptr;
-  Buffer(size_t count, size_t element, size_t offset) {
-    void* allocation = nullptr;
-    if (posix_memalign(&allocation, 16, std::max<size_t>((offset + count) * element, 1)) != 0) {
-      std::fprintf(stderr, "out of memory\n");
-      std::exit(100);
-    }
-    base = static_cast<unsigned char*>(allocation);
-    data = base + offset * element;
-  }
-  ~Buffer() { std::free(base); }
-};
-
-void read_file(const char* path, void* data, size_t bytes) {
-  FILE* file = std::fopen(path, "rb");
-  if (file == nullptr || std::fread(data, 1, bytes, file) != bytes) {
-    std::fprintf(stderr, "cannot read %zu bytes from %s\n", bytes, path);
-    std::exit(100);
-  }
-  std::fclose(file);
-}
-
-void write_file(const std::string& path, const void* data, size_t bytes) {
-  FILE* file = std::fopen(path.c_str(), "wb");
-  if (file == nullptr || std::fwrite(data, 1, bytes, file) != bytes) {
-    std::fprintf(stderr, "cannot write %s\n", path.c_str());
-    std::exit(100);
-  }
-  std::fclose(file);
-}
-
-}  // namespace
+#include "host/emulated_io.h"
 
 int main(int argc, char** argv) {
+  using emulated_io::Buffer;
   if (argc != 16) {
     std::fprintf(stderr, "usage: see the head of tests/cuda/hta_kl_emulated.cpp\n");
     return 100;
@@ -86,15 +38,15 @@ int main(int argc, char** argv) {
   const size_t offset = static_cast<size_t>(std::atoll(argv[12]));
   const std::string out = argv[15];
 
-  const size_t element = storage_bytes(dtype);
+  const size_t element = emulated_io::storage_bytes(dtype);
   const size_t acc_bytes = dtype == htakl::Storage::kFloat64 ? 8 : 4;
   const size_t teacher_count = static_cast<size_t>(problem.rows * problem.classes);
   const size_t student_count = static_cast<size_t>(problem.steps) * teacher_count;
   Buffer student(student_count, element, offset), teacher(teacher_count, element, offset);
   Buffer loss(static_cast<size_t>(problem.rows), acc_bytes, 0);
   Buffer d_student(student_count, element, offset), d_teacher(teacher_count, element, offset);
-  read_file(argv[13], student.data, student_count * element);
-  read_file(argv[14], teacher.data, teacher_count * element);
+  emulated_io::read_file(argv[13], student.data, student_count * element);
+  emulated_io::read_file(argv[14], teacher.data, teacher_count * element);
   problem.student = student.data;
   problem.teacher = teacher.data;
   problem.loss_rows = loss.data;
@@ -103,6 +55,7 @@ int main(int argc, char** argv) {
 
   const cudaError_t error = htakl::hta_kl_fused_cuda(dtype, problem, nullptr);
   if (error != cudaSuccess) return static_cast<int>(error);
+  using emulated_io::write_file;
   write_file(out + ".loss", loss.data, static_cast<size_t>(problem.rows) * acc_bytes);
   if (grad_student) write_file(out + ".grad_student", d_student.data, student_count * element);
   if (grad_teacher) write_file(out + ".grad_teacher", d_teacher.data, teacher_count * element);

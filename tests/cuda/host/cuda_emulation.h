@@ -34,6 +34,8 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 // The compiler's view: CUDA source, no device pass (so the kernels take their host arms).
@@ -179,7 +181,7 @@ constexpr int kWarpSize = 32;
 
 struct Thread {
   ucontext_t context;
-  std::unique_ptr<char[]> stack;
+  char* stack = nullptr;  // from stack_pool
   Wait wait = Wait::kRunnable;
   WarpOp op = WarpOp::kShfl;
   unsigned mask = 0;
@@ -211,6 +213,8 @@ inline size_t scheduler_stack_size = 0;
 #endif
 
 inline Block* running = nullptr;
+// The fibers' stacks, reused by every block.
+inline std::vector<std::unique_ptr<char[]>> stack_pool;
 inline uint4* dynamic_shared = nullptr;
 inline std::string failure;  // the first emulation error of a launch
 
@@ -343,19 +347,26 @@ inline bool resolve_warps(Block& block) {
   return resolved;
 }
 
+// Sets `thread` up to run fiber_entry on `stack`, then return to `scheduler`. A function of its
+// own: getcontext returns twice, which would leave a caller's loop variables undefined.
+[[gnu::noinline]] inline void start_fiber(Thread& thread, char* stack, ucontext_t* scheduler) {
+  thread.stack = stack;
+  getcontext(&thread.context);
+  thread.context.uc_stack.ss_sp = stack;
+  thread.context.uc_stack.ss_size = kStackBytes;
+  thread.context.uc_link = scheduler;
+  makecontext(&thread.context, fiber_entry, 0);
+}
+
 // Runs one block of `threads` fibers of `body` to completion.
 inline void run_block(unsigned threads, const std::function<void()>& body) {
   Block block;
   block.threads.resize(threads);
   block.body = &body;
   running = &block;
-  for (Thread& t : block.threads) {
-    t.stack.reset(new char[kStackBytes]);
-    getcontext(&t.context);
-    t.context.uc_stack.ss_sp = t.stack.get();
-    t.context.uc_stack.ss_size = kStackBytes;
-    t.context.uc_link = &block.scheduler;
-    makecontext(&t.context, fiber_entry, 0);
+  while (stack_pool.size() < threads) stack_pool.emplace_back(new char[kStackBytes]);
+  for (unsigned i = 0; i < threads; ++i) {
+    start_fiber(block.threads[i], stack_pool[i].get(), &block.scheduler);
   }
   for (;;) {
     bool ran = false;
@@ -363,7 +374,7 @@ inline void run_block(unsigned threads, const std::function<void()>& body) {
       if (block.threads[i].wait != Wait::kRunnable) continue;
       block.current = i;
       threadIdx.x = i;
-      HTAKL_EMULATION_SWITCH(&scheduler_fake_stack, block.threads[i].stack.get(), kStackBytes);
+      HTAKL_EMULATION_SWITCH(&scheduler_fake_stack, block.threads[i].stack, kStackBytes);
       swapcontext(&block.scheduler, &block.threads[i].context);
       HTAKL_EMULATION_ARRIVE(scheduler_fake_stack, nullptr, nullptr);
       ran = true;
@@ -525,10 +536,18 @@ inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Ke
   return cudaSuccess;
 }
 
+namespace cuda_emulation {
+// The kernel's arguments, copied out of cudaLaunchKernel's array of pointers to them.
+template <typename... Params, size_t... I>
+std::tuple<Params...> copy_arguments(void** args, std::index_sequence<I...>) {
+  return std::tuple<Params...>(*static_cast<const Params*>(args[I])...);
+}
+}  // namespace cuda_emulation
+
 // A launch runs to completion before it returns (the stream is ignored).
-template <typename Params>
-inline cudaError_t cudaLaunchKernel(void (*kernel)(Params), dim3 grid, dim3 block, void** args,
-                                    size_t dynamic_bytes, cudaStream_t) {
+template <typename... Params>
+inline cudaError_t cudaLaunchKernel(void (*kernel)(Params...), dim3 grid, dim3 block,
+                                    void** args, size_t dynamic_bytes, cudaStream_t) {
   if (block.x == 0 || block.x > 1024 || block.y != 1 || block.z != 1 || grid.x == 0 ||
       grid.y != 1 || grid.z != 1) {
     return cudaErrorInvalidConfiguration;
@@ -537,14 +556,15 @@ inline cudaError_t cudaLaunchKernel(void (*kernel)(Params), dim3 grid, dim3 bloc
                           cuda_emulation::dynamic_limit(reinterpret_cast<const void*>(kernel)))) {
     return cudaErrorInvalidValue;
   }
-  const Params params = *static_cast<const Params*>(args[0]);
+  const std::tuple<Params...> arguments = cuda_emulation::copy_arguments<Params...>(
+      args, std::index_sequence_for<Params...>());
   // Exactly the bytes asked for (a sanitizer build sees any access past them), never zeroed.
   std::unique_ptr<uint4[]> shared(new uint4[(dynamic_bytes + sizeof(uint4) - 1) / sizeof(uint4)]);
   std::memset(static_cast<void*>(shared.get()), 0xa5, dynamic_bytes);
   cuda_emulation::dynamic_shared = shared.get();
   gridDim = uint3{grid.x, 1, 1};
   blockDim = uint3{block.x, 1, 1};
-  const std::function<void()> body = [&params, kernel] { kernel(params); };
+  const std::function<void()> body = [&arguments, kernel] { std::apply(kernel, arguments); };
   for (unsigned b = 0; b < grid.x; ++b) {
     blockIdx = uint3{b, 0, 0};
     cuda_emulation::run_block(block.x, body);
