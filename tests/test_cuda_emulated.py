@@ -6,6 +6,7 @@ emulation itself, what only the emulated HTA-KL launcher can be asked here (rows
 
 from __future__ import annotations
 
+import math
 import subprocess
 
 import pytest
@@ -150,3 +151,31 @@ def test_lif_kernels_match_reference(dtype, steps, neurons, offset):
             for name, g, w in zip(("membrane", "grad_x", "grad_v_init"), got[1:], want[1:]):
                 torch.testing.assert_close(g, w, rtol=rtol, atol=atol,
                                            msg=lambda m: f"{name}, {context}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("surrogate, alpha", [("sigmoid", 4.0), ("atan", 2.0)])
+@pytest.mark.parametrize("detach_reset", [False, True])
+def test_lif_kernels_propagate_nan_and_inf_like_reference(dtype, surrogate, alpha, detach_reset):
+    """The LIF contract's NaN and inf case (tests/test_lif_contract.py) on the emulated CUDA
+    kernels: 16-bit inputs against the reference run in float32 and rounded."""
+    x = torch.tensor([[0.5, math.nan, math.inf, -math.inf, 1e30, 0.2],
+                      [1.0, 1.0, 1.0, 1.0, 1.0, -1e30],
+                      [0.3, 0.3, 0.3, 0.3, 0.3, 0.3]], dtype=dtype)
+    v_init = torch.tensor([0.1, 0.0, -0.3, 0.2, 0.0, math.inf], dtype=dtype)
+    state = dtype if dtype.itemsize >= 4 else torch.float32
+    tolerance = 1e-5 if dtype.itemsize >= 4 else 2e-2
+    for v_reset in (None, 0.0):
+        options = (2.0, 1.0, 0.0 if v_reset is None else v_reset, v_reset is None, True,
+                   detach_reset, surrogate, alpha)
+        got = run_with_grads(lambda x_, v_: EmulatedLif.apply(x_, v_, options)[::2], x, v_init,
+                             "seq")
+        want = run_with_grads(
+            lambda x_, v_: reference.lif_multistep(x_, v_init=v_, return_v="seq", v_reset=v_reset,
+                                                   detach_reset=detach_reset,
+                                                   surrogate=surrogate, alpha=alpha),
+            x.to(state), v_init.to(state), "seq")
+        assert torch.equal(got[0], want[0].to(dtype))
+        for a, b in zip(got[1:], want[1:]):
+            torch.testing.assert_close(a, b.to(dtype), equal_nan=True, rtol=tolerance,
+                                       atol=tolerance)

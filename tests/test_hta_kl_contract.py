@@ -291,10 +291,12 @@ def op_cases(target):
                     slow=classes >= 1000)
         return cases
     for dtype in ALL_DTYPES:
-        for classes in (1, 3, 1000, 1025):
+        for classes in (1, 2, 3, 1000, 1025):
             for mode in OP_MODES:
                 for detach in (False, True):
                     add(5, classes, dtype, mode, detach, 2.0, 0.5, 6.0, classes)
+        # delta near 1: the head is all but the row's last few classes
+        add(5, 40, dtype, "prob_mean_T3", False, 2.0, 0.99, 6.0, 99)
     return cases
 
 
