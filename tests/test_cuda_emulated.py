@@ -25,7 +25,8 @@ pytestmark = [
 
 
 def test_emulation_matches_cuda_semantics():
-    """Shuffles (full and partial masks, 64-bit values), ballot, match_any, __syncthreads, shared
+    """Shuffles (full and partial masks, 64-bit values), ballot, match_any, reduce_add (groups
+    with different masks at once), __syncthreads, shared
     and dynamic shared memory and atomics, each against what the CUDA programming guide
     specifies (tests/cuda/host/emulation_check.cpp)."""
     result = subprocess.run([cuda_emulated.build_emulation_check()], capture_output=True,

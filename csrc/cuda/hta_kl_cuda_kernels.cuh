@@ -651,6 +651,44 @@ __device__ void select_digit(BlockScratch<acc_t>& scratch, unsigned long long ma
   // Unreachable: this lane's suffix reaches delta, so one of its buckets does.
 }
 
+// A key's radix digit at `shift`.
+template <typename key_t>
+__device__ __forceinline__ int digit_of(key_t key, int shift) {
+  return static_cast<int>((key >> shift) & key_t(kRadixBuckets - 1));
+}
+
+// The warp's candidates added to the round's histogram: every lane whose `candidate` is set adds
+// its `mass` and a count of one to bucket `digit`; every lane of the warp calls it. Candidates
+// tend to share a digit (the exponent bits of similar probabilities): the lanes of one digit sum
+// their masses and one of them updates the bucket, instead of 32 atomics on one address. The sum
+// is three warp reductions of 27-bit parts (32 of them stay below 2^32): their cost does not grow
+// with the lanes sharing the digit, as a loop of shuffles over them would (the compiled code
+// runs a collective once per distinct group of lanes, so a lane alone with its digit skips it).
+// Integer sums are exact, so their order does not matter.
+template <typename acc_t>
+__device__ __forceinline__ void add_to_histogram(BlockScratch<acc_t>& scratch, bool candidate,
+                                                 int digit, unsigned long long mass) {
+  const unsigned same_digit = __match_any_sync(kFullMask, candidate ? digit : kRadixBuckets);
+  if (!candidate) return;
+  const int lane = static_cast<int>(threadIdx.x % kWarpSize);
+  unsigned long long group_mass = mass;
+  if (same_digit != 1u << lane) {
+    constexpr int kPartBits = 27;
+    constexpr unsigned long long kPart = (1ull << kPartBits) - 1;
+    const unsigned long long low =
+        __reduce_add_sync(same_digit, static_cast<unsigned>(mass & kPart));
+    const unsigned long long middle =
+        __reduce_add_sync(same_digit, static_cast<unsigned>((mass >> kPartBits) & kPart));
+    const unsigned long long high =
+        __reduce_add_sync(same_digit, static_cast<unsigned>(mass >> (2 * kPartBits)));
+    group_mass = low + (middle << kPartBits) + (high << (2 * kPartBits));
+  }
+  if (lane == __ffs(static_cast<int>(same_digit)) - 1) {
+    atomicAdd(&scratch.radix_mass[digit], group_mass);
+    atomicAdd(&scratch.radix_count[digit], static_cast<unsigned>(__popc(same_digit)));
+  }
+}
+
 // The class index one past the r-th class (1-based, ascending index) whose p equals the boundary
 // value: the tied classes below it are the head's tied members (SPEC 1.3's stable order).
 template <typename scalar_t, Student kStudent>
@@ -727,14 +765,22 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row,
     }
     if (threadIdx.x == 0 && (compact || listed)) scratch.candidate_count = 0;
     __syncthreads();
-    // Listed rounds: shared-memory atomics per remaining candidate (at most list_capacity).
-    for (unsigned int i = threadIdx.x; listed && i < listed_count; i += blockDim.x) {
-      const key_t key = list[i];
-      if ((key & known) != prefix) continue;
-      next_list[atomicAdd(&scratch.candidate_count, 1u)] = key;  // the list's order is free
-      const int digit = static_cast<int>((key >> shift) & key_t(kRadixBuckets - 1));
-      atomicAdd(&scratch.radix_mass[digit], fixed_mass(value_of_key(key)));
-      atomicAdd(&scratch.radix_count[digit], 1u);
+    // Listed rounds: the list's keys (at most list_capacity), a whole warp at a time (the warp
+    // intrinsics see all 32 lanes; lanes past the list's end hold no candidate). The keys still
+    // candidates go to the other list, one slot range per warp (the list's order is free).
+    for (uint32_t base = threadIdx.x - lane; listed && base < listed_count; base += blockDim.x) {
+      const uint32_t i = base + static_cast<uint32_t>(lane);
+      const key_t key = i < listed_count ? list[i] : key_t(0);
+      const bool candidate = i < listed_count && (key & known) == prefix;
+      const unsigned listing = __ballot_sync(kFullMask, candidate);
+      unsigned slot = 0;
+      if (lane == 0 && listing != 0) {
+        slot = atomicAdd(&scratch.candidate_count, static_cast<unsigned>(__popc(listing)));
+      }
+      slot = __shfl_sync(kFullMask, slot, 0) +
+             static_cast<unsigned>(__popc(listing & ((1u << lane) - 1u)));
+      if (candidate) next_list[slot] = key;
+      add_to_histogram(scratch, candidate, digit_of(key, shift), fixed_mass(value_of_key(key)));
     }
     // Sweeping rounds. The whole warp runs the same number of iterations (each loop ends when the
     // warp's first chunk is past its range, lanes past the row see only padding), so the
@@ -751,23 +797,7 @@ __device__ void find_head_boundary(RowView<scalar_t, kStudent>& row,
         keys[j] = key;
         const bool candidate = span.has(j) && (key & known) == prefix;
         candidates_here |= static_cast<unsigned>(candidate) << j;
-        const int digit = candidate
-                              ? static_cast<int>((key >> shift) & key_t(kRadixBuckets - 1))
-                              : kRadixBuckets;  // a "digit" no candidate has
-        // Candidates tend to share a digit (the exponent bits of similar probabilities): the lanes
-        // of one digit add their masses first and one of them updates the histogram, instead of
-        // 32 atomics on one address. Integer sums are exact, so the order does not matter.
-        const unsigned same_digit = __match_any_sync(kFullMask, digit);
-        if (!candidate) continue;
-        const unsigned long long mass = fixed_mass(p);
-        unsigned long long group_mass = 0;
-        for (unsigned rest = same_digit; rest != 0; rest &= rest - 1) {
-          group_mass += __shfl_sync(same_digit, mass, __ffs(static_cast<int>(rest)) - 1);
-        }
-        if (lane == __ffs(static_cast<int>(same_digit)) - 1) {
-          atomicAdd(&scratch.radix_mass[digit], group_mass);
-          atomicAdd(&scratch.radix_count[digit], static_cast<unsigned>(__popc(same_digit)));
-        }
+        add_to_histogram(scratch, candidate, digit_of(key, shift), fixed_mass(p));
       }
       if (compact) {  // list the chunk's candidates: one slot range per warp and chunk
         const unsigned count = static_cast<unsigned>(__popc(candidates_here));

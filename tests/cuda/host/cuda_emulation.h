@@ -174,7 +174,7 @@ inline T atomicAdd(T* address, T value) {
 namespace cuda_emulation {
 
 enum class Wait { kRunnable, kBarrier, kWarp, kDone };
-enum class WarpOp { kShfl, kShflUp, kShflDown, kShflXor, kBallot, kMatchAny };
+enum class WarpOp { kShfl, kShflUp, kShflDown, kShflXor, kBallot, kMatchAny, kReduceAdd };
 
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr int kWarpSize = 32;
@@ -323,6 +323,12 @@ inline bool resolve_warps(Block& block) {
         }
         if (t.op == WarpOp::kBallot) {
           t.result = ballot;
+        } else if (t.op == WarpOp::kReduceAdd) {
+          uint32_t sum = 0;  // wraps modulo 2^32, as the device's
+          for (unsigned peer = 0; peer < kWarpSize; ++peer) {
+            if (mask >> peer & 1u) sum += static_cast<uint32_t>(block.threads[base + peer].value);
+          }
+          t.result = sum;
         } else if (t.op == WarpOp::kMatchAny) {
           unsigned same = 0;
           for (unsigned peer = 0; peer < kWarpSize; ++peer) {
@@ -442,6 +448,10 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) 
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
   return static_cast<unsigned>(cuda_emulation::warp_collective(
       cuda_emulation::WarpOp::kBallot, mask, predicate != 0, 0));
+}
+inline unsigned __reduce_add_sync(unsigned mask, unsigned value) {
+  return static_cast<unsigned>(cuda_emulation::warp_collective(
+      cuda_emulation::WarpOp::kReduceAdd, mask, value, 0));
 }
 template <typename T>
 inline unsigned __match_any_sync(unsigned mask, T value) {

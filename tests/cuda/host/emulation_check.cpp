@@ -33,6 +33,8 @@ __global__ void warp_kernel(Params params) {
   // 64-bit values keep all their bits.
   const unsigned long long wide = (1ull << 40) + lane;
   slot(params, 7) = static_cast<unsigned>(__shfl_sync(0xffffffffu, wide, 31) >> 32);
+  // Reductions over groups of lanes that call at once with different masks: lanes 0-9, 10-31.
+  slot(params, 8) = __reduce_add_sync(lane < 10 ? 0x3ffu : ~0x3ffu, lane);
 }
 
 __global__ void block_kernel(Params params) {
@@ -99,12 +101,12 @@ std::vector<unsigned> launch(void (*kernel)(Params), unsigned blocks, unsigned t
 }
 
 void check_warp_intrinsics() {
-  const std::vector<unsigned> out = launch(warp_kernel, 1, 64, 8);
+  const std::vector<unsigned> out = launch(warp_kernel, 1, 64, 9);
   unsigned ballot = 0;
   for (unsigned lane = 0; lane < 32; lane += 3) ballot |= 1u << lane;
   for (unsigned thread = 0; thread < 64; ++thread) {
     const unsigned lane = thread % 32;
-    const unsigned* got = &out[thread * 8];
+    const unsigned* got = &out[thread * 9];
     expect(got[0] == 50, "__shfl_sync", thread, got[0], 50);
     expect(got[1] == (lane >= 3 ? lane - 3 : lane), "__shfl_up_sync", thread, got[1], lane);
     expect(got[2] == (lane + 3 < 32 ? lane + 3 : lane), "__shfl_down_sync", thread, got[2], lane);
@@ -115,6 +117,8 @@ void check_warp_intrinsics() {
     const unsigned partial = lane % 2 == 0 ? (lane + 2) % 32 : 99u;
     expect(got[6] == partial, "__shfl_sync with a partial mask", thread, got[6], partial);
     expect(got[7] == 1u << 8, "__shfl_sync of 64 bits", thread, got[7], 1u << 8);
+    const unsigned group_sum = lane < 10 ? 45u : 496u - 45u;  // 0 + ... + 9, 10 + ... + 31
+    expect(got[8] == group_sum, "__reduce_add_sync", thread, got[8], group_sum);
   }
 }
 
