@@ -35,6 +35,34 @@ def test_emulation_matches_cuda_semantics():
     assert "all emulation checks passed" in result.stdout
 
 
+def test_emulated_16_bit_conversions_round_like_torch(tmp_path):
+    """__float2half_rn and __float2bfloat16_rn (round to nearest even, overflow to inf, NaN kept)
+    and their inverses, against torch's conversions: every float32 whose bits step through the
+    range, ties and the edges of both formats included."""
+    bits = torch.arange(0, 2**32, 65521, dtype=torch.int64).to(torch.int32)
+    edges = torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 2.0**-24, 2.0**-25, 2.0**-25 * 1.5,
+                          3 * 2.0**-26, 6.1e-5, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8,
+                          1.0 + 3 * 2.0**-8, 3.4e38, math.inf, -math.inf, math.nan])
+    values = torch.cat([bits.view(torch.float32), edges])
+    source, converted = tmp_path / "in", tmp_path / "out"
+    values.numpy().tofile(source)
+    result = subprocess.run([cuda_emulated.build_emulation_check(), "convert", str(source),
+                             str(converted)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    records = torch.from_file(str(converted), size=values.numel() * 12, dtype=torch.uint8)
+    records = records.view(values.numel(), 12)
+    half_bits = records[:, 0:2].contiguous().view(torch.int16).flatten()
+    bfloat_bits = records[:, 2:4].contiguous().view(torch.int16).flatten()
+    back = records[:, 4:12].contiguous().view(torch.float32)
+    for name, got_bits, got_back, dtype in (("half", half_bits, back[:, 0], torch.float16),
+                                            ("bfloat16", bfloat_bits, back[:, 1], torch.bfloat16)):
+        want = values.to(dtype)
+        nan = torch.isnan(values)
+        assert torch.isnan(want[nan].float()).all() and torch.isnan(got_back[nan]).all(), name
+        assert torch.equal(got_bits[~nan], want.view(torch.int16)[~nan]), name
+        assert torch.equal(got_back[~nan], want.float()[~nan]), name
+
+
 @pytest.mark.parametrize("kernel, message", [
     ("exited_lane", "which has exited"),
     ("divergent_barrier", "deadlocks"),

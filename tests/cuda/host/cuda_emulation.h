@@ -61,6 +61,17 @@ struct alignas(16) uint4 {
 
 inline uint3 threadIdx, blockIdx, blockDim, gridDim;
 
+namespace cuda_emulation {
+// The bits of `from` read as a `To` of the same size.
+template <typename To, typename From>
+inline To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+}  // namespace cuda_emulation
+
 // ---------------------------------------------------------------------------------------------
 // 16-bit storage types: bits and round-to-nearest-even conversions (no arithmetic: the kernels
 // convert to float first, as the build's __CUDA_NO_HALF_OPERATORS__ makes them).
@@ -75,10 +86,7 @@ inline float __half2float(__half h) {
   const uint32_t sign = (h.bits & 0x8000u) << 16, exponent = (h.bits >> 10) & 0x1fu,
                  mantissa = h.bits & 0x3ffu;
   if (exponent == 0x1f) {  // inf, NaN
-    uint32_t bits = sign | 0x7f800000u | (mantissa << 13);
-    float out;
-    std::memcpy(&out, &bits, 4);
-    return out;
+    return cuda_emulation::bit_cast<float>(sign | 0x7f800000u | (mantissa << 13));
   }
   const float magnitude = exponent == 0 ? std::ldexp(static_cast<float>(mantissa), -24)
                                         : std::ldexp(static_cast<float>(mantissa | 0x400u),
@@ -87,8 +95,7 @@ inline float __half2float(__half h) {
 }
 
 inline __half __float2half_rn(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
+  const uint32_t bits = cuda_emulation::bit_cast<uint32_t>(x);
   const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
   if (std::isnan(x)) return {static_cast<uint16_t>(sign | 0x7e00u)};
   const float magnitude = std::fabs(x);
@@ -110,15 +117,11 @@ inline __half __float2half_rn(float x) {
 }
 
 inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t bits = static_cast<uint32_t>(h.bits) << 16;
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
+  return cuda_emulation::bit_cast<float>(static_cast<uint32_t>(h.bits) << 16);
 }
 
 inline __nv_bfloat16 __float2bfloat16_rn(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
+  uint32_t bits = cuda_emulation::bit_cast<uint32_t>(x);
   if (std::isnan(x)) return {static_cast<uint16_t>((bits >> 16) | 0x40u)};
   bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even on the dropped 16 bits
   return {static_cast<uint16_t>(bits >> 16)};
@@ -129,26 +132,10 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
-inline unsigned __float_as_uint(float x) {
-  unsigned out;
-  std::memcpy(&out, &x, 4);
-  return out;
-}
-inline float __uint_as_float(unsigned x) {
-  float out;
-  std::memcpy(&out, &x, 4);
-  return out;
-}
-inline long long __double_as_longlong(double x) {
-  long long out;
-  std::memcpy(&out, &x, 8);
-  return out;
-}
-inline double __longlong_as_double(long long x) {
-  double out;
-  std::memcpy(&out, &x, 8);
-  return out;
-}
+inline unsigned __float_as_uint(float x) { return cuda_emulation::bit_cast<unsigned>(x); }
+inline float __uint_as_float(unsigned x) { return cuda_emulation::bit_cast<float>(x); }
+inline long long __double_as_longlong(double x) { return cuda_emulation::bit_cast<long long>(x); }
+inline double __longlong_as_double(long long x) { return cuda_emulation::bit_cast<double>(x); }
 // Round to nearest; negative and NaN give 0 and too large the maximum, as the device saturates.
 template <typename T>
 inline unsigned long long saturating_ull(T x) {
@@ -419,31 +406,31 @@ inline void __syncthreads() {
   cuda_emulation::switch_to_scheduler();
 }
 
+namespace cuda_emulation {
+template <typename T>
+inline T shuffle(WarpOp op, unsigned mask, T value, int lane_arg, int width) {
+  if (width != kWarpSize) fail("shuffles narrower than a warp are not emulated");
+  return value_of<T>(warp_collective(op, mask, bits_of(value), lane_arg));
+}
+}  // namespace cuda_emulation
+
 template <typename T>
 inline T __shfl_sync(unsigned mask, T value, int source, int width = 32) {
-  if (width != 32) cuda_emulation::fail("shuffles narrower than a warp are not emulated");
-  return cuda_emulation::value_of<T>(cuda_emulation::warp_collective(
-      cuda_emulation::WarpOp::kShfl, mask, cuda_emulation::bits_of(value), source));
+  return cuda_emulation::shuffle(cuda_emulation::WarpOp::kShfl, mask, value, source, width);
 }
 template <typename T>
 inline T __shfl_up_sync(unsigned mask, T value, unsigned delta, int width = 32) {
-  if (width != 32) cuda_emulation::fail("shuffles narrower than a warp are not emulated");
-  return cuda_emulation::value_of<T>(cuda_emulation::warp_collective(
-      cuda_emulation::WarpOp::kShflUp, mask, cuda_emulation::bits_of(value),
-      static_cast<int>(delta)));
+  return cuda_emulation::shuffle(cuda_emulation::WarpOp::kShflUp, mask, value,
+                                 static_cast<int>(delta), width);
 }
 template <typename T>
 inline T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
-  if (width != 32) cuda_emulation::fail("shuffles narrower than a warp are not emulated");
-  return cuda_emulation::value_of<T>(cuda_emulation::warp_collective(
-      cuda_emulation::WarpOp::kShflDown, mask, cuda_emulation::bits_of(value),
-      static_cast<int>(delta)));
+  return cuda_emulation::shuffle(cuda_emulation::WarpOp::kShflDown, mask, value,
+                                 static_cast<int>(delta), width);
 }
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
-  if (width != 32) cuda_emulation::fail("shuffles narrower than a warp are not emulated");
-  return cuda_emulation::value_of<T>(cuda_emulation::warp_collective(
-      cuda_emulation::WarpOp::kShflXor, mask, cuda_emulation::bits_of(value), lane_mask));
+  return cuda_emulation::shuffle(cuda_emulation::WarpOp::kShflXor, mask, value, lane_mask, width);
 }
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
   return static_cast<unsigned>(cuda_emulation::warp_collective(

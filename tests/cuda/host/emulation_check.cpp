@@ -2,6 +2,7 @@
 // primitive (tests/test_cuda_emulated.py builds and runs it). With no argument: every semantic
 // check, exit status 0 when all pass. With one of the names in `kBrokenKernels`: launches that
 // kernel, which would hang or be undefined on a GPU; the emulation must stop with an error.
+// `convert IN OUT`: the 16-bit conversions of the values in IN (see convert()).
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -139,7 +140,28 @@ void check_block_primitives() {
 
 }  // namespace
 
+// `convert IN OUT`: IN holds float32 values; OUT receives, for each, the bits of its __half and
+// __nv_bfloat16 roundings and the float32 those convert back to (uint16, uint16, float, float).
+int convert(const char* in_path, const char* out_path) {
+  FILE* in = std::fopen(in_path, "rb");
+  FILE* out = std::fopen(out_path, "wb");
+  if (in == nullptr || out == nullptr) return 2;
+  float x;
+  while (std::fread(&x, sizeof x, 1, in) == 1) {
+    const __half h = __float2half_rn(x);
+    const __nv_bfloat16 b = __float2bfloat16_rn(x);
+    const float back[2] = {__half2float(h), __bfloat162float(b)};
+    std::fwrite(&h.bits, 2, 1, out);
+    std::fwrite(&b.bits, 2, 1, out);
+    std::fwrite(back, sizeof(float), 2, out);
+  }
+  std::fclose(in);
+  std::fclose(out);
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 4 && std::strcmp(argv[1], "convert") == 0) return convert(argv[2], argv[3]);
   if (argc == 2) {
     void (*kernel)(Params) = nullptr;
     if (std::strcmp(argv[1], kBrokenKernels[0]) == 0) kernel = exited_lane_kernel;
