@@ -177,9 +177,9 @@ PARALLEL=()
 "$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 12)
 GPU_TEST_FILES=$(ls tests/test_*.py | grep -v -e test_hta_kl_contract -e test_lif_contract -e test_demo_)
 step gpu-tests 150 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} \
-  $GPU_TEST_FILES -k "cuda or triton" --junitxml="$LOGS/gpu-tests.xml"
+  $GPU_TEST_FILES -k "(cuda or triton) and not emulat" --junitxml="$LOGS/gpu-tests.xml"
 step gpu-contract 180 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} \
-  tests/test_lif_contract.py tests/test_hta_kl_contract.py -k "cuda or triton" \
+  tests/test_lif_contract.py tests/test_hta_kl_contract.py -k "(cuda or triton) and not emulat" \
   --junitxml="$LOGS/gpu-contract.xml"
 
 # 6. compute-sanitizer on the CUDA kernels' small cases. No caching allocator: memcheck then sees
