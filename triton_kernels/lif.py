@@ -242,7 +242,10 @@ def _lif_backward_kernel(
                                 v_threshold, v_reset, ACC, SOFT_RESET, DECAY_INPUT)
     # Sweep 2: from the last segment to the first, H of the segment (the last continues from
     # sweep 1's V, the others restart from their checkpoint, the first from v_init), then SPEC 3's
-    # table from its last step down to its first; g_v_next is the gradient reaching V[t].
+    # table from its last step down to its first; g_v_next is the gradient reaching V[t]. The
+    # segment's upstream gradients are loaded with its x, in the storage dtype, so that all of a
+    # segment's loads are in flight together rather than one step's per round trip (census,
+    # bfloat16: 39-41 % of copy before, 44-47 % after).
     g_v_next = tl.zeros((BLOCK,), dtype=ACC)
     if HAS_GRAD_V_LAST:
         g_v_next = tl.load(grad_v_last_ptr + start + lanes, mask=mask, other=0).to(ACC)
@@ -255,10 +258,18 @@ def _lif_backward_kernel(
                 v = tl.load(_row(checkpoint_ptr + start, c - 1, neurons) + lanes, mask=mask,
                             other=0)
         hs = ()
+        g_seqs = ()
+        g_spikes = ()
         for k in tl.static_range(SEGMENT):  # steps past T compute on zeros and are not used
             t = c * SEGMENT + k
             # (t < steps as a block-wide mask: the interpreter takes no scalar in a mask)
             step_mask = mask & (tl.zeros((BLOCK,), tl.int32) + t < steps)
+            if HAS_GRAD_V_SEQ:
+                g_seqs = g_seqs + (tl.load(_row(grad_v_seq_ptr + start, t, neurons) + lanes,
+                                           mask=step_mask, other=0),)
+            if HAS_GRAD_SPIKES:
+                g_spikes = g_spikes + (tl.load(_row(grad_spikes_ptr + start, t, neurons) + lanes,
+                                               mask=step_mask, other=0),)
             h, _, v = _lif_step(_row(x_block, t, neurons), lanes, step_mask, v, tau, v_threshold,
                                 v_reset, ACC, SOFT_RESET, DECAY_INPUT)
             hs = hs + (h,)
@@ -268,12 +279,10 @@ def _lif_backward_kernel(
             step_mask = mask & in_steps
             g_v = g_v_next
             if HAS_GRAD_V_SEQ:
-                g_v += tl.load(_row(grad_v_seq_ptr + start, t, neurons) + lanes, mask=step_mask,
-                               other=0).to(ACC)
+                g_v += g_seqs[SEGMENT - 1 - j].to(ACC)
             g_spike = tl.zeros((BLOCK,), dtype=ACC)
             if HAS_GRAD_SPIKES:
-                g_spike = tl.load(_row(grad_spikes_ptr + start, t, neurons) + lanes,
-                                  mask=step_mask, other=0).to(ACC)
+                g_spike = g_spikes[SEGMENT - 1 - j].to(ACC)
             g_x, g_v_prev = _lif_step_grad(g_spike, g_v, hs[SEGMENT - 1 - j], tau, v_threshold,
                                            v_reset, alpha, half_pi, SOFT_RESET, DECAY_INPUT,
                                            DETACH_RESET, SURROGATE)
