@@ -1,6 +1,7 @@
 """Suite-wide settings: Triton's interpreter on machines without a GPU, and the test markers.
 
-Markers (registered in pyproject.toml): `cuda` and `triton` name what a test runs on, `demo` the
+Markers (registered in pyproject.toml): `cuda`, `triton` and `cuda_emulated` (the CUDA kernels'
+source on the CPU, tests/cuda/host) name what a test runs on, `demo` the
 demo's own tests, `slow` what `pytest -m "not slow"` leaves out of the quick loop (Triton
 interpreter grids, rows of tens of thousands of classes and more, end-to-end runs).
 """
