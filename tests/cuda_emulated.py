@@ -163,9 +163,6 @@ def lif_backward(grad_spikes: torch.Tensor, grad_v_last: torch.Tensor, grad_v_se
                 _read(os.path.join(work, "grad_v_init"), v_init.shape, x.dtype))
 
 
-SURROGATES = ("sigmoid", "atan")  # csrc/lif_math.h's LifSurrogate, in its order
-
-
 def _run_lif(work, pass_, x, v_init, tau, v_threshold, v_reset, soft_reset, decay_input,
              detach_reset, surrogate, alpha, offset):
     steps = x.shape[0]
@@ -173,7 +170,7 @@ def _run_lif(work, pass_, x, v_init, tau, v_threshold, v_reset, soft_reset, deca
     return subprocess.run(
         [build_lif(), str(STORAGE[x.dtype]), pass_, str(steps), str(neurons), repr(tau),
          repr(v_threshold), repr(v_reset), str(int(soft_reset)), str(int(decay_input)),
-         str(int(detach_reset)), str(SURROGATES.index(surrogate)), repr(alpha), str(offset),
+         str(int(detach_reset)), surrogate, repr(alpha), str(offset),
          work], capture_output=True, text=True, timeout=600)
 
 

@@ -13,9 +13,13 @@ import pytest
 import torch
 
 import cuda_emulated
-from hta_kl_oracle import assert_close_for_row_size, draw_student, draw_teacher, oracle
+from backend_targets import TARGETS
+from hta_kl_oracle import (assert_close_for_row_size, check_fused_against_oracle, draw_student,
+                           draw_teacher, oracle)
 from htakl_kernels import reference
 from lif_cases import GRAD_TOLERANCE, make_inputs, run_with_grads
+
+EMULATED = TARGETS["cuda_emulated"]
 
 pytestmark = [
     pytest.mark.cuda_emulated,
@@ -213,22 +217,6 @@ def test_lif_kernels_propagate_nan_and_inf_like_reference(dtype, surrogate, alph
 # ---- HTA-KL paths the op grid reaches rarely -------------------------------------------------------
 
 
-def check_emulated_against_oracle(student, teacher, *, temperature, delta, time_reduction):
-    steps = student.shape[0] if student.dim() == 3 else None
-    student3 = student if steps else student.unsqueeze(0)
-    loss, d_student, d_teacher = cuda_emulated.hta_kl_fused(
-        student3, teacher, temperature, delta, time_reduction == "logit_mean", False, True, True)
-    expected_loss, expected_student, expected_teacher = oracle(
-        student, teacher, temperature=temperature, delta=delta, time_reduction=time_reduction,
-        reduction="none")
-    classes = teacher.shape[-1]
-    dtype = teacher.dtype
-    assert_close_for_row_size(loss, expected_loss, dtype, classes, "loss")
-    assert_close_for_row_size(d_student.view(student.shape), expected_student, dtype, classes,
-                              "d student")
-    assert_close_for_row_size(d_teacher, expected_teacher, dtype, classes, "d teacher")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("classes", [2047, 2048, 2049, 4100])
 def test_selection_around_the_candidate_list_capacity(dtype, classes):
@@ -238,8 +226,8 @@ def test_selection_around_the_candidate_list_capacity(dtype, classes):
     teacher = draw_teacher(2, classes, temperature=2.0, delta=0.5, dtype=dtype,
                            generator=generator, scale=3.0)
     student = draw_student(teacher, None, generator)
-    check_emulated_against_oracle(student, teacher, temperature=2.0, delta=0.5,
-                                  time_reduction="prob_mean")
+    check_fused_against_oracle(EMULATED, student, teacher, temperature=2.0, delta=0.5,
+                               time_reduction="prob_mean")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -251,8 +239,8 @@ def test_boundary_tied_in_more_classes_than_the_list_holds(dtype, classes):
     k = classes * 2 // 5
     teacher = torch.zeros(2, classes, dtype=dtype)
     student = torch.randn(2, classes, generator=torch.Generator().manual_seed(5)).to(dtype)
-    check_emulated_against_oracle(student, teacher, temperature=2.0, delta=(k + 0.5) / classes,
-                                  time_reduction="prob_mean")
+    check_fused_against_oracle(EMULATED, student, teacher, temperature=2.0,
+                               delta=(k + 0.5) / classes, time_reduction="prob_mean")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
@@ -263,5 +251,5 @@ def test_prob_mean_steps_across_step_groups(dtype, steps):
     generator = torch.Generator().manual_seed(steps)
     teacher = draw_teacher(3, 333, temperature=2.0, delta=0.5, dtype=dtype, generator=generator)
     student = draw_student(teacher, steps, generator)
-    check_emulated_against_oracle(student, teacher, temperature=2.0, delta=0.5,
-                                  time_reduction="prob_mean")
+    check_fused_against_oracle(EMULATED, student, teacher, temperature=2.0, delta=0.5,
+                               time_reduction="prob_mean")

@@ -5,7 +5,8 @@
 //   lif_emulated DTYPE PASS STEPS NEURONS TAU V_THRESHOLD V_RESET SOFT_RESET DECAY_INPUT
 //                DETACH_RESET SURROGATE ALPHA OFFSET DIR
 //
-// DTYPE is htakl::Storage's value, PASS `forward` or `backward`, SURROGATE LifSurrogate's value.
+// DTYPE is htakl::Storage's value, PASS `forward` or `backward`, SURROGATE a name of
+// lif_math.h's kLifSurrogateNames.
 // Tensors are raw little-endian files of the storage type in DIR, each placed OFFSET elements
 // past the start of an allocation of exactly its size plus OFFSET (16-byte aligned): forward
 // reads x [STEPS, NEURONS] and v_init [NEURONS] and writes spikes, v_last and, if DIR holds a
@@ -37,7 +38,17 @@ int main(int argc, char** argv) {
   params.v_reset = params.soft_reset ? 0.0 : std::atof(argv[7]);  // SPEC 3: Vr = 0 when soft
   params.decay_input = std::atoi(argv[9]) != 0;
   params.detach_reset = std::atoi(argv[10]) != 0;
-  params.surrogate = static_cast<htakl::LifSurrogate>(std::atoi(argv[11]));
+  // The surrogate by name, from the kernels' own table of names (lif_math.h).
+  int32_t surrogate = 0;
+  while (surrogate < htakl::kLifSurrogateCount &&
+         std::strcmp(argv[11], htakl::kLifSurrogateNames[surrogate]) != 0) {
+    ++surrogate;
+  }
+  if (surrogate == htakl::kLifSurrogateCount) {
+    std::fprintf(stderr, "unknown surrogate %s\n", argv[11]);
+    return 100;
+  }
+  params.surrogate = static_cast<htakl::LifSurrogate>(surrogate);
   params.alpha = std::atof(argv[12]);
   params = htakl::with_lif_constants(params);
   const size_t offset = static_cast<size_t>(std::atoll(argv[13]));
